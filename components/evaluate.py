@@ -1,0 +1,36 @@
+from kfp import dsl
+
+from kubetune.image import TRAIN_IMAGE
+
+
+@dsl.component(base_image=TRAIN_IMAGE)
+def evaluate(model: dsl.Input[dsl.Model], dataset: dsl.Input[dsl.Dataset], tokenized: dsl.Input[dsl.Dataset],
+             base_model: str, model_name: str, pipeline: str, run_id: str, metrics: dsl.Output[dsl.Metrics],
+             report: dsl.Output[dsl.Artifact], settings: dict = {}):
+    """Candidate vs base vs champion: loss, task metric, forgetting, and the verdict.
+
+    Args:
+        model: Output of a training stage.
+        dataset: Output of ingest (references).
+        tokenized: Output of tokenize_data (validation rows).
+        base_model: Base model reference.
+        model_name: Registered model whose champion to compare with.
+        pipeline: Pipeline name (lineage).
+        run_id: KFP run id (lineage).
+        metrics: KFP metrics shown in the UI.
+        report: eval.json with every number and the verdict.
+        settings: Further EvaluateConfig settings by name (validated).
+    """
+    from kubetune.config import from_dict
+    from kubetune.stages.evaluate import EvaluateConfig
+    from kubetune.stages.evaluate import evaluate as stage
+    from kubetune.tracking import RunContext
+
+    cfg = from_dict(EvaluateConfig, {**settings, "base_model": base_model, "model_name": model_name},
+                    "evaluate settings")
+    result = stage(cfg, model.path, dataset.path, tokenized.path, report.path,
+                   ctx=RunContext(model_name, run_id, pipeline))
+    for who in ("candidate", "base"):
+        for k, v in result.report[who].items():
+            if isinstance(v, (int, float)):
+                metrics.log_metric(f"{who}_{k}", v)

@@ -1,0 +1,35 @@
+from kfp import dsl
+
+from kubetune.image import TRAIN_IMAGE
+
+
+@dsl.component(base_image=TRAIN_IMAGE)
+def train_full(tokenized: dsl.Input[dsl.Dataset], base_model: str, max_steps: int, learning_rate: float,
+               model_name: str, pipeline: str, run_id: str, model: dsl.Output[dsl.Model],
+               settings: dict = {}) -> dict:
+    """Train every weight with the shared training core.
+
+    Args:
+        tokenized: Output of tokenize_data.
+        base_model: Base model reference.
+        max_steps: Optimizer steps.
+        learning_rate: Peak learning rate (0 = the full-tuning default).
+        model_name: Registered model name (MLflow experiment).
+        pipeline: Pipeline name (lineage).
+        run_id: KFP run id (lineage).
+        model: Output folder: model safetensors, tokenizer, manifest.
+        settings: Further TrainConfig settings by name (validated).
+    """
+    import os
+
+    from kubetune.config import from_dict
+    from kubetune.stages.train_full import train_full as stage
+    from kubetune.tracking import RunContext
+    from kubetune.train import TrainConfig
+
+    cfg = from_dict(TrainConfig, {**settings, "base_model": base_model, "max_steps": max_steps,
+                                  "learning_rate": learning_rate}, "train_full settings")
+    workspace = os.environ.get("KUBETUNE_WORKSPACE", ".kubetune/workspace")
+    result = stage(cfg, tokenized.path, model.path, workspace, ctx=RunContext(model_name, run_id, pipeline))
+    model.metadata.update(method="full", base_model=base_model, **result.metrics)
+    return result.metrics

@@ -1,0 +1,323 @@
+"""Stage `evaluate`: candidate vs base model vs current champion, on the validation split.
+
+Measures, for each model: validation loss / perplexity on the tokenized validation rows; a
+task metric where the data has reference answers (greedy generation, then exact match —
+JSON-aware: two answers that parse to the same object match — field accuracy for JSON
+records, and ROUGE-L F1); and forgetting: perplexity on a general text set bundled with
+kubetune, relative to the base model. Writes ``eval.json`` with a verdict: does the candidate
+beat the base and the champion on the primary metric by the required margin.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+from kubetune.config import setting
+from kubetune.errors import ConfigError, StageError
+from kubetune.models import DEFAULT_BASE_MODEL
+from kubetune.tracking import RunContext, log_metrics, maybe_stage
+
+GENERAL_TEXT = Path(__file__).resolve().parent.parent / "data" / "general_text.txt"
+LOWER_IS_BETTER = {"val_loss", "val_perplexity"}
+
+
+@dataclass
+class EvaluateConfig:
+    base_model: str = setting(DEFAULT_BASE_MODEL, "The base model the candidate was trained from.")
+    model_name: str = setting("", "Registered model whose 'champion' to compare with ('' = no comparison).")
+    primary_metric: Literal["auto", "exact_match", "rouge_l", "val_loss"] = setting(
+        "auto", "Metric that decides promotion; auto = exact_match when the data has references, else val_loss.")
+    min_improvement: float = setting(0.0, "Margin the candidate must beat the champion (and base) by.")
+    max_new_tokens: int = setting(64, "Longest generated answer.")
+    max_examples: int = setting(64, "Validation examples used for generation metrics.")
+    batch_size: int = setting(16, "Examples per generation / loss batch.")
+    forgetting: bool = setting(True, "Measure perplexity on the bundled general text (forgetting).")
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1 or self.max_examples < 1 or self.batch_size < 1:
+            raise ConfigError("'max_new_tokens', 'max_examples' and 'batch_size' must be >= 1")
+
+
+# ---------------------------------------------------------------- metrics
+
+
+def _parse_json(text: str):
+    text = text.strip()
+    if text.startswith("```"):
+        text = text.strip("`").removeprefix("json").strip()
+    try:
+        return json.loads(text)
+    except (json.JSONDecodeError, ValueError):
+        return None
+
+
+def exact_match(pred: str, ref: str) -> bool:
+    """Equal after stripping; if the reference is JSON, equal as parsed objects."""
+    ref_obj = _parse_json(ref)
+    if ref_obj is not None:
+        return _parse_json(pred) == ref_obj
+    return " ".join(pred.split()).lower() == " ".join(ref.split()).lower()
+
+
+def field_accuracy(pred: str, ref: str) -> float | None:
+    """Share of the reference JSON object's fields that the prediction gets right."""
+    ref_obj = _parse_json(ref)
+    if not isinstance(ref_obj, dict) or not ref_obj:
+        return None
+    pred_obj = _parse_json(pred)
+    if not isinstance(pred_obj, dict):
+        return 0.0
+    return sum(pred_obj.get(k) == v for k, v in ref_obj.items()) / len(ref_obj)
+
+
+def rouge_l(pred: str, ref: str) -> float:
+    """ROUGE-L F1 over whitespace tokens (the LCS recurrence of Lin, 2004).
+
+    Ours rather than the ``rouge-score`` package: it is a dozen lines, and the package pulls
+    nltk and absl into the image for this one function.
+    """
+    a, b = pred.lower().split(), ref.lower().split()
+    if not a or not b:
+        return 0.0
+    prev = [0] * (len(b) + 1)
+    for x in a:
+        cur = [0]
+        for j, y in enumerate(b):
+            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
+        prev = cur
+    lcs = prev[-1]
+    if lcs == 0:
+        return 0.0
+    p, r = lcs / len(a), lcs / len(b)
+    return 2 * p * r / (p + r)
+
+
+def task_metrics(preds: list[str], refs: list[str]) -> dict[str, float]:
+    out = {"exact_match": sum(exact_match(p, r) for p, r in zip(preds, refs)) / len(refs),
+           "rouge_l": sum(rouge_l(p, r) for p, r in zip(preds, refs)) / len(refs)}
+    fields = [field_accuracy(p, r) for p, r in zip(preds, refs)]
+    if all(f is not None for f in fields):
+        out["field_accuracy"] = sum(fields) / len(fields)
+    return out
+
+
+# ---------------------------------------------------------------- model passes
+
+
+def validation_loss(model, rows: list[dict], pad_id: int, batch_size: int) -> float:
+    """Mean next-token loss over all label tokens of the (packed) validation rows."""
+    import torch
+
+    from kubetune.train import PackedCollator
+
+    collate = PackedCollator(pad_id)
+    total, count = 0.0, 0
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        for i in range(0, len(rows), batch_size):
+            batch = {k: v.to(device) if hasattr(v, "to") else v for k, v in collate(rows[i:i + batch_size]).items()}
+            n = int((batch["labels"][:, 1:] != -100).sum())
+            out = model(**batch)
+            total += float(out.loss) * n
+            count += n
+    return total / max(count, 1)
+
+
+def text_perplexity(model, tok, texts: list[str], batch_size: int) -> float:
+    rows = []
+    for t in texts:
+        ids = tok(t, add_special_tokens=False)["input_ids"]
+        rows.append({"input_ids": ids, "labels": ids, "position_ids": list(range(len(ids)))})
+    return math.exp(validation_loss(model, rows, tok.pad_token_id, batch_size))
+
+
+def generate(model, tok, prompts: list[list[dict]], max_new_tokens: int, batch_size: int) -> list[str]:
+    """Greedy answers to chat prompts (left-padded batches)."""
+    import torch
+
+    from kubetune.progress import progress
+
+    tok.padding_side = "left"
+    device = next(model.parameters()).device
+    outs = []
+    for i in progress(range(0, len(prompts), batch_size), desc="generate", unit="batch"):
+        texts = [tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True)
+                 for m in prompts[i:i + batch_size]]
+        enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+        with torch.no_grad():
+            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        outs += tok.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    return [o.strip() for o in outs]
+
+
+def load_model_artifact(model_dir: str | Path):
+    """Load a trained model folder (any method) onto its base model, in eval mode."""
+    from kubetune import models
+    from kubetune.peft_methods import load_trained, read_manifest
+
+    manifest = read_manifest(model_dir)
+    base = manifest.get("base_model") or DEFAULT_BASE_MODEL
+    base_path = models.resolve(base) if manifest["method"] != "full" else str(model_dir)
+    models.check_weights(str(model_dir), allow_pickle=False)
+    return load_trained(base_path, model_dir).to(models.pick_device()).eval()
+
+
+def score_model(model, tok, val_records, val_rows, shape, cfg: EvaluateConfig, general: list[str]) -> dict:
+    from kubetune.stages.tokenize_data import prompt_messages, reference_answer
+
+    out = {"val_loss": validation_loss(model, val_rows, tok.pad_token_id, cfg.batch_size)}
+    out["val_perplexity"] = math.exp(min(out["val_loss"], 50))
+    records = val_records[: cfg.max_examples]
+    refs = [reference_answer(r, shape) for r in records]
+    if records and all(r is not None for r in refs) and shape in ("instruction", "chat"):
+        preds = generate(model, tok, [prompt_messages(r, shape) for r in records], cfg.max_new_tokens,
+                         cfg.batch_size)
+        out.update(task_metrics(preds, refs))
+        out["samples"] = [{"prompt": prompt_messages(r, shape)[-1]["content"], "reference": ref, "prediction": p}
+                          for r, ref, p in list(zip(records, refs, preds))[:8]]
+    if cfg.forgetting and general:
+        out["general_perplexity"] = text_perplexity(model, tok, general, cfg.batch_size)
+    return out
+
+
+def _numbers(d: dict) -> dict:
+    return {k: v for k, v in d.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def better(a: float, b: float, metric: str, margin: float) -> bool:
+    return a < b - margin if metric in LOWER_IS_BETTER else a > b + margin
+
+
+# ---------------------------------------------------------------- stage
+
+
+@dataclass
+class EvaluateResult:
+    report: dict
+    output_path: str
+
+
+def evaluate(cfg: EvaluateConfig, model_dir: str | Path, dataset_dir: str | Path, tokenized_dir: str | Path,
+             output_path: str | Path, ctx: RunContext | None = None) -> EvaluateResult:
+    """Evaluate the candidate against the base model and the current champion.
+
+    Args:
+        cfg: Evaluation settings.
+        model_dir: Output of a training stage.
+        dataset_dir: Output of ``ingest`` (validation records with reference answers).
+        tokenized_dir: Output of ``tokenize_data`` (validation rows for the loss).
+        output_path: Where ``eval.json`` (the report and verdict) is written.
+        ctx: When given, logs to an MLflow child run named ``evaluate``.
+
+    Returns:
+        The report: per-model metrics, forgetting, primary metric and the verdict.
+    """
+    import datasets
+    from transformers import AutoTokenizer
+
+    from kubetune import models, tracking
+    from kubetune.stages.ingest import load_dataset_dir
+
+    meta, _, val_records = load_dataset_dir(dataset_dir)
+    val_rows = list(datasets.load_from_disk(str(tokenized_dir))["validation"])
+    tok = AutoTokenizer.from_pretrained(Path(tokenized_dir) / "tokenizer")
+    general = [line.strip() for line in GENERAL_TEXT.read_text().splitlines() if line.strip()]
+    shape = meta["shape"]
+    has_refs = shape in ("instruction", "chat")
+    metric = cfg.primary_metric if cfg.primary_metric != "auto" else ("exact_match" if has_refs else "val_loss")
+    if metric in ("exact_match", "rouge_l") and not has_refs:
+        raise ConfigError(f"primary_metric '{metric}' needs reference answers; the data shape '{shape}' has none")
+
+    with maybe_stage(ctx, "evaluate", params=asdict(cfg)) as run:
+        candidate = score_model(load_model_artifact(model_dir), tok, val_records, val_rows, shape, cfg, general)
+        base_model = models.load_causal_lm(cfg.base_model, device=models.pick_device()).eval()
+        base = score_model(base_model, tok, val_records, val_rows, shape, cfg, general)
+        del base_model
+        champion, champion_version = None, None
+        if cfg.model_name:
+            tracking.configure()
+            holder = tracking.get_alias(cfg.model_name, tracking.CHAMPION)
+            if holder is not None:
+                champion_version = holder.version
+                recorded = holder.tags.get("kubetune.eval_fingerprint") == meta["fingerprint"] and \
+                    f"eval.{metric}" in holder.tags
+                if recorded:  # same validation data, deterministic greedy eval: reuse its numbers
+                    champion = {k[len("eval."):]: float(v) for k, v in holder.tags.items() if k.startswith("eval.")}
+                else:
+                    with tempfile.TemporaryDirectory() as tmp:
+                        path = tracking.download_version(cfg.model_name, holder.version, tmp)
+                        champion = score_model(load_model_artifact(path), tok, val_records, val_rows, shape,
+                                               cfg, general)
+        if metric not in candidate:
+            raise StageError(f"evaluate: primary metric '{metric}' could not be computed for this data")
+        forgetting = None
+        if "general_perplexity" in candidate:
+            forgetting = candidate["general_perplexity"] / base["general_perplexity"] - 1.0
+        report = {
+            "evaluated": True,
+            "primary_metric": metric,
+            "higher_is_better": metric not in LOWER_IS_BETTER,
+            "min_improvement": cfg.min_improvement,
+            "candidate": candidate,
+            "base": _numbers(base),
+            "champion": _numbers(champion) if champion else None,
+            "champion_version": champion_version,
+            "forgetting": forgetting,
+            "beats_base": better(candidate[metric], base[metric], metric, cfg.min_improvement),
+            "beats_champion": champion is None or better(candidate[metric], champion[metric], metric,
+                                                         cfg.min_improvement),
+            "data_fingerprint": meta["fingerprint"],
+            "validation_examples": len(val_records),
+        }
+        if run is not None:
+            log_metrics({f"candidate_{k}": v for k, v in _numbers(candidate).items()})
+            log_metrics({f"base_{k}": v for k, v in _numbers(base).items()})
+            if champion:
+                log_metrics({f"champion_{k}": v for k, v in _numbers(champion).items()})
+            if forgetting is not None:
+                log_metrics({"forgetting": forgetting})
+            if candidate.get("samples"):
+                import mlflow
+
+                mlflow.log_table({k: [s[k] for s in candidate["samples"]] for k in candidate["samples"][0]},
+                                 "samples.json")
+            _log_comparison_plot(report)
+    output_path = Path(output_path)
+    output_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output_path.with_name(output_path.name + ".tmp")
+    tmp.write_text(json.dumps(report, indent=2))
+    os.replace(tmp, output_path)
+    return EvaluateResult(report=report, output_path=str(output_path))
+
+
+def _log_comparison_plot(report: dict) -> None:
+    """Bar chart of the metrics that are shares (0..1): base vs champion vs candidate."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from kubetune.tracking import log_figure
+
+    keys = [k for k in ("exact_match", "field_accuracy", "rouge_l") if k in report["candidate"]]
+    if not keys:
+        return
+    models = [("base", report["base"]), ("champion", report["champion"]), ("candidate", report["candidate"])]
+    models = [(n, m) for n, m in models if m]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    width = 0.8 / len(models)
+    for i, (name, m) in enumerate(models):
+        ax.bar([j + i * width for j in range(len(keys))], [m.get(k, 0) for k in keys], width, label=name)
+    ax.set_xticks([j + width * (len(models) - 1) / 2 for j in range(len(keys))], keys)
+    ax.set_ylim(0, 1)
+    ax.legend()
+    ax.set_title("validation metrics")
+    fig.tight_layout()
+    log_figure(fig, "eval_comparison.png")

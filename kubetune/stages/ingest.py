@@ -1,0 +1,423 @@
+"""Stage `ingest`: read a data URI, recognise the record shape, validate, split, fingerprint.
+
+Input: a local path, ``file://`` or ``s3://`` URI naming a JSONL, JSON, CSV or Parquet file,
+or a saved HF ``datasets`` folder. Output: a dataset folder with ``train.jsonl``,
+``validation.jsonl`` and ``meta.json`` (shape, fingerprint, counts).
+
+Every problem is reported with its file, line (or row) and field, all at once, so a user fixes
+a file in one pass rather than one error per run.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import random
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterator, Literal
+
+from kubetune import storage
+from kubetune.config import setting
+from kubetune.errors import ConfigError, DataError
+from kubetune.tracking import RunContext, log_metrics, maybe_stage, tag_parent
+from kubetune.tracking import set_tags as mlflow_set_tags
+
+SHAPES = ("text", "completion", "instruction", "chat", "preference", "classification")
+ROLES = ("system", "user", "assistant")
+# Lines longer than this are refused rather than parsed: a 100 MB "line" is a broken file
+# (a missing newline, a binary blob), not a training example.
+MAX_LINE_BYTES = 1 << 20
+
+
+@dataclass
+class IngestConfig:
+    data_uri: str = setting("", "Where the data is: a path, file://, s3:// or a saved HF datasets folder.")
+    shape: Literal["auto", "text", "completion", "instruction", "chat", "preference", "classification"] = setting(
+        "auto", "Record shape; 'auto' recognises it from the fields of the records.")
+    validation_fraction: float = setting(0.1, "Share of rows held out for validation (seeded split).")
+    seed: int = setting(0, "Seed of the train/validation split.")
+    duplicates: Literal["drop", "fail"] = setting("drop", "Exact duplicate records: drop them (counted) or fail.")
+    max_rows: int = setting(0, "Keep at most this many rows after validation (0 = all).")
+
+    def __post_init__(self):
+        if not self.data_uri:
+            raise ConfigError("'data_uri' is required")
+        if not 0.0 < self.validation_fraction < 1.0:
+            raise ConfigError(f"'validation_fraction' must be between 0 and 1 (exclusive), got {self.validation_fraction}")
+        if self.max_rows < 0:
+            raise ConfigError(f"'max_rows' must be >= 0, got {self.max_rows}")
+
+
+@dataclass
+class IngestResult:
+    shape: str
+    fingerprint: str
+    counts: dict[str, int]
+    output_dir: str
+
+
+# ---------------------------------------------------------------- reading
+
+
+def _read_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            where = f"{path}:{lineno}"
+            if len(raw) > MAX_LINE_BYTES:
+                yield where, DataError(f"{where}: line is {len(raw)} bytes (limit {MAX_LINE_BYTES})")
+                continue
+            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]  # a UTF-8 byte-order mark at the start of the file is harmless
+            if b"\x00" in raw:
+                yield where, DataError(f"{where}: contains NUL bytes (binary or UTF-16 data?)")
+                continue
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield where, DataError(f"{where}: not valid UTF-8 at byte {e.start}")
+                continue
+            if not text.strip():
+                continue
+            try:
+                yield where, json.loads(text)
+            except json.JSONDecodeError as e:
+                yield where, DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})")
+
+
+def _read_json(path: Path) -> Iterator[tuple[str, Any]]:
+    raw = path.read_bytes()
+    if b"\x00" in raw:
+        yield str(path), DataError(f"{path}: contains NUL bytes (binary or UTF-16 data?)")
+        return
+    try:
+        data = json.loads(raw.decode("utf-8-sig"))
+    except UnicodeDecodeError as e:
+        yield str(path), DataError(f"{path}: not valid UTF-8 at byte {e.start}")
+        return
+    except json.JSONDecodeError as e:
+        yield f"{path}:{e.lineno}", DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno})")
+        return
+    if isinstance(data, dict) and isinstance(data.get("data"), list):
+        data = data["data"]
+    if not isinstance(data, list):
+        yield str(path), DataError(f"{path}: expected a JSON list of records (or {{'data': [...]}})")
+        return
+    for i, rec in enumerate(data):
+        yield f"{path}: record {i}", rec
+
+
+def _read_csv(path: Path) -> Iterator[tuple[str, Any]]:
+    raw = path.read_bytes()
+    if b"\x00" in raw:
+        yield str(path), DataError(f"{path}: contains NUL bytes (binary or UTF-16 data?)")
+        return
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        yield f"{path}:{line}", DataError(f"{path}:{line}: not valid UTF-8 at byte {e.start}")
+        return
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    if not reader.fieldnames:
+        return
+    for row in reader:
+        where = f"{path}:{reader.line_num}"
+        if None in row:
+            yield where, DataError(f"{where}: more values than the {len(reader.fieldnames)} header columns")
+            continue
+        yield where, {k: v for k, v in row.items() if v is not None}
+
+
+def _read_parquet(path: Path) -> Iterator[tuple[str, Any]]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as e:  # pyarrow raises several types for corrupt files
+        yield str(path), DataError(f"{path}: not a readable Parquet file ({e})")
+        return
+    for i, rec in enumerate(table.to_pylist()):
+        yield f"{path}: row {i}", rec
+
+
+def _read_hf_folder(path: Path) -> dict[str, list[tuple[str, Any]]]:
+    import datasets
+
+    ds = datasets.load_from_disk(str(path))
+    splits = ds if isinstance(ds, datasets.DatasetDict) else {"train": ds}
+    out = {}
+    for name, split in splits.items():
+        out[name] = [(f"{path} [{name}] row {i}", rec) for i, rec in enumerate(split)]
+    return out
+
+
+READERS = {".jsonl": _read_jsonl, ".ndjson": _read_jsonl, ".json": _read_json, ".csv": _read_csv,
+           ".parquet": _read_parquet}
+
+
+def read_records(path: Path) -> dict[str, list[tuple[str, Any]]]:
+    """Read every record of a file or folder: {split: [(where, record or DataError)]}."""
+    if path.is_dir():
+        if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
+            return _read_hf_folder(path)
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in READERS)
+        if len(files) != 1:
+            raise DataError(f"{path}: a data folder must hold one data file ({', '.join(READERS)}) or a saved "
+                            f"datasets folder; found {len(files)} data files")
+        path = files[0]
+    reader = READERS.get(path.suffix.lower())
+    if reader is None:
+        raise DataError(f"{path}: unknown format '{path.suffix}'; use one of {', '.join(READERS)}")
+    return {"all": list(reader(path))}
+
+
+# ---------------------------------------------------------------- validation
+
+
+def detect_shape(record: dict) -> str | None:
+    keys = set(record)
+    if "messages" in keys:
+        return "chat"
+    if {"prompt", "chosen", "rejected"} <= keys:
+        return "preference"
+    if {"instruction", "output"} <= keys:
+        return "instruction"
+    if {"prompt", "completion"} <= keys:
+        return "completion"
+    if {"text", "label"} <= keys:
+        return "classification"
+    if "text" in keys:
+        return "text"
+    return None
+
+
+def _need_str(rec: dict, field: str, where: str, problems: list[str], allow_empty: bool = False) -> str | None:
+    if field not in rec or rec[field] is None:
+        problems.append(f"{where}: field '{field}' is missing")
+        return None
+    value = rec[field]
+    if not isinstance(value, str):
+        problems.append(f"{where}: field '{field}' must be a string, got {type(value).__name__}")
+        return None
+    if not allow_empty and not value.strip():
+        problems.append(f"{where}: field '{field}' is empty")
+        return None
+    return value
+
+
+def normalize(rec: Any, shape: str, where: str, problems: list[str]) -> dict | None:
+    """Validate one record of ``shape``; return its canonical form or None (problems appended)."""
+    if not isinstance(rec, dict):
+        problems.append(f"{where}: expected a JSON object, got {type(rec).__name__}")
+        return None
+    n = len(problems)
+    if shape == "text":
+        out = {"text": _need_str(rec, "text", where, problems)}
+    elif shape == "completion":
+        out = {"prompt": _need_str(rec, "prompt", where, problems),
+               "completion": _need_str(rec, "completion", where, problems)}
+    elif shape == "instruction":
+        inp = rec.get("input", "")
+        if inp is None:
+            inp = ""
+        if not isinstance(inp, str):
+            problems.append(f"{where}: field 'input' must be a string, got {type(inp).__name__}")
+        out = {"instruction": _need_str(rec, "instruction", where, problems), "input": inp,
+               "output": _need_str(rec, "output", where, problems)}
+    elif shape == "preference":
+        out = {k: _need_str(rec, k, where, problems) for k in ("prompt", "chosen", "rejected")}
+        if len(problems) == n and out["chosen"].strip() == out["rejected"].strip():
+            problems.append(f"{where}: fields 'chosen' and 'rejected' are identical (no preference to learn)")
+    elif shape == "classification":
+        label = rec.get("label")
+        if label is None or (isinstance(label, str) and not label.strip()):
+            problems.append(f"{where}: field 'label' is missing or empty")
+        elif isinstance(label, bool) or not isinstance(label, (str, int)):
+            problems.append(f"{where}: field 'label' must be a string or integer, got {type(label).__name__}")
+        out = {"text": _need_str(rec, "text", where, problems), "label": str(label).strip() if label is not None else None}
+    elif shape == "chat":
+        out = {"messages": _check_messages(rec.get("messages"), where, problems)}
+    else:  # pragma: no cover - guarded by the config Literal
+        raise ValueError(shape)
+    return out if len(problems) == n else None
+
+
+def _check_messages(messages: Any, where: str, problems: list[str]) -> list[dict] | None:
+    if not isinstance(messages, list) or not messages:
+        problems.append(f"{where}: field 'messages' must be a non-empty list")
+        return None
+    out, n = [], len(problems)
+    for i, m in enumerate(messages):
+        field = f"messages[{i}]"
+        if not isinstance(m, dict):
+            problems.append(f"{where}: field '{field}' must be an object with 'role' and 'content'")
+            continue
+        role, content = m.get("role"), m.get("content")
+        if role not in ROLES:
+            problems.append(f"{where}: field '{field}.role' must be one of {list(ROLES)}, got {role!r}")
+        if not isinstance(content, str) or not content.strip():
+            problems.append(f"{where}: field '{field}.content' must be a non-empty string")
+        out.append({"role": role, "content": content})
+    if len(problems) > n:
+        return None
+    roles = [m["role"] for m in out]
+    body = roles[1:] if roles[0] == "system" else roles
+    if "system" in body:
+        problems.append(f"{where}: field 'messages': a system message may only come first")
+    elif not body or body[0] != "user":
+        problems.append(f"{where}: field 'messages': the conversation must start with a user message")
+    elif any(a == b for a, b in zip(body, body[1:])):
+        i = next(i for i, (a, b) in enumerate(zip(body, body[1:])) if a == b) + 1 + (len(roles) - len(body))
+        problems.append(f"{where}: field 'messages[{i}].role': user and assistant turns must alternate")
+    elif "assistant" not in body:
+        problems.append(f"{where}: field 'messages': no assistant message to learn from")
+    return out if len(problems) == n else None
+
+
+def _key(rec: dict) -> str:
+    return json.dumps(rec, sort_keys=True, ensure_ascii=False)
+
+
+def fingerprint(records: list[dict]) -> str:
+    """Content hash of a set of records, independent of their order."""
+    digests = sorted(hashlib.sha256(_key(r).encode()).hexdigest() for r in records)
+    return hashlib.sha256("\n".join(digests).encode()).hexdigest()[:16]
+
+
+def validate(split_records: dict[str, list[tuple[str, Any]]], shape: str = "auto",
+             duplicates: str = "drop") -> tuple[str, dict[str, list[dict]], dict[str, int]]:
+    """Validate all records; return (shape, {split: records}, counts) or raise DataError."""
+    problems: list[str] = []
+    first_where = next((w for recs in split_records.values() for w, r in recs), None)
+    if first_where is None:
+        raise DataError("the data has no records (empty file)")
+    if shape == "auto":
+        first = next((r for recs in split_records.values() for _, r in recs if isinstance(r, dict)), None)
+        shape = detect_shape(first) if first is not None else None
+        if shape is None:
+            w = next(w for recs in split_records.values() for w, r in recs)
+            keys = sorted(first) if isinstance(first, dict) else []
+            raise DataError(f"{w}: cannot recognise the record shape from fields {keys}; expected one of: "
+                            "text | prompt+completion | instruction+input+output | messages | "
+                            "prompt+chosen+rejected | text+label")
+    out: dict[str, list[dict]] = {}
+    counts = {"rows_read": 0, "duplicates_dropped": 0}
+    seen: dict[str, tuple[str, str]] = {}
+    for split, recs in split_records.items():
+        out[split] = []
+        for where, rec in recs:
+            counts["rows_read"] += 1
+            if isinstance(rec, DataError):
+                problems.extend(rec.problems)
+                continue
+            norm = normalize(rec, shape, where, problems)
+            if norm is None:
+                continue
+            key = _key(norm)
+            if key in seen:
+                if split != "all" and seen[key][0] != split:
+                    problems.append(f"{where}: duplicates {seen[key][1]} across splits "
+                                    f"({seen[key][0]} and {split}): validation rows leak into training")
+                elif duplicates == "fail":
+                    problems.append(f"{where}: duplicate of {seen[key][1]}")
+                else:
+                    counts["duplicates_dropped"] += 1
+                continue
+            seen[key] = (split, where)
+            out[split].append(norm)
+    if problems:
+        raise DataError(problems)
+    if sum(len(v) for v in out.values()) < 2:
+        raise DataError(f"{first_where}: fewer than 2 valid records after removing duplicates; nothing to train on")
+    return shape, out, counts
+
+
+# ---------------------------------------------------------------- stage
+
+
+def split(records: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """Seeded split; the same records and seed give the same split on every machine."""
+    order = sorted(records, key=_key)  # independent of input order
+    random.Random(seed).shuffle(order)
+    n_val = max(1, round(len(order) * fraction))
+    return order[n_val:], order[:n_val]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    with path.open("w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def load_dataset_dir(path: str | Path) -> tuple[dict, list[dict], list[dict]]:
+    """Read an ingested dataset folder back: (meta, train, validation)."""
+    path = Path(path)
+    meta = json.loads((path / "meta.json").read_text())
+    return meta, read_jsonl(path / "train.jsonl"), read_jsonl(path / "validation.jsonl")
+
+
+def ingest(cfg: IngestConfig, output_dir: str | Path, cache_dir: str | Path | None = None,
+           ctx: RunContext | None = None) -> IngestResult:
+    """Read, validate, split and write the data named by ``cfg.data_uri``.
+
+    Args:
+        cfg: The ingest settings.
+        output_dir: Folder to write ``train.jsonl``, ``validation.jsonl`` and ``meta.json`` into.
+            Written under a temporary name and renamed at the end: never half-written.
+        cache_dir: Where remote (S3) data is downloaded; defaults to a folder beside the output.
+        ctx: When given, the stage logs to an MLflow child run of the pipeline run.
+
+    Returns:
+        The shape, content fingerprint and counts.
+
+    Raises:
+        DataError: naming file, line and field of every problem found.
+    """
+    with maybe_stage(ctx, "ingest", params=asdict(cfg)) as run:
+        result = _ingest(cfg, Path(output_dir), cache_dir)
+        if run is not None:
+            log_metrics({f"data_{k}": v for k, v in result.counts.items()})
+            tags = {"kubetune.data_fingerprint": result.fingerprint, "kubetune.data_shape": result.shape}
+            mlflow_set_tags(tags)
+            tag_parent(run, tags)
+    return result
+
+
+def _ingest(cfg: IngestConfig, output_dir: Path, cache_dir: str | Path | None) -> IngestResult:
+    cache_dir = Path(cache_dir) if cache_dir else output_dir.parent / ".ingest-cache"
+    path = storage.fetch(cfg.data_uri, cache_dir)
+    shape, by_split, counts = validate(read_records(path), cfg.shape, cfg.duplicates)
+    if "validation" in by_split and "train" in by_split:
+        train, val = by_split["train"], by_split["validation"]
+    else:
+        rows = [r for recs in by_split.values() for r in recs]
+        if cfg.max_rows:
+            rows = sorted(rows, key=_key)[: cfg.max_rows]
+        train, val = split(rows, cfg.validation_fraction, cfg.seed)
+    if not train:
+        raise DataError(f"{cfg.data_uri}: no training rows left after the validation split")
+    counts.update(rows_valid=len(train) + len(val), train=len(train), validation=len(val))
+    if shape == "classification":
+        counts["labels"] = len({r["label"] for r in train})
+    fp = fingerprint(train + val)
+    meta = {"shape": shape, "fingerprint": fp, "counts": counts, "source": cfg.data_uri, "seed": cfg.seed}
+    tmp = output_dir.with_name(output_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write_jsonl(tmp / "train.jsonl", train)
+    write_jsonl(tmp / "validation.jsonl", val)
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+    if output_dir.exists():
+        shutil.rmtree(output_dir)
+    os.replace(tmp, output_dir)
+    return IngestResult(shape=shape, fingerprint=fp, counts=counts, output_dir=str(output_dir))

@@ -1,0 +1,324 @@
+"""The one training core. `train_full`, `train_peft` (and the stages built on them) differ by
+configuration only: which weights train (``kubetune.peft_methods.apply_method``) and a few
+flags. The loop itself is transformers' ``Trainer``: checkpoints, resume, gradient
+accumulation, schedulers, fused/8-bit optimizers and MLflow reporting come from it.
+
+On a CUDA machine the GPU fast path (``kubetune.fastpath``) is chosen automatically when it is
+available for the configuration; everywhere else the Trainer path runs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+from kubetune.config import setting
+from kubetune.errors import ConfigError, StageError
+from kubetune.models import DEFAULT_BASE_MODEL
+
+IGNORE = -100
+COMPLETE_MARKER = "KUBETUNE_COMPLETE"
+
+
+@dataclass
+class TrainConfig:
+    base_model: str = setting(DEFAULT_BASE_MODEL, "Base model: packaged name, local folder or hub id.")
+    method: Literal["full", "lora", "dora", "qlora", "adapter", "prompt", "prefix", "ia3"] = setting(
+        "lora", "Which weights train: all (full) or a PEFT method.")
+    max_steps: int = setting(60, "Optimizer steps.")
+    learning_rate: float = setting(0.0, "Peak learning rate; 0 = the method's known-good default.")
+    batch_size: int = setting(4, "Rows per device per micro-batch (a row holds several packed examples).")
+    gradient_accumulation_steps: int = setting(1, "Micro-batches per optimizer step.")
+    warmup_ratio: float = setting(0.1, "Share of steps spent warming the learning rate up.")
+    lr_scheduler: str = setting("cosine", "transformers scheduler name (cosine, linear, constant, ...).")
+    weight_decay: float = setting(0.0, "AdamW weight decay.")
+    max_grad_norm: float = setting(1.0, "Gradient clipping norm.")
+    lora_rank: int = setting(16, "LoRA/DoRA rank (and bottleneck width of 'adapter').")
+    lora_alpha: float = setting(32.0, "LoRA alpha; updates are scaled by alpha/rank.")
+    lora_dropout: float = setting(0.05, "Dropout on LoRA inputs and inside adapters.")
+    target_modules: str = setting("all-linear", "Layers that get LoRA: 'all-linear' or 'q_proj,v_proj,...'.")
+    num_virtual_tokens: int = setting(20, "Learned tokens for prompt/prefix tuning.")
+    gradient_checkpointing: bool = setting(False, "Recompute activations in backward (less memory, ~30% slower).")
+    optimizer: str = setting("adamw_torch", "transformers optim name: adamw_torch, adamw_torch_fused, adamw_8bit, ...")
+    precision: Literal["auto", "fp32", "bf16"] = setting("auto", "auto = bf16 on a GPU that has it, fp32 on CPU.")
+    save_steps: int = setting(20, "Checkpoint every N steps (resume starts from the last complete one).")
+    seed: int = setting(0, "Seed of initialisation and data order.")
+    merge: bool = setting(False, "Also save the adapter merged into the base weights (LoRA family).")
+    fast_path: Literal["auto", "off"] = setting("auto", "auto = use the GPU fast path when on a GPU.")
+    trust_remote_code: bool = setting(False, "Run code shipped with the model (off unless you trust it).")
+    allow_pickle: bool = setting(False, "Load pickle (.bin) weights (off: they can run code).")
+
+    def __post_init__(self):
+        for name in ("max_steps", "batch_size", "gradient_accumulation_steps", "save_steps", "lora_rank"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"'{name}' must be >= 1, got {getattr(self, name)}")
+        if self.learning_rate < 0 or self.learning_rate > 1:
+            raise ConfigError(f"'learning_rate' must be in [0, 1], got {self.learning_rate}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigError(f"'warmup_ratio' must be in [0, 1), got {self.warmup_ratio}")
+        if not 0 <= self.lora_dropout < 1:
+            raise ConfigError(f"'lora_dropout' must be in [0, 1), got {self.lora_dropout}")
+
+    def lr(self) -> float:
+        from kubetune.peft_methods import default_learning_rate
+
+        return self.learning_rate or default_learning_rate(self.method)
+
+
+@dataclass
+class TrainResult:
+    metrics: dict
+    output_dir: str
+
+
+class PackedCollator:
+    """Pads packed rows to the longest in the batch; passes position_ids, no attention mask.
+
+    transformers turns position_ids that restart at 0 into a block-diagonal causal mask
+    (sdpa/eager) or varlen kernels (flash attention). Padding is given its own positions
+    (0, 1, ...) so it forms a separate block that no real token attends to, and label -100.
+
+    ``use_cache=False`` is part of the batch, and it matters: transformers 5 only looks for
+    packed sequences when no KV cache exists (``masking_utils._preprocess_mask_arguments``),
+    and the models create one by default, even in training. With a cache, packed examples
+    would silently attend to each other (tests/test_tokenize_data.py proves both ways).
+    """
+
+    def __init__(self, pad_token_id: int):
+        self.pad = pad_token_id
+        self.tokens = 0  # non-pad tokens seen, for tokens/s
+
+    def __call__(self, rows: list[dict]) -> dict:
+        import torch
+
+        width = max(len(r["input_ids"]) for r in rows)
+        ids, labels, pos = [], [], []
+        for r in rows:
+            n = len(r["input_ids"])
+            ids.append(list(r["input_ids"]) + [self.pad] * (width - n))
+            labels.append(list(r["labels"]) + [IGNORE] * (width - n))
+            pos.append(list(r["position_ids"]) + list(range(width - n)))
+            self.tokens += n
+        batch = {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "position_ids": torch.tensor(pos),
+                 "use_cache": False}
+        if not (batch["labels"] != IGNORE).any():
+            raise StageError("a training batch has no trainable label at all (every token masked); "
+                             "check the response mask of the data (tokenize_data counts)")
+        return batch
+
+
+def peak_memory_gb() -> float:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def last_complete_checkpoint(checkpoint_dir: Path) -> Path | None:
+    """Newest checkpoint that finished writing (has our marker); half-written ones are skipped."""
+    if not checkpoint_dir.exists():
+        return None
+    done = [p for p in checkpoint_dir.glob("checkpoint-*") if (p / COMPLETE_MARKER).exists()]
+    return max(done, key=lambda p: int(p.name.split("-")[-1]), default=None)
+
+
+def _callbacks(collator: PackedCollator):
+    from transformers import TrainerCallback
+
+    class Throughput(TrainerCallback):
+        """Adds tokens/s and peak memory to every log; marks checkpoints complete."""
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.t0, self.tok0 = time.perf_counter(), collator.tokens
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs is not None and "loss" in logs:
+                dt = time.perf_counter() - self.t0
+                logs["tokens_per_s"] = round((collator.tokens - self.tok0) / dt, 1) if dt > 0 else 0.0
+                logs["peak_memory_gb"] = round(peak_memory_gb(), 3)
+
+        def on_save(self, args, state, control, **kw):
+            # The Trainer has finished writing checkpoint-N when on_save runs; the marker is
+            # written last (and fsynced) so a checkpoint without it is known to be partial.
+            ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if ckpt.exists():
+                marker = ckpt / COMPLETE_MARKER
+                with open(marker, "w") as f:
+                    f.write(str(state.global_step))
+                    f.flush()
+                    os.fsync(f.fileno())
+
+    return [Throughput()]
+
+
+def load_for_training(cfg: TrainConfig, device: str):
+    """Load the base model as the method needs it and make the right weights trainable."""
+    import torch
+
+    from kubetune import models
+    from kubetune.peft_methods import PeftSettings, apply_method, load_base_model, validate_method
+
+    validate_method(cfg.method, device)
+    bf16 = _use_bf16(cfg, device)
+    if cfg.method == "qlora":
+        model = load_base_model(models.resolve(cfg.base_model), "qlora")
+    else:
+        model = models.load_causal_lm(cfg.base_model, dtype=torch.bfloat16 if bf16 else torch.float32,
+                                      trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle)
+    settings = PeftSettings(rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                            target_modules=cfg.target_modules, num_virtual_tokens=cfg.num_virtual_tokens)
+    return apply_method(model, cfg.method, settings)
+
+
+def _use_bf16(cfg: TrainConfig, device: str) -> bool:
+    import torch
+
+    if cfg.precision == "fp32":
+        return False
+    if cfg.precision == "bf16":
+        return True
+    return device == "cuda" and torch.cuda.is_bf16_supported()
+
+
+def train(cfg: TrainConfig, tokenized_dir: str | Path, output_dir: str | Path, checkpoint_dir: str | Path,
+          report_to_mlflow: bool = True) -> TrainResult:
+    """Train on a tokenized dataset and save the result (adapter or full weights).
+
+    Args:
+        cfg: Training settings (method, steps, learning rate, ...).
+        tokenized_dir: Output folder of ``tokenize_data``.
+        output_dir: Where the trained model is written (safetensors + tokenizer + manifest).
+        checkpoint_dir: Where periodic checkpoints go; a later run with the same folder resumes
+            from the last complete checkpoint there.
+        report_to_mlflow: Log params, per-step loss, learning rate, tokens/s and peak memory to
+            the active MLflow run.
+
+    Returns:
+        Metrics (losses, tokens/s, peak memory, trainable parameter counts) and the output path.
+    """
+    import datasets
+    import torch
+    from transformers import AutoTokenizer, Trainer, TrainingArguments, set_seed
+
+    from kubetune.models import pick_device
+    from kubetune.peft_methods import save_trained, trainable_summary, training_flags_for
+
+    device = pick_device()
+    set_seed(cfg.seed)
+    tokenized_dir = Path(tokenized_dir)
+    data = datasets.load_from_disk(str(tokenized_dir))
+    meta = json.loads((tokenized_dir / "meta.json").read_text())
+    tokenizer = AutoTokenizer.from_pretrained(tokenized_dir / "tokenizer")
+    flags = training_flags_for(cfg.method, gradient_checkpointing=cfg.gradient_checkpointing,
+                               packing=meta.get("tokenize", {}).get("packing", False))
+    if meta.get("tokenize", {}).get("packing") and not flags["packing"]:
+        raise StageError(f"method '{cfg.method}' cannot train on packed rows (virtual tokens are added once per "
+                         "row, so packed examples would see each other); tokenize with packing=false")
+    model = load_for_training(cfg, device)
+    params = trainable_summary(model)
+    collator = PackedCollator(meta.get("pad_token_id") or tokenizer.pad_token_id)
+    bf16 = _use_bf16(cfg, device)
+    checkpoint_dir = Path(checkpoint_dir)
+    args = TrainingArguments(
+        output_dir=str(checkpoint_dir),
+        max_steps=cfg.max_steps,
+        per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        learning_rate=cfg.lr(),
+        lr_scheduler_type=cfg.lr_scheduler,
+        warmup_steps=math.ceil(cfg.warmup_ratio * cfg.max_steps),
+        weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm,
+        optim=cfg.optimizer,
+        bf16=bf16,
+        use_cpu=device == "cpu",
+        gradient_checkpointing=flags["gradient_checkpointing"],
+        logging_steps=1,
+        save_steps=cfg.save_steps,
+        save_total_limit=2,
+        save_strategy="steps",
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        report_to=["mlflow"] if report_to_mlflow else [],
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        disable_tqdm=False,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=data["train"], data_collator=collator,
+                      callbacks=_callbacks(collator))
+    resume = last_complete_checkpoint(checkpoint_dir)
+    t0, tokens0 = time.perf_counter(), collator.tokens
+    try:
+        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    except torch.OutOfMemoryError as e:
+        raise StageError(f"train: out of memory at batch_size={cfg.batch_size}; lower batch_size, raise "
+                         "gradient_accumulation_steps, turn on gradient_checkpointing or use a PEFT method "
+                         f"({e})") from None
+    wall = time.perf_counter() - t0
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+    output_dir = Path(output_dir)
+    tmp = output_dir.with_name(output_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_trained(trainer.model, tmp, tokenizer=tokenizer)
+    manifest_path = tmp / "kubetune_method.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest.update(base_model=cfg.base_model, train=asdict(cfg), data_fingerprint=meta.get("fingerprint"),
+                    shape=meta.get("shape"))
+    manifest_path.write_text(json.dumps(manifest, indent=2))
+    if cfg.merge and cfg.method in ("lora", "dora"):
+        merged = trainer.model.merge_and_unload()
+        merged.save_pretrained(tmp / "merged", safe_serialization=True)
+        tokenizer.save_pretrained(tmp / "merged")
+    if output_dir.exists():
+        shutil.rmtree(output_dir)
+    os.replace(tmp, output_dir)
+    metrics = {
+        "train_loss_first": losses[0] if losses else float("nan"),
+        "train_loss_last": sum(losses[-5:]) / len(losses[-5:]) if losses else float("nan"),
+        "train_wall_s": round(wall, 1),
+        "tokens_per_s": round((collator.tokens - tokens0) / wall, 1) if wall > 0 else 0.0,
+        "peak_memory_gb": round(peak_memory_gb(), 3),
+        "trainable_params": params["trainable"],
+        "total_params": params["total"],
+        "trainable_share": params["share"],
+        "steps": trainer.state.global_step,
+        "resumed_from_step": int(resume.name.split("-")[-1]) if resume else 0,
+    }
+    return TrainResult(metrics=metrics, output_dir=str(output_dir))
+
+
+def checkpoint_dir_for(workspace: str | Path, cfg: TrainConfig, data_fingerprint: str) -> Path:
+    """Checkpoints of one (config, data) pair: a rerun of the same job resumes, another starts fresh."""
+    import hashlib
+
+    key = hashlib.sha256(json.dumps([asdict(cfg), data_fingerprint], sort_keys=True).encode()).hexdigest()[:12]
+    return Path(workspace) / "checkpoints" / key
+
+
+def run_training(stage: str, cfg: TrainConfig, tokenized_dir: str | Path, output_dir: str | Path,
+                 workspace: str | Path, ctx=None) -> TrainResult:
+    """What every training stage does: pick the checkpoint folder, track, train, clean up."""
+    from kubetune.tracking import log_metrics, log_params, maybe_stage
+
+    meta = json.loads((Path(tokenized_dir) / "meta.json").read_text())
+    ckpt = checkpoint_dir_for(workspace, cfg, meta.get("fingerprint", ""))
+    tags = {"kubetune.method": cfg.method, "kubetune.base_model": cfg.base_model,
+            "kubetune.data_fingerprint": meta.get("fingerprint", "")}
+    with maybe_stage(ctx, stage, tags=tags) as run:
+        if run is not None:
+            log_params({f"kubetune.{k}": v for k, v in asdict(cfg).items()})
+        result = train(cfg, tokenized_dir, output_dir, ckpt, report_to_mlflow=run is not None)
+        if run is not None:
+            log_metrics(result.metrics)
+    # The model is saved: the checkpoints were only there to survive a crash.
+    shutil.rmtree(ckpt, ignore_errors=True)
+    return result

@@ -1,0 +1,58 @@
+"""Pipeline `peft`: ingest, tokenize, train a PEFT method, evaluate, register.
+
+Run it locally:   kubetune run peft [--set method=dora --set max_steps=100]
+Compile it:       kubetune compile --out build/ [--profile profiles/h200x2.yaml]
+"""
+
+from kfp import dsl
+
+from kubetune import kube
+from kubetune.components import evaluate, ingest, register, tokenize_data, train_peft
+from kubetune.models import DEFAULT_BASE_MODEL
+
+NAME = "peft"
+DESCRIPTION = "Parameter-efficient fine-tuning (LoRA by default; DoRA, QLoRA, adapters, prompt, prefix, IA3)."
+
+
+def build(profile: "kube.Profile | None" = None):
+    """The pipeline, with the cluster profile's resources applied to its tasks (None = none)."""
+
+    @dsl.pipeline(name=NAME, description=DESCRIPTION)
+    def peft(
+        base_model: str = DEFAULT_BASE_MODEL,
+        data_uri: str = "bundled://tickets",
+        method: str = "lora",
+        max_steps: int = 60,
+        learning_rate: float = 0.0,
+        lora_rank: int = 16,
+        max_length: int = 512,
+        model_name: str = "tickets-peft",
+        max_forgetting: float = -1.0,
+        train_settings: dict = {},
+        eval_settings: dict = {},
+    ) -> str:
+        run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
+        lineage = dict(model_name=model_name, pipeline=NAME, run_id=run_id)
+
+        data = ingest(data_uri=data_uri, **lineage).set_display_name("ingest")
+        tokens = tokenize_data(dataset=data.outputs["dataset"], base_model=base_model, max_length=max_length)
+        trained = train_peft(tokenized=tokens.outputs["tokenized"], base_model=base_model, method=method,
+                             max_steps=max_steps, learning_rate=learning_rate, lora_rank=lora_rank,
+                             settings=train_settings, **lineage)
+        scored = evaluate(model=trained.outputs["model"], dataset=data.outputs["dataset"],
+                          tokenized=tokens.outputs["tokenized"], base_model=base_model, settings=eval_settings,
+                          **lineage)
+        registered = register(model=trained.outputs["model"], report=scored.outputs["report"],
+                              max_forgetting=max_forgetting, **lineage)
+
+        kube.on_cluster(profile, cpu=[data, tokens, registered], gpu=[trained, scored])
+        # No step is a pure function of its inputs: the data behind a URI changes (retraining on
+        # fresh data), evaluate reads the current champion, register writes the registry.
+        for task in (data, tokens, trained, scored, registered):
+            kube.no_cache(task)
+        return registered.output
+
+    return peft
+
+
+pipeline = build()

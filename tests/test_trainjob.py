@@ -1,0 +1,241 @@
+"""Multi-node launcher: the job manifests field by field, and the client side against a real
+HTTP server on 127.0.0.1 that stands in for the Kubernetes API (no mocks of the client)."""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlparse
+
+import pytest
+import yaml
+
+from kubetune.kube import load_profile
+from kubetune.trainjob import (
+    TrainJobFailed,
+    build_manifest,
+    job_name,
+    job_state,
+    main,
+    run_job,
+)
+
+CFG = "/workspace/runs/r1/train.json"
+
+
+@pytest.fixture
+def profile():
+    return load_profile("h200x2")
+
+
+def _env(container_env):
+    return {e["name"]: e for e in container_env}
+
+
+def test_trainjob_manifest_fields(profile):
+    m = build_manifest("kt-abc", CFG, num_nodes=3, profile=profile, image="reg/kubetune-train:9.9", namespace="team")
+    assert m["apiVersion"] == "trainer.kubeflow.org/v1alpha1"
+    assert m["kind"] == "TrainJob"
+    assert m["metadata"]["name"] == "kt-abc" and m["metadata"]["namespace"] == "team"
+    assert m["spec"]["runtimeRef"] == {"name": "torch-distributed"}
+    tr = m["spec"]["trainer"]
+    assert tr["image"] == "reg/kubetune-train:9.9"
+    # The same entry point as the single-pod path, under torchrun with operator-set PET_* vars.
+    assert tr["command"] == ["torchrun", "-m", "kubetune.train_entry", "--config", CFG]
+    assert tr["numNodes"] == 3 and tr["numProcPerNode"] == 2
+    assert tr["resourcesPerNode"]["limits"] == {"cpu": "16", "memory": "120Gi", "nvidia.com/gpu": "2"}
+    assert tr["resourcesPerNode"]["requests"] == tr["resourcesPerNode"]["limits"]
+    env = _env(tr["env"])
+    assert env["KUBETUNE_WORKSPACE"]["value"] == "/workspace"
+    assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "kubetune-s3", "key": "AWS_SECRET_ACCESS_KEY"}
+    assert env["MLFLOW_TRACKING_URI"]["valueFrom"]["secretKeyRef"] == {"name": "kubetune-mlflow", "key": "MLFLOW_TRACKING_URI"}
+    assert env["MLFLOW_TRACKING_PASSWORD"]["valueFrom"]["secretKeyRef"]["optional"] is True
+    (override,) = m["spec"]["podTemplateOverrides"]
+    assert override["targetJobs"] == [{"name": "node"}]
+    ps = override["spec"]
+    assert ps["volumes"] == [{"name": "workspace", "persistentVolumeClaim": {"claimName": "kubetune-workspace"}}]
+    assert ps["containers"] == [{"name": "node", "volumeMounts": [{"name": "workspace", "mountPath": "/workspace"}]}]
+    assert ps["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H200"}
+    assert ps["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+
+
+def test_pytorchjob_manifest_fields(profile):
+    m = build_manifest("kt-abc", CFG, num_nodes=3, profile=profile, api="pytorchjob", image="img:1")
+    assert (m["apiVersion"], m["kind"]) == ("kubeflow.org/v1", "PyTorchJob")
+    spec = m["spec"]
+    assert spec["nprocPerNode"] == "2"
+    assert spec["runPolicy"]["backoffLimit"] == 0
+    reps = spec["pytorchReplicaSpecs"]
+    assert reps["Master"]["replicas"] == 1 and reps["Worker"]["replicas"] == 2  # 3 nodes = 1 master + 2 workers
+    for rep in reps.values():
+        pod = rep["template"]["spec"]
+        (c,) = pod["containers"]
+        assert c["name"] == "pytorch"  # the training operator finds its container by this name
+        assert c["command"] == ["torchrun", "-m", "kubetune.train_entry", "--config", CFG]
+        assert c["resources"]["limits"]["nvidia.com/gpu"] == "2"
+        assert c["volumeMounts"] == [{"name": "workspace", "mountPath": "/workspace"}]
+        assert pod["volumes"][0]["persistentVolumeClaim"]["claimName"] == "kubetune-workspace"
+        assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H200"}
+    # One node: no Worker replica at all (a Worker with 0 replicas is rejected by the operator).
+    single = build_manifest("kt-one", CFG, num_nodes=1, profile=profile, api="pytorchjob")
+    assert set(single["spec"]["pytorchReplicaSpecs"]) == {"Master"}
+
+
+def test_manifest_holds_secret_references_only(profile):
+    for api in ("trainjob", "pytorchjob"):
+        m = build_manifest("kt-abc", CFG, num_nodes=2, profile=profile, api=api)
+        text = json.dumps(m)
+        envs = re.findall(r'\{"name": "(AWS_[A-Z_]+|MLFLOW_[A-Z_]+)", "(\w+)"', text)
+        assert envs and all(kind == "valueFrom" for _, kind in envs), envs
+
+
+def test_bad_arguments_are_refused(profile):
+    with pytest.raises(ValueError, match="api must be one of"):
+        build_manifest("x", CFG, num_nodes=1, profile=profile, api="mpijob")
+    with pytest.raises(ValueError, match="num_nodes"):
+        build_manifest("x", CFG, num_nodes=0, profile=profile)
+
+
+def test_job_name_is_an_rfc1035_label_and_fresh():
+    a, b = job_name("kubetune-train"), job_name("kubetune-train")
+    assert a != b
+    assert re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", a) and len(a) <= 63
+
+
+def test_job_state_reads_conditions():
+    assert job_state({}, "trainjob") == ("Pending", "")
+    running = {"status": {"conditions": [{"type": "Created", "status": "True"}, {"type": "Running", "status": "True"}]}}
+    assert job_state(running, "pytorchjob")[0] == "Running"
+    done = {"status": {"conditions": [{"type": "Complete", "status": "True", "message": "ok"}]}}
+    assert job_state(done, "trainjob") == ("Succeeded", "ok")
+    # A False condition is not a verdict.
+    assert job_state({"status": {"conditions": [{"type": "Failed", "status": "False"}]}}, "trainjob")[0] == "Pending"
+
+
+# ---------------------------------------------------------------------------------------
+# A stand-in Kubernetes API server: records every request, answers from a script.
+# ---------------------------------------------------------------------------------------
+
+
+class FakeKubeAPI:
+    def __init__(self, statuses, log_lines=("step 1 loss 2.0", "step 2 loss 1.5")):
+        self.requests: list[tuple[str, str, dict, object]] = []
+        self.statuses = list(statuses)
+        self.log_lines = list(log_lines)
+        self.objects: dict[str, dict] = {}
+        api = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _send(self, code, body, ctype="application/json"):
+                data = body if isinstance(body, bytes) else json.dumps(body).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def _record(self, body=None):
+                url = urlparse(self.path)
+                api.requests.append((self.command, url.path, parse_qs(url.query), body))
+                return url.path, parse_qs(url.query)
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                path, _ = self._record(body)
+                api.objects[body["metadata"]["name"]] = body
+                self._send(201, body)
+
+            def do_GET(self):
+                path, query = self._record()
+                if path.endswith("/log"):
+                    return self._send(200, "".join(f"{line}\n" for line in api.log_lines).encode(), "text/plain")
+                if path.endswith("/pods"):
+                    pod = {"metadata": {"name": "rank0-pod"}, "status": {"phase": "Running"}}
+                    return self._send(200, {"kind": "PodList", "apiVersion": "v1", "metadata": {}, "items": [pod]})
+                name = path.rsplit("/", 1)[-1]
+                status = api.statuses.pop(0) if len(api.statuses) > 1 else api.statuses[0]
+                self._send(200, {**api.objects[name], "status": status})
+
+            def do_DELETE(self):
+                self._record()
+                self._send(200, {"kind": "Status", "apiVersion": "v1", "status": "Success"})
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+
+    def client(self):
+        from kubernetes import client
+
+        cfg = client.Configuration()
+        cfg.host = f"http://127.0.0.1:{self.server.server_address[1]}"
+        return client.ApiClient(cfg)
+
+
+def _cond(kind, message=""):
+    return {"conditions": [{"type": kind, "status": "True", "message": message}]}
+
+
+def test_run_job_success_streams_logs_and_cleans_up(profile):
+    manifest = build_manifest("kt-ok", CFG, num_nodes=2, profile=profile, namespace="team")
+    lines: list[str] = []
+    with FakeKubeAPI([{}, _cond("Running"), _cond("Running"), _cond("Complete", "done")]) as kube:
+        final = run_job(manifest, api_client=kube.client(), poll_s=0.02, emit=lines.append)
+    methods = [(m, p) for m, p, _, _ in kube.requests]
+    base = "/apis/trainer.kubeflow.org/v1alpha1/namespaces/team/trainjobs"
+    assert methods[0] == ("POST", base)
+    assert kube.requests[0][3] == manifest  # what the API got is exactly the built manifest
+    assert ("GET", f"{base}/kt-ok") in methods
+    assert methods[-1] == ("DELETE", f"{base}/kt-ok")
+    pod_queries = [q for m, p, q, _ in kube.requests if p == "/api/v1/namespaces/team/pods"]
+    assert "jobset.sigs.k8s.io/jobset-name=kt-ok" in pod_queries[0]["labelSelector"][0]
+    log_queries = [q for m, p, q, _ in kube.requests if p.endswith("/rank0-pod/log")]
+    assert log_queries and log_queries[0]["container"] == ["node"] and log_queries[0]["follow"][0].lower() == "true"
+    assert "[rank0-pod] step 2 loss 1.5" in lines
+    assert any("Succeeded" in line for line in lines)
+    assert final["status"]["conditions"][0]["type"] == "Complete"
+
+
+def test_run_job_failure_raises_and_still_deletes(profile):
+    manifest = build_manifest("kt-bad", CFG, num_nodes=2, profile=profile, api="pytorchjob", namespace="team")
+    lines: list[str] = []
+    with FakeKubeAPI([_cond("Running"), _cond("Failed", "NCCL timeout on rank 3")]) as kube:
+        with pytest.raises(TrainJobFailed, match="NCCL timeout on rank 3"):
+            run_job(manifest, api_client=kube.client(), poll_s=0.02, emit=lines.append)
+    base = "/apis/kubeflow.org/v1/namespaces/team/pytorchjobs"
+    assert (kube.requests[-1][0], kube.requests[-1][1]) == ("DELETE", f"{base}/kt-bad")
+    pod_queries = [q for m, p, q, _ in kube.requests if p.endswith("/pods")]
+    assert "training.kubeflow.org/replica-type=master" in pod_queries[0]["labelSelector"][0]
+    log_queries = [q for m, p, q, _ in kube.requests if p.endswith("/log")]
+    assert log_queries[0]["container"] == ["pytorch"]
+
+
+def test_run_job_timeout_deletes_the_job(profile):
+    manifest = build_manifest("kt-slow", CFG, num_nodes=1, profile=profile, namespace="team")
+    with FakeKubeAPI([_cond("Running")]) as kube:
+        with pytest.raises(TimeoutError):
+            run_job(manifest, api_client=kube.client(), poll_s=0.02, timeout_s=0.2, emit=lambda s: None)
+    assert kube.requests[-1][0] == "DELETE"
+
+
+def test_cli_dry_run_prints_the_manifest(capsys):
+    assert main(["--config", CFG, "--nodes", "4", "--profile", "a100x8", "--namespace", "ml", "--dry-run"]) == 0
+    m = yaml.safe_load(capsys.readouterr().out)
+    assert m["kind"] == "TrainJob" and m["metadata"]["namespace"] == "ml"
+    assert m["spec"]["trainer"]["numNodes"] == 4 and m["spec"]["trainer"]["numProcPerNode"] == 8
+    # Master and Worker templates are written out in full, not as YAML anchors and aliases.
+    assert main(["--config", CFG, "--nodes", "2", "--profile", "a100x8", "--api", "pytorchjob", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "&id" not in out and yaml.safe_load(out)["spec"]["pytorchReplicaSpecs"]["Worker"]["replicas"] == 1
