@@ -5,7 +5,8 @@ from kubetune.image import CPU_IMAGE
 
 @dsl.component(base_image=CPU_IMAGE)
 def ingest(data_uri: str, model_name: str, pipeline: str, run_id: str, dataset: dsl.Output[dsl.Dataset],
-           validation_fraction: float = 0.1, seed: int = 0) -> str:
+           unchanged: dsl.OutputPath(bool), validation_fraction: float = 0.1, seed: int = 0,
+           force: bool = False) -> str:
     """Read, validate and split the data; returns its content fingerprint.
 
     Args:
@@ -14,14 +15,22 @@ def ingest(data_uri: str, model_name: str, pipeline: str, run_id: str, dataset: 
         pipeline: Pipeline name (lineage).
         run_id: KFP run id (lineage; pass dsl.PIPELINE_JOB_ID_PLACEHOLDER).
         dataset: Output folder with train/validation JSONL and meta.json.
+        unchanged: True when the current champion was trained on exactly this data (and not
+            forced): the pipeline skips the rest (see docs/registry.md).
         validation_fraction: Share of rows held out.
         seed: Split seed.
+        force: Retrain even when the data is unchanged.
     """
+    from kubetune.registry_ops import data_unchanged
     from kubetune.stages.ingest import IngestConfig
     from kubetune.stages.ingest import ingest as stage
     from kubetune.tracking import RunContext
 
     cfg = IngestConfig(data_uri=data_uri, validation_fraction=validation_fraction, seed=seed)
     result = stage(cfg, dataset.path, ctx=RunContext(model_name, run_id, pipeline))
-    dataset.metadata.update(shape=result.shape, fingerprint=result.fingerprint, **result.counts)
+    same, why = data_unchanged(model_name, result.fingerprint, force=force)
+    dataset.metadata.update(shape=result.shape, fingerprint=result.fingerprint, unchanged=same, why=why,
+                            **result.counts)
+    with open(unchanged, "w") as f:
+        f.write("true" if same else "false")
     return result.fingerprint

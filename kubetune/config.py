@@ -56,6 +56,12 @@ def _check_type(key: str, value: Any, annotation: Any, source: str) -> Any:
             raise ConfigError(f"{source}: '{key}' must be a mapping, got {type(value).__name__} {value!r}")
         return value
     if annotation is float:
+        if isinstance(value, str):
+            # YAML 1.1 reads "1e-4" (no dot) as a string; people write learning rates that way.
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{source}: '{key}' must be a number, got {type(value).__name__} {value!r}")
         return float(value)

@@ -121,7 +121,10 @@ class LocalProposer:
     and only the proposers actually asked pay for loading.
 
     Args:
-        path: A ``save_pretrained`` folder (or a folder holding ``gguf_file``).
+        path: A ``save_pretrained`` folder (or a folder holding ``gguf_file``); a folder a
+            kubetune training stage wrote (an adapter and its ``kubetune_method.json``, loaded
+            onto the base model the manifest names); or a model reference
+            :func:`kubetune.models.resolve` takes, e.g. the packaged ``smollm2-135m-instruct``.
         name: Name used in results; defaults to the folder name.
         max_new_tokens: Default generation budget per answer.
         gguf_file: File name of a GGUF checkpoint inside ``path`` (transformers dequantises
@@ -152,10 +155,25 @@ class LocalProposer:
             return self
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        model_dir, tokenizer_dir = _find_model_dirs(self.path, self.gguf_file)
-        kwargs = {"gguf_file": self.gguf_file} if self.gguf_file else {}
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+        root = self.path
+        if not root.exists():
+            from kubetune.models import resolve
+
+            root = Path(resolve(str(self.path)))  # a packaged name or hub id
+        if not self.gguf_file and not (root / "config.json").exists() and (root / "kubetune_method.json").exists():
+            # An adapter written by a kubetune training stage: load it onto its base model
+            # the way evaluate does, then fold LoRA weights in (same answers, faster).
+            from kubetune.stages.evaluate import load_model_artifact
+
+            tokenizer = AutoTokenizer.from_pretrained(root)
+            model = load_model_artifact(root)
+            if hasattr(model, "merge_and_unload"):
+                model = model.merge_and_unload()
+        else:
+            model_dir, tokenizer_dir = _find_model_dirs(root, self.gguf_file)
+            kwargs = {"gguf_file": self.gguf_file} if self.gguf_file else {}
+            tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
         model.eval()
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
@@ -535,6 +553,22 @@ def normalize_answer(text: str | None, labels: Sequence[str] | None = None) -> s
     return min(found)[1] if found else norm
 
 
+def label_set(references: Sequence[str], max_labels: int = 20, max_words: int = 3) -> list[str] | None:
+    """The task's label set when the reference answers look like one, else ``None``.
+
+    A classification-like task (where voting applies) has few distinct, short reference
+    answers: at most ``max_labels`` of them, none longer than ``max_words`` words. Free-text
+    tasks (a summary, a JSON record) get ``None`` and are voted on as normalised strings.
+
+    Returns:
+        The distinct normalised references, sorted; or ``None``.
+    """
+    distinct = sorted({normalize_answer(r) for r in references} - {""})
+    if not distinct or len(distinct) > max_labels or any(len(d.split()) > max_words for d in distinct):
+        return None
+    return distinct
+
+
 def _vote(answers: Mapping[str, str | None], weights: Mapping[str, float], labels) -> str | None:
     tally: dict[str, float] = {}
     first_seen: dict[str, int] = {}
@@ -743,6 +777,50 @@ def synthesize(
         raise RuntimeError(f"aggregator {aggregator.name} failed: {final.dropped.get(aggregator.name)}")
     completion = final.completions[aggregator.name]
     return Synthesis(text=completion.text, layers=seen, dropped=dropped, tokens=tokens + completion.tokens)
+
+
+def synthesize_batch(
+    aggregator: LocalProposer | RegistryProposer,
+    prompts: Sequence[str | Messages],
+    proposals: Sequence[Mapping[str, str]],
+    *,
+    layers: int = 1,
+    max_new_tokens: int | None = None,
+    batch_size: int = 8,
+) -> list[Completion]:
+    """:func:`synthesize` with the aggregator alone as every layer's agent, over a dataset.
+
+    The same messages :func:`synthesize` sends, batched through the aggregator's ``batch``
+    (an evaluation answers many prompts; one ``generate`` call per prompt would cost several
+    times more). Tokens add up over the layers; latency is the per-answer share of them all.
+
+    Args:
+        aggregator: A local or registry model (it needs ``batch``).
+        prompts: The user prompts or conversations.
+        proposals: For each prompt, proposer name → answer (layer 1).
+        layers: Aggregation layers, at least 1.
+        max_new_tokens: Generation budget per call.
+        batch_size: Conversations per ``generate`` call.
+
+    Returns:
+        One :class:`Completion` per prompt: the final answer, tokens and latency summed over layers.
+    """
+    if layers < 1:
+        raise ValueError(f"layers must be >= 1, got {layers}")
+    if len(prompts) != len(proposals):
+        raise ValueError(f"{len(prompts)} prompts for {len(proposals)} sets of proposals")
+    current = [dict(p) for p in proposals]
+    tokens = [0] * len(prompts)
+    latency = [0.0] * len(prompts)
+    out: list[Completion] = []
+    for _ in range(layers):
+        convs = [aggregate_messages(prompt, cur) for prompt, cur in zip(prompts, current)]
+        out = aggregator.batch(convs, max_new_tokens, batch_size)
+        for i, c in enumerate(out):
+            tokens[i] += c.tokens
+            latency[i] += c.latency_s
+        current = [{aggregator.name: c.text} for c in out]
+    return [Completion(text=c.text, tokens=t, latency_s=lat) for c, t, lat in zip(out, tokens, latency)]
 
 
 def build_aggregator_examples(

@@ -139,6 +139,91 @@ def _requirements() -> list[str]:
     return [f"{pkg}=={version(pkg)}" for pkg in ("mlflow", "torch", "transformers", "pandas")]
 
 
+def _mixture(
+    proposers: Sequence[Mapping[str, Any]],
+    *,
+    mode: str,
+    weights: Mapping[str, float] | None,
+    labels: Sequence[str] | None,
+    aggregator: Mapping[str, Any] | None,
+    layers: int,
+    timeout: float,
+    max_new_tokens: int | None,
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """The ``model_config`` and ``artifacts`` of a mixture (shared by log and save)."""
+    if mode not in moa.MODES:
+        raise ValueError(f"mode must be one of {moa.MODES}, got {mode!r}")
+    if mode == "weighted" and not weights:
+        raise ValueError("mode 'weighted' needs weights (see moa.fit_weights)")
+    if mode == "synthesis" and aggregator is None:
+        raise ValueError("mode 'synthesis' needs an aggregator spec")
+
+    artifacts: dict[str, str] = {}
+
+    def pack(spec: Mapping[str, Any], key: str) -> dict[str, Any]:
+        spec = copy.deepcopy(dict(spec))
+        spec.setdefault("name", moa.proposer_from_spec(spec).name)
+        if spec.get("kind") == "local" and Path(spec["path"]).exists():
+            artifacts[key] = str(Path(spec.pop("path")).resolve())
+            spec["artifact"] = key
+        # A local spec whose path is no folder is a model reference (the packaged
+        # SmolLM2, a hub id): it stays a reference, resolved where the model is loaded.
+        elif spec.get("kind") == "registry":
+            spec["uri"] = moa.resolve_model_uri(spec["uri"])
+        return spec
+
+    config = {
+        "proposers": [pack(s, f"proposer_{i}") for i, s in enumerate(proposers)],
+        "mode": mode,
+        "weights": dict(weights) if weights else None,
+        "labels": list(labels) if labels else None,
+        "aggregator": pack(aggregator, "aggregator") if aggregator else None,
+        "layers": layers,
+        "timeout": timeout,
+        "max_new_tokens": max_new_tokens,
+    }
+    names = [s["name"] for s in config["proposers"]]
+    if len(set(names)) != len(names):
+        raise ValueError(f"proposer names must be distinct, got {names}")
+    return config, artifacts
+
+
+def save_moa_model(
+    path: str | Path,
+    proposers: Sequence[Mapping[str, Any]],
+    *,
+    mode: str,
+    weights: Mapping[str, float] | None = None,
+    labels: Sequence[str] | None = None,
+    aggregator: Mapping[str, Any] | None = None,
+    layers: int = 1,
+    timeout: float = 60.0,
+    max_new_tokens: int | None = 64,
+) -> Path:
+    """Save a mixture as a pyfunc model folder (no MLflow run needed).
+
+    The folder ``register`` turns into a model version: ``mlflow.pyfunc.load_model`` loads
+    it (and the registered version) directly. Arguments as for :func:`log_moa_model`.
+
+    Returns:
+        ``path``, which must not exist yet or be empty.
+    """
+    config, artifacts = _mixture(proposers, mode=mode, weights=weights, labels=labels, aggregator=aggregator,
+                                 layers=layers, timeout=timeout, max_new_tokens=max_new_tokens)
+    with tempfile.TemporaryDirectory() as tmp:
+        code = Path(tmp) / "moa_model.py"
+        code.write_text(_MODEL_CODE)
+        mlflow.pyfunc.save_model(
+            path=str(path),
+            python_model=str(code),
+            model_config=config,
+            artifacts=artifacts or None,
+            signature=_signature(),
+            pip_requirements=_requirements(),
+        )
+    return Path(path)
+
+
 def log_moa_model(
     proposers: Sequence[Mapping[str, Any]],
     *,
@@ -157,7 +242,8 @@ def log_moa_model(
     Args:
         proposers: Proposer specs as for :func:`kubetune.moa.proposer_from_spec`. Each
             spec's ``name`` is the key of ``weights`` and of the output's ``proposals``;
-            local folders are copied into the model.
+            local folders are copied into the model (a local ``path`` that is no folder is a
+            model reference, such as ``smollm2-135m-instruct``, and stays one).
         mode: ``majority``, ``weighted`` or ``synthesis``.
         weights: Proposer name → weight (mode ``weighted``), from ``moa.fit_weights``.
         labels: The label set, for vote modes on a classification task.
@@ -171,39 +257,8 @@ def log_moa_model(
     Returns:
         MLflow's ``ModelInfo`` (``model_uri`` loads it).
     """
-    if mode not in moa.MODES:
-        raise ValueError(f"mode must be one of {moa.MODES}, got {mode!r}")
-    if mode == "weighted" and not weights:
-        raise ValueError("mode 'weighted' needs weights (see moa.fit_weights)")
-    if mode == "synthesis" and aggregator is None:
-        raise ValueError("mode 'synthesis' needs an aggregator spec")
-
-    artifacts: dict[str, str] = {}
-
-    def pack(spec: Mapping[str, Any], key: str) -> dict[str, Any]:
-        spec = copy.deepcopy(dict(spec))
-        spec.setdefault("name", moa.proposer_from_spec(spec).name)
-        if spec.get("kind") == "local":
-            artifacts[key] = str(Path(spec.pop("path")).resolve())
-            spec["artifact"] = key
-        elif spec.get("kind") == "registry":
-            spec["uri"] = moa.resolve_model_uri(spec["uri"])
-        return spec
-
-    config = {
-        "proposers": [pack(s, f"proposer_{i}") for i, s in enumerate(proposers)],
-        "mode": mode,
-        "weights": dict(weights) if weights else None,
-        "labels": list(labels) if labels else None,
-        "aggregator": pack(aggregator, "aggregator") if aggregator else None,
-        "layers": layers,
-        "timeout": timeout,
-        "max_new_tokens": max_new_tokens,
-    }
-    names = [s["name"] for s in config["proposers"]]
-    if len(set(names)) != len(names):
-        raise ValueError(f"proposer names must be distinct, got {names}")
-
+    config, artifacts = _mixture(proposers, mode=mode, weights=weights, labels=labels, aggregator=aggregator,
+                                 layers=layers, timeout=timeout, max_new_tokens=max_new_tokens)
     with tempfile.TemporaryDirectory() as tmp:
         code = Path(tmp) / "moa_model.py"
         code.write_text(_MODEL_CODE)

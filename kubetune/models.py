@@ -134,16 +134,30 @@ def load_causal_lm(ref: str, *, dtype=None, device: str | None = None, trust_rem
     path = resolve(ref)
     check_remote_code(path, trust_remote_code)
     check_weights(path, allow_pickle)
+    extra = {}
+    if _is_moe(path) and not torch.cuda.is_available():
+        # transformers' default experts kernel (grouped_mm) is ~8x slower on CPU than eager;
+        # the setting is not saved in config.json, so it is chosen at every load.
+        extra["experts_implementation"] = "eager"
     model = AutoModelForCausalLM.from_pretrained(
         path,
         dtype=dtype or torch.float32,
         trust_remote_code=trust_remote_code,
         use_safetensors=None if allow_pickle else True,
         attn_implementation=attn_implementation,
+        **extra,
     )
     if device:
         model.to(device)
     return model
+
+
+def _is_moe(path: str) -> bool:
+    cfg = Path(path) / "config.json"
+    if not cfg.exists():
+        return False
+    c = json.loads(cfg.read_text())
+    return bool(c.get("num_local_experts") or c.get("num_experts"))
 
 
 def pick_device() -> str:

@@ -3,13 +3,20 @@
 S3 goes through boto3 with its standard configuration: credentials and region from the usual
 AWS variables/files, the endpoint from ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL`` (boto3
 reads both itself; MinIO, moto and Ceph are reached that way). Retries use botocore's
-"standard" mode (exponential backoff with jitter) so a flaky store is retried, not fatal.
+"standard" mode (exponential backoff with jitter) so a flaky store is retried, not fatal; a
+transfer that still fails (the server restarted and dropped a multipart upload) is started
+again from the beginning, with backoff. Uploads carry their SHA-256 in the object metadata
+and downloads are checked against it (or against the ETag, the MD5 of a single-part object).
+
+``KUBETUNE_DATA_ROOTS`` (comma-separated folders and/or ``s3://bucket/prefix``): when set,
+data URIs must lie under one of them; ``..`` and symlinks that lead outside are refused.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import time
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -60,6 +67,7 @@ def fetch(uri: str, cache_dir: str | Path) -> Path:
     """
     if uri.startswith("bundled://"):
         return bundled(uri)
+    check_allowed(uri)
     if not is_s3(uri):
         path = local_path(uri)
         if not path.exists():
@@ -98,14 +106,121 @@ def fetch(uri: str, cache_dir: str | Path) -> Path:
     return target_root
 
 
+SHA256_META = "sha256"  # user metadata key (x-amz-meta-sha256) written by upload_dir
+TRANSFER_ATTEMPTS = int(os.environ.get("KUBETUNE_S3_ATTEMPTS", "5"))
+
+
+def allowed_roots() -> list[str]:
+    return [r.strip() for r in os.environ.get("KUBETUNE_DATA_ROOTS", "").split(",") if r.strip()]
+
+
+def check_allowed(uri: str) -> None:
+    """Refuse a data URI outside ``KUBETUNE_DATA_ROOTS`` (when set): no ``..`` or symlink escapes."""
+    roots = allowed_roots()
+    if not roots:
+        return
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        parts = key.split("/")
+        if ".." in parts:
+            raise DataError(f"{uri}: '..' is not allowed in a data URI")
+        for root in (r for r in roots if is_s3(r)):
+            rb, rk = split_s3(root)
+            rk = rk.rstrip("/")
+            if bucket == rb and (not rk or key == rk or key.startswith(rk + "/")):
+                return
+    else:
+        path = os.path.realpath(local_path(uri))  # resolves '..' and symlinks
+        for root in (r for r in roots if not is_s3(r)):
+            real_root = os.path.realpath(local_path(root))
+            if os.path.commonpath([path, real_root]) == real_root:
+                return
+    raise DataError(f"{uri}: outside the allowed data roots (KUBETUNE_DATA_ROOTS={','.join(roots)})")
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _md5_file(path: Path) -> str:
+    h = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _with_retries(what: str, fn, attempts: int | None = None):
+    """Run a whole transfer again on failure: 1, 2, 4, ... s between attempts.
+
+    botocore retries single requests; this covers what it cannot (a multipart upload the
+    server forgot when it restarted, a download cut in the middle). Errors that another try
+    cannot fix (access denied, no such key) are raised at once.
+    """
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    attempts = attempts or TRANSFER_ATTEMPTS
+    for i in range(attempts):
+        try:
+            return fn()
+        except ClientError as e:
+            code = e.response.get("Error", {}).get("Code", "")
+            if code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403") or i == attempts - 1:
+                raise DataError(f"{what}: S3 error {code or e} after {i + 1} attempt(s)") from None
+            last = f"{code or e}"
+        except (BotoCoreError, OSError, _ChecksumMismatch) as e:
+            if i == attempts - 1:
+                raise DataError(f"{what}: failed after {attempts} attempts ({e})") from None
+            last = str(e)
+        delay = 2 ** i
+        print(f"kubetune: {what}: attempt {i + 1} failed ({last}); retrying in {delay} s", flush=True)
+        time.sleep(delay)
+
+
+class _ChecksumMismatch(Exception):
+    pass
+
+
 def _download_verified(client, bucket: str, key: str, dest: Path) -> None:
-    """Download to a temporary name, check the size against S3's, then rename (atomic)."""
+    """Download to a temporary name, check size and checksum against S3's, then rename (atomic).
+
+    The checksum is the SHA-256 ``upload_dir`` put in the metadata, else the ETag when it is a
+    plain MD5 (single-part uploads); a multipart object without our metadata is size-checked only.
+    A mismatch is downloaded again; a persistent one is an error.
+    """
     tmp = dest.with_name(dest.name + ".part")
-    client.download_file(bucket, key, str(tmp))
-    expected = client.head_object(Bucket=bucket, Key=key)["ContentLength"]
-    if tmp.stat().st_size != expected:
+    where = f"s3://{bucket}/{key}"
+    mismatches = []
+
+    def attempt():
         tmp.unlink(missing_ok=True)
-        raise DataError(f"s3://{bucket}/{key}: downloaded {tmp.stat().st_size} bytes, expected {expected}")
+        client.download_file(bucket, key, str(tmp))
+        head = client.head_object(Bucket=bucket, Key=key)
+        size = tmp.stat().st_size
+        if size != head["ContentLength"]:
+            raise _ChecksumMismatch(f"downloaded {size} bytes, expected {head['ContentLength']}")
+        want = (head.get("Metadata") or {}).get(SHA256_META)
+        etag = head.get("ETag", "").strip('"')
+        if want:
+            got = sha256_file(tmp)
+            if got != want:
+                mismatches.append(got)
+                raise _ChecksumMismatch(f"sha256 {got} does not match the stored {want}")
+        elif etag and "-" not in etag and len(etag) == 32:
+            got = _md5_file(tmp)
+            if got != etag:
+                mismatches.append(got)
+                raise _ChecksumMismatch(f"md5 {got} does not match the ETag {etag}")
+
+    try:
+        _with_retries(f"download {where}", attempt)
+    except DataError as e:
+        tmp.unlink(missing_ok=True)
+        raise DataError(f"{where}: checksum or size check failed: {e.problems[0]}") from None
     os.replace(tmp, dest)
 
 
@@ -117,6 +232,15 @@ def upload_dir(local_dir: str | Path, uri: str) -> list[str]:
     root = Path(local_dir)
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
         key = f"{prefix.rstrip('/')}/{path.relative_to(root).as_posix()}".lstrip("/")
-        client.upload_file(str(path), bucket, key)
+        digest = sha256_file(path)
+
+        def attempt(path=path, key=key, digest=digest):
+            client.upload_file(str(path), bucket, key, ExtraArgs={"Metadata": {SHA256_META: digest}})
+            head = client.head_object(Bucket=bucket, Key=key)
+            stored = (head.get("Metadata") or {}).get(SHA256_META)
+            if head["ContentLength"] != path.stat().st_size or stored != digest:
+                raise _ChecksumMismatch(f"stored object has {head['ContentLength']} bytes / sha256 {stored}")
+
+        _with_retries(f"upload s3://{bucket}/{key}", attempt)
         keys.append(key)
     return keys

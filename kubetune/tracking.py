@@ -106,15 +106,23 @@ def stage_run(stage: str, *, model_name: str, pipeline_run_id: str, pipeline: st
     import mlflow
 
     configure()
+    wait_for_server(stage)  # a stage starts only when MLflow answers (backoff, then a clear error)
+    replay_spool()  # what an earlier stage could not send while the server was down
     experiment = experiment_name(model_name)
     parent = parent_run_id(experiment, pipeline_run_id, pipeline)
     mlflow.set_experiment(experiment)
     all_tags = {TAG_PIPELINE_RUN: pipeline_run_id, TAG_STAGE: stage, TAG_PIPELINE: pipeline,
                 **lineage_tags(), **(tags or {})}
-    with mlflow.start_run(run_name=stage, parent_run_id=parent, tags=all_tags) as run:
-        if params:
-            log_params(params)
-        yield run
+    run = mlflow.start_run(run_name=stage, parent_run_id=parent, tags=all_tags)
+    status = "FAILED"
+    try:
+        with resilient_logging():
+            if params:
+                log_params(params)
+            yield run
+        status = "FINISHED"
+    finally:
+        _end_run(run.info.run_id, status)
 
 
 def log_params(params: dict[str, Any]) -> None:
@@ -122,7 +130,7 @@ def log_params(params: dict[str, Any]) -> None:
 
     clean = {k: (str(v)[:6000]) for k, v in scrub(params).items()}
     if clean:
-        mlflow.log_params(clean)
+        _resilient("params", mlflow.log_params, clean)
 
 
 def log_metrics(metrics: dict[str, Any], step: int | None = None) -> None:
@@ -130,13 +138,13 @@ def log_metrics(metrics: dict[str, Any], step: int | None = None) -> None:
 
     numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     if numeric:
-        mlflow.log_metrics(numeric, step=step)
+        _resilient("metrics", mlflow.log_metrics, numeric, step=step)
 
 
 def set_tags(tags: dict[str, str]) -> None:
     import mlflow
 
-    mlflow.set_tags(tags)
+    _resilient("tags", mlflow.set_tags, tags)
 
 
 def log_figure(fig, name: str) -> None:
@@ -178,6 +186,205 @@ def maybe_stage(ctx: "RunContext | None", name: str, params: dict[str, Any] | No
                 tags: dict[str, str] | None = None):
     """``ctx.stage(...)`` when tracking, else a no-op context (tests of pure stage logic)."""
     return ctx.stage(name, params, tags) if ctx is not None else contextlib.nullcontext()
+
+
+# ---------------------------------------------------------------- an unreachable server
+# A training job must not die because the tracking server restarted. While the server does not
+# answer, metrics, params and tags of the active run are appended to a local spool
+# ($KUBETUNE_WORKSPACE/mlflow-spool/<run id>.jsonl) and sent, with their original steps and
+# timestamps, as soon as it answers again (the next log call, or the next stage's start).
+# Only an http(s) server is spooled for: a database URI that fails is a real error.
+
+import json  # noqa: E402
+import sys  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+import urllib.request  # noqa: E402
+
+from kubetune.errors import StageError  # noqa: E402
+
+_SPOOL_LOCK = threading.RLock()
+_TOLD = set()
+
+
+def spool_dir() -> Path:
+    root = os.environ.get("KUBETUNE_MLFLOW_SPOOL")
+    if root:
+        return Path(root)
+    return Path(os.environ.get("KUBETUNE_WORKSPACE", ".kubetune/workspace")) / "mlflow-spool"
+
+
+def _is_server(uri: str | None = None) -> bool:
+    return (uri or tracking_uri()).startswith(("http://", "https://"))
+
+
+def server_up(timeout: float = 2.0) -> bool:
+    """Whether the tracking server answers /health now (always True for a database URI)."""
+    uri = tracking_uri()
+    if not _is_server(uri):
+        return True
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as r:
+            return r.status == 200
+    except Exception:  # refused, reset, timed out, 5xx: all mean "not now"
+        return False
+
+
+def wait_for_server(what: str, timeout_s: float | None = None) -> None:
+    """Wait with exponential backoff (1, 2, 4 ... 30 s) until MLflow answers, else StageError."""
+    if not _is_server():
+        return
+    timeout_s = float(os.environ.get("KUBETUNE_MLFLOW_WAIT_S", "300")) if timeout_s is None else timeout_s
+    deadline, delay, attempt = time.monotonic() + timeout_s, 1.0, 1
+    while not server_up():
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise StageError(f"{what}: the MLflow server {tracking_uri()} did not answer for {timeout_s:.0f} s "
+                             f"({attempt} attempts); nothing was written to it by this stage. Start it (or fix "
+                             "MLFLOW_TRACKING_URI) and rerun; KUBETUNE_MLFLOW_WAIT_S sets how long to wait")
+        _tell(f"{what}: MLflow server {tracking_uri()} is not answering; attempt {attempt}, retrying in "
+              f"{min(delay, left):.0f} s")
+        time.sleep(min(delay, left))
+        delay, attempt = min(delay * 2, 30.0), attempt + 1
+
+
+def _tell(message: str) -> None:
+    print(f"kubetune: {message}", file=sys.stderr, flush=True)
+
+
+def _active_run_id() -> str | None:
+    import mlflow
+
+    run = mlflow.active_run()
+    return run.info.run_id if run else None
+
+
+def _spool(run_id: str, kind: str, data: dict, step: int | None = None) -> None:
+    path = spool_dir() / f"{run_id}.jsonl"
+    with _SPOOL_LOCK:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as f:
+            f.write(json.dumps({"kind": kind, "data": data, "step": step, "ts": int(time.time() * 1000)}) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+    if run_id not in _TOLD:
+        _TOLD.add(run_id)
+        _tell(f"MLflow server {tracking_uri()} is unreachable; {kind} of run {run_id} are kept in {path} and "
+              "will be sent when it answers again (nothing is lost)")
+
+
+def _resilient(kind: str, fn, data: dict, step: int | None = None, **kw) -> None:
+    """Call an mlflow logging function; spool instead when the server is down."""
+    run_id = _active_run_id()
+    if kind == "metrics":
+        kw["step"] = step
+    if not _is_server() or run_id is None:
+        fn(data, **kw)
+        return
+    if server_up():
+        if pending_spool():
+            replay_spool()
+        try:
+            fn(data, **kw)
+            return
+        except Exception:
+            if server_up():
+                raise  # the server answers: a real error (bad value), not an outage
+    _spool(run_id, kind, {k: (v if kind == "metrics" else str(v)) for k, v in data.items()}, step)
+
+
+def pending_spool() -> list[Path]:
+    d = spool_dir()
+    return sorted(d.glob("*.jsonl")) if d.exists() else []
+
+
+def replay_spool() -> int:
+    """Send everything spooled to the (now answering) server; return how many records were sent."""
+    if not pending_spool() or not server_up():
+        return 0
+    from mlflow.entities import Metric, Param, RunTag
+    from mlflow.tracking import MlflowClient
+
+    client, sent = MlflowClient(), 0
+    with _SPOOL_LOCK:
+        for path in pending_spool():
+            run_id = path.stem
+            records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            metrics, params, tags, end = [], {}, {}, None
+            for r in records:
+                if r["kind"] == "metrics":
+                    metrics += [Metric(k, float(v), r["ts"], r["step"] or 0) for k, v in r["data"].items()]
+                elif r["kind"] == "params":
+                    params.update(r["data"])
+                elif r["kind"] == "tags":
+                    tags.update(r["data"])
+                elif r["kind"] == "end":
+                    end = r["data"]["status"]
+            for i in range(0, len(metrics), 1000):  # log_batch takes at most 1000 metrics
+                client.log_batch(run_id, metrics=metrics[i:i + 1000])
+            if params or tags:
+                client.log_batch(run_id, params=[Param(k, v) for k, v in params.items()],
+                                 tags=[RunTag(k, v) for k, v in tags.items()])
+            if end:
+                client.set_terminated(run_id, end)
+            path.unlink()
+            sent += len(records)
+            _tell(f"MLflow server answers again: sent {len(records)} spooled record(s) of run {run_id}")
+    return sent
+
+
+def _end_run(run_id: str, status: str) -> None:
+    import mlflow
+
+    if _is_server() and not server_up():
+        _pop_active(run_id)
+        _spool(run_id, "end", {"status": status})
+        return
+    try:
+        if pending_spool():
+            replay_spool()
+        mlflow.end_run(status)
+    except Exception:
+        if not _is_server() or server_up():
+            raise
+        _pop_active(run_id)
+        _spool(run_id, "end", {"status": status})
+
+
+def _pop_active(run_id: str) -> None:
+    """Forget the active run locally without a request to the server (it is down)."""
+    from mlflow.tracking import fluent
+
+    stack = fluent._active_run_stack.get()
+    while stack and stack[-1].info.run_id != run_id:
+        stack.pop()
+    if stack:
+        stack.pop()
+
+
+@contextlib.contextmanager
+def resilient_logging():
+    """Route the Trainer's MLflow reporting (``mlflow.log_metrics``/``log_params``) through the spool.
+
+    transformers' MLflowCallback calls ``mlflow.log_metrics(..., synchronous=False)`` on the
+    module; asynchronous logging drops a batch the server refuses, so for the duration of a
+    stage those calls are made synchronous and spooled when the server is down.
+    """
+    import mlflow
+
+    orig_metrics, orig_params = mlflow.log_metrics, mlflow.log_params
+
+    def log_metrics_(metrics, step=None, synchronous=None, **kw):
+        _resilient("metrics", orig_metrics, {k: v for k, v in metrics.items()}, step=step, **kw)
+
+    def log_params_(params, synchronous=None, **kw):
+        _resilient("params", orig_params, dict(params), **kw)
+
+    mlflow.log_metrics, mlflow.log_params = log_metrics_, log_params_
+    try:
+        yield
+    finally:
+        mlflow.log_metrics, mlflow.log_params = orig_metrics, orig_params
 
 
 # ---------------------------------------------------------------- registry
@@ -241,26 +448,166 @@ def set_version_tags(model_name: str, version: str, tags: dict[str, Any]) -> Non
         client.set_model_version_tag(model_name, version, k, str(v))
 
 
-def move_alias(model_name: str, alias: str, version: str, expected_current: str | None) -> tuple[bool, str]:
+def move_alias(model_name: str, alias: str, version: str, expected_current: str | None,
+               note: str = "") -> tuple[bool, str]:
     """Compare-and-set an alias: move it to ``version`` only if it still points at
-    ``expected_current`` (None = no holder). Re-reads after setting to verify.
+    ``expected_current`` (None = no holder). Re-read, check, set, verify, record history.
 
-    The registry has no transactional CAS, so this narrows the race to the gap between the
-    re-read and the set; the verify step catches a concurrent writer and reports it.
+    The registry has no transactional compare-and-set, so the whole sequence runs under
+    ``alias_lock`` (a registered-model name: creating one is atomic in every MLflow backend,
+    the database's unique key decides who gets it). Two runs finishing together therefore
+    leave exactly one holder, and the loser gets the reason.
 
     Returns:
         (moved, reason).
     """
+    with alias_lock(model_name, alias):
+        current = get_alias(model_name, alias)
+        current_v = str(current.version) if current else None
+        expected_current = str(expected_current) if expected_current is not None else None
+        if current_v != expected_current:
+            return False, (f"'{alias}' moved to version {current_v} while this run was deciding "
+                           f"(expected {expected_current})")
+        set_alias(model_name, alias, version, note=note)
+        after = get_alias(model_name, alias)
+        if after is None or str(after.version) != str(version):
+            return False, f"'{alias}' was set concurrently to version {after.version if after else None}"
+        return True, f"'{alias}' moved from {current_v} to {version}"
+
+
+# Where an alias has been: a JSON list of versions on the registered model, newest last.
+# Bounded so the tag stays far below MLflow's tag-value limit (5000 characters).
+HISTORY_TAG = "kubetune.history.{alias}"
+HISTORY_LEN = 100
+LOCK_SUFFIX = ".kubetune-lock-"
+# A lock older than this was left by a process that died between take and release.
+LOCK_STALE_S = 120.0
+
+
+def _lock_name(model_name: str, alias: str) -> str:
+    return f"{model_name}{LOCK_SUFFIX}{alias}"
+
+
+@contextlib.contextmanager
+def alias_lock(model_name: str, alias: str, timeout: float = 60.0) -> Iterator[None]:
+    """Hold the registry-wide lock of one alias (a registered model named after it).
+
+    ``create_registered_model`` either creates the name or fails with RESOURCE_ALREADY_EXISTS,
+    atomically, on SQLite, PostgreSQL and through an MLflow server alike; that is the only
+    compare-and-set the registry offers. A lock older than ``LOCK_STALE_S`` is broken.
+    """
+    import random
+    import time
+
+    from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient()
-    current = get_alias(model_name, alias)
-    current_v = str(current.version) if current else None
-    expected_current = str(expected_current) if expected_current is not None else None
-    if current_v != expected_current:
-        return False, f"'{alias}' moved to version {current_v} while this run was deciding (expected {expected_current})"
-    client.set_registered_model_alias(model_name, alias, version)
-    after = get_alias(model_name, alias)
-    if after is None or str(after.version) != str(version):
-        return False, f"'{alias}' was set concurrently to version {after.version if after else None}"
-    return True, f"'{alias}' moved from {current_v} to {version}"
+    name = _lock_name(model_name, alias)
+    deadline = time.time() + timeout
+    while True:
+        try:
+            client.create_registered_model(name, description=f"kubetune lock on '{alias}' of {model_name}; "
+                                                              "held for a second while the alias moves")
+            break
+        except MlflowException as e:
+            if "already exists" not in str(e).lower() and "RESOURCE_ALREADY_EXISTS" not in str(e) \
+                    and "locked" not in str(e).lower():
+                raise
+        try:
+            held = client.get_registered_model(name)
+            if time.time() - held.creation_timestamp / 1000 > LOCK_STALE_S:
+                client.delete_registered_model(name)
+                continue
+        except MlflowException:
+            continue  # released between our create and our read: try again at once
+        if time.time() > deadline:
+            raise TimeoutError(f"alias lock {name} still held after {timeout:.0f} s")
+        time.sleep(0.05 + random.random() * 0.2)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(MlflowException):
+            client.delete_registered_model(name)
+
+
+def alias_history(model_name: str, alias: str) -> list[str]:
+    """Versions that held ``alias``, oldest first (the current holder last)."""
+    import json
+
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    try:
+        rm = MlflowClient().get_registered_model(model_name)
+    except MlflowException:
+        return []
+    raw = rm.tags.get(HISTORY_TAG.format(alias=alias))
+    return [str(v) for v in json.loads(raw)] if raw else []
+
+
+def set_alias(model_name: str, alias: str, version: str, note: str = "", history: list[str] | None = None) -> None:
+    """Point ``alias`` at ``version`` and record it (call under ``alias_lock``).
+
+    Args:
+        history: The alias history to write; default: the recorded one plus ``version``.
+    """
+    import json
+    import time
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    if history is None:
+        history = alias_history(model_name, alias) + [str(version)]
+    client.set_registered_model_alias(model_name, alias, str(version))
+    client.set_registered_model_tag(model_name, HISTORY_TAG.format(alias=alias),
+                                    json.dumps(history[-HISTORY_LEN:]))
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    client.set_model_version_tag(model_name, str(version), f"kubetune.{alias}_since", stamp)
+    if note:
+        client.set_model_version_tag(model_name, str(version), f"kubetune.{alias}_note", note)
+
+
+def list_versions(model_name: str) -> list:
+    """Every version of a registered model, newest first ([] when there is no such model)."""
+    from mlflow.tracking import MlflowClient
+
+    versions = MlflowClient().search_model_versions(f"name = '{model_name}'")
+    return sorted(versions, key=lambda v: int(v.version), reverse=True)
+
+
+def get_version(model_name: str, version: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient().get_model_version(model_name, str(version))
+
+
+def get_run(run_id: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient().get_run(run_id)
+
+
+def log_text(text: str, artifact_file: str) -> None:
+    """Write ``text`` as an artifact of the active run (e.g. ``model/README.md``)."""
+    import mlflow
+
+    mlflow.log_text(text, artifact_file)
+
+
+def set_version_description(model_name: str, version: str, description: str) -> None:
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient().update_model_version(model_name, str(version), description=description)
+
+
+def tag_pipeline_run(ctx: "RunContext", tags: dict[str, Any]) -> None:
+    """Tags on the parent run of ``ctx``'s pipeline run (found or created)."""
+    from mlflow.tracking import MlflowClient
+
+    configure()
+    parent = parent_run_id(experiment_name(ctx.model_name), ctx.pipeline_run_id, ctx.pipeline)
+    client = MlflowClient()
+    for k, v in tags.items():
+        client.set_tag(parent, k, str(v))

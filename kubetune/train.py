@@ -189,7 +189,7 @@ def _use_bf16(cfg: TrainConfig, device: str) -> bool:
 
 
 def train(cfg: TrainConfig, tokenized_dir: str | Path, output_dir: str | Path, checkpoint_dir: str | Path,
-          report_to_mlflow: bool = True) -> TrainResult:
+          report_to_mlflow: bool = True, model=None, callbacks: tuple = ()) -> TrainResult:
     """Train on a tokenized dataset and save the result (adapter or full weights).
 
     Args:
@@ -200,6 +200,10 @@ def train(cfg: TrainConfig, tokenized_dir: str | Path, output_dir: str | Path, c
             from the last complete checkpoint there.
         report_to_mlflow: Log params, per-step loss, learning rate, tokens/s and peak memory to
             the active MLflow run.
+        model: An already prepared model (e.g. upcycled to MoE, trainable parameters chosen, with
+            ``kubetune_method`` set for ``save_trained``); None = load ``cfg.base_model`` and apply
+            ``cfg.method``. Stages that prepare models differently still share this one loop.
+        callbacks: Extra ``TrainerCallback``s (e.g. router z-loss logging).
 
     Returns:
         Metrics (losses, tokens/s, peak memory, trainable parameter counts) and the output path.
@@ -222,7 +226,8 @@ def train(cfg: TrainConfig, tokenized_dir: str | Path, output_dir: str | Path, c
     if meta.get("tokenize", {}).get("packing") and not flags["packing"]:
         raise StageError(f"method '{cfg.method}' cannot train on packed rows (virtual tokens are added once per "
                          "row, so packed examples would see each other); tokenize with packing=false")
-    model = load_for_training(cfg, device)
+    if model is None:
+        model = load_for_training(cfg, device)
     params = trainable_summary(model)
     collator = PackedCollator(meta.get("pad_token_id") or tokenizer.pad_token_id)
     bf16 = _use_bf16(cfg, device)
@@ -253,17 +258,22 @@ def train(cfg: TrainConfig, tokenized_dir: str | Path, output_dir: str | Path, c
         disable_tqdm=False,
     )
     trainer = Trainer(model=model, args=args, train_dataset=data["train"], data_collator=collator,
-                      callbacks=_callbacks(collator))
+                      callbacks=[*callbacks, *_callbacks(collator)])
     resume = last_complete_checkpoint(checkpoint_dir)
     t0, tokens0 = time.perf_counter(), collator.tokens
+    fast = use_fast_path(cfg, model, device)
     try:
-        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        if fast:
+            losses, tokens = _train_fast(cfg, model, data["train"], collator.pad, report_to_mlflow)
+            collator.tokens += tokens
+        else:
+            trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+            losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     except torch.OutOfMemoryError as e:
         raise StageError(f"train: out of memory at batch_size={cfg.batch_size}; lower batch_size, raise "
                          "gradient_accumulation_steps, turn on gradient_checkpointing or use a PEFT method "
                          f"({e})") from None
     wall = time.perf_counter() - t0
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
 
     output_dir = Path(output_dir)
     tmp = output_dir.with_name(output_dir.name + ".tmp")
@@ -290,10 +300,50 @@ def train(cfg: TrainConfig, tokenized_dir: str | Path, output_dir: str | Path, c
         "trainable_params": params["trainable"],
         "total_params": params["total"],
         "trainable_share": params["share"],
-        "steps": trainer.state.global_step,
-        "resumed_from_step": int(resume.name.split("-")[-1]) if resume else 0,
+        "steps": cfg.max_steps if fast else trainer.state.global_step,
+        "resumed_from_step": int(resume.name.split("-")[-1]) if resume and not fast else 0,
+        "fast_path": int(fast),
     }
     return TrainResult(metrics=metrics, output_dir=str(output_dir))
+
+
+def use_fast_path(cfg: TrainConfig, model, device: str) -> bool:
+    """The GPU fast path (kubetune.fastpath) runs when on CUDA and it supports the model/method.
+
+    Prompt and prefix tuning add virtual tokens per row (no packing), QLoRA's 4-bit matmuls are
+    bitsandbytes' own, and gradient checkpointing is not implemented there: those stay on the
+    Trainer path. The fast path does not write checkpoints (runs on one GPU are minutes).
+    """
+    if cfg.fast_path == "off" or device != "cuda":
+        return False
+    if cfg.method in ("prompt", "prefix", "qlora") or cfg.gradient_checkpointing:
+        return False
+    from kubetune.fastpath import supports_fast_path
+
+    return supports_fast_path(model)
+
+
+def _train_fast(cfg: TrainConfig, model, rows, pad_id: int, report_to_mlflow: bool) -> tuple[list[float], int]:
+    from kubetune.fastpath import fast_train
+
+    losses: list[float] = []
+
+    def on_step(step, loss, lr, tokens):
+        losses.append(float(loss))
+        if report_to_mlflow:
+            from kubetune.tracking import log_metrics
+
+            log_metrics({"loss": loss, "learning_rate": lr}, step=step)
+
+    model.to("cuda")
+    # Rows of the tokenized dataset are re-packed into a fixed token budget per step:
+    # batch_size rows x the longest row = the same number of tokens the Trainer path sees.
+    width = max(len(r["input_ids"]) for r in rows.select(range(min(len(rows), 64))))
+    out = fast_train(model, list(rows), max_steps=cfg.max_steps, lr=cfg.lr(), tokens_per_step=cfg.batch_size * width,
+                     grad_accum=cfg.gradient_accumulation_steps,
+                     warmup_steps=math.ceil(cfg.warmup_ratio * cfg.max_steps), weight_decay=cfg.weight_decay,
+                     grad_clip=cfg.max_grad_norm, seed=cfg.seed, pad_token_id=pad_id, on_step=on_step)
+    return losses or list(out.get("losses", [])), int(out.get("tokens", 0))
 
 
 def checkpoint_dir_for(workspace: str | Path, cfg: TrainConfig, data_fingerprint: str) -> Path:
@@ -305,7 +355,7 @@ def checkpoint_dir_for(workspace: str | Path, cfg: TrainConfig, data_fingerprint
 
 
 def run_training(stage: str, cfg: TrainConfig, tokenized_dir: str | Path, output_dir: str | Path,
-                 workspace: str | Path, ctx=None) -> TrainResult:
+                 workspace: str | Path, ctx=None, model=None, callbacks: tuple = ()) -> TrainResult:
     """What every training stage does: pick the checkpoint folder, track, train, clean up."""
     from kubetune.tracking import log_metrics, log_params, maybe_stage
 
@@ -316,7 +366,8 @@ def run_training(stage: str, cfg: TrainConfig, tokenized_dir: str | Path, output
     with maybe_stage(ctx, stage, tags=tags) as run:
         if run is not None:
             log_params({f"kubetune.{k}": v for k, v in asdict(cfg).items()})
-        result = train(cfg, tokenized_dir, output_dir, ckpt, report_to_mlflow=run is not None)
+        result = train(cfg, tokenized_dir, output_dir, ckpt, report_to_mlflow=run is not None, model=model,
+                       callbacks=callbacks)
         if run is not None:
             log_metrics(result.metrics)
     # The model is saved: the checkpoints were only there to survive a crash.

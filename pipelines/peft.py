@@ -1,5 +1,8 @@
 """Pipeline `peft`: ingest, tokenize, train a PEFT method, evaluate, register.
 
+Skips the rest when the champion was trained on the same data (unless ``force``): see
+docs/registry.md for the pattern.
+
 Run it locally:   kubetune run peft [--set method=dora --set max_steps=100]
 Compile it:       kubetune compile --out build/ [--profile profiles/h200x2.yaml]
 """
@@ -7,7 +10,7 @@ Compile it:       kubetune compile --out build/ [--profile profiles/h200x2.yaml]
 from kfp import dsl
 
 from kubetune import kube
-from kubetune.components import evaluate, ingest, register, tokenize_data, train_peft
+from kubetune.components import evaluate, ingest, register, register_skipped, tokenize_data, train_peft
 from kubetune.models import DEFAULT_BASE_MODEL
 
 NAME = "peft"
@@ -22,35 +25,40 @@ def build(profile: "kube.Profile | None" = None):
         base_model: str = DEFAULT_BASE_MODEL,
         data_uri: str = "bundled://tickets",
         method: str = "lora",
-        max_steps: int = 60,
+        max_steps: int = 40,
         learning_rate: float = 0.0,
         lora_rank: int = 16,
-        max_length: int = 512,
+        max_length: int = 256,
         model_name: str = "tickets-peft",
         max_forgetting: float = -1.0,
         train_settings: dict = {},
         eval_settings: dict = {},
+        register_settings: dict = {},
+        force: bool = False,
     ) -> str:
         run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
         lineage = dict(model_name=model_name, pipeline=NAME, run_id=run_id)
 
-        data = ingest(data_uri=data_uri, **lineage).set_display_name("ingest")
-        tokens = tokenize_data(dataset=data.outputs["dataset"], base_model=base_model, max_length=max_length)
-        trained = train_peft(tokenized=tokens.outputs["tokenized"], base_model=base_model, method=method,
-                             max_steps=max_steps, learning_rate=learning_rate, lora_rank=lora_rank,
-                             settings=train_settings, **lineage)
-        scored = evaluate(model=trained.outputs["model"], dataset=data.outputs["dataset"],
-                          tokenized=tokens.outputs["tokenized"], base_model=base_model, settings=eval_settings,
-                          **lineage)
-        registered = register(model=trained.outputs["model"], report=scored.outputs["report"],
-                              max_forgetting=max_forgetting, **lineage)
+        data = ingest(data_uri=data_uri, force=force, **lineage).set_display_name("ingest")
+        with dsl.If(data.outputs["unchanged"] == False, name="data-changed"):  # noqa: E712 - a KFP condition
+            tokens = tokenize_data(dataset=data.outputs["dataset"], base_model=base_model, max_length=max_length)
+            trained = train_peft(tokenized=tokens.outputs["tokenized"], base_model=base_model, method=method,
+                                 max_steps=max_steps, learning_rate=learning_rate, lora_rank=lora_rank,
+                                 settings=train_settings, **lineage)
+            scored = evaluate(model=trained.outputs["model"], dataset=data.outputs["dataset"],
+                              tokenized=tokens.outputs["tokenized"], base_model=base_model,
+                              settings=eval_settings, **lineage)
+            registered = register(model=trained.outputs["model"], report=scored.outputs["report"],
+                                  max_forgetting=max_forgetting, settings=register_settings, **lineage)
+        with dsl.Else(name="data-unchanged"):
+            skipped = register_skipped(fingerprint=data.outputs["Output"], **lineage)
 
-        kube.on_cluster(profile, cpu=[data, tokens, registered], gpu=[trained, scored])
+        kube.on_cluster(profile, cpu=[data, tokens, registered, skipped], gpu=[trained, scored])
         # No step is a pure function of its inputs: the data behind a URI changes (retraining on
         # fresh data), evaluate reads the current champion, register writes the registry.
-        for task in (data, tokens, trained, scored, registered):
+        for task in (data, tokens, trained, scored, registered, skipped):
             kube.no_cache(task)
-        return registered.output
+        return dsl.OneOf(registered.output, skipped.output)
 
     return peft
 

@@ -30,7 +30,11 @@ def tiny_llama(tmp_path_factory):
 
 @pytest.fixture
 def mlflow_uri(tmp_path, monkeypatch):
-    """A fresh SQLite-backed MLflow for one test, exported the way components read it."""
+    """A fresh SQLite-backed MLflow for one test, exported the way components read it.
+
+    The test runs in ``tmp_path``: MLflow puts a SQLite store's artifacts in ``./mlruns``.
+    """
+    monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("MLFLOW_REGISTRY_URI", uri)
@@ -139,3 +143,15 @@ def mlflow_server_env(mlflow_server, monkeypatch):
     mlflow.set_registry_uri(mlflow_server)
     yield mlflow_server
     mlflow.set_tracking_uri(None)
+
+
+@pytest.fixture(scope="session")
+def tiny_tickets(tmp_path_factory, tiny_llama):
+    """(ingested dir, tokenized dir) of 60 bundled tickets, tokenized for the tiny Llama."""
+    from kubetune.stages.ingest import IngestConfig, ingest
+    from kubetune.stages.tokenize_data import TokenizeConfig, tokenize_data
+
+    root = tmp_path_factory.mktemp("tiny-tickets")
+    ingest(IngestConfig(data_uri="bundled://tickets", max_rows=60, validation_fraction=0.2), root / "ds")
+    tokenize_data(TokenizeConfig(base_model=str(tiny_llama), max_length=512), root / "ds", root / "tok")
+    return root / "ds", root / "tok"

@@ -163,10 +163,12 @@ def load_model_artifact(model_dir: str | Path):
     from kubetune.peft_methods import load_trained, read_manifest
 
     manifest = read_manifest(model_dir)
-    base = manifest.get("base_model") or DEFAULT_BASE_MODEL
-    base_path = models.resolve(base) if manifest["method"] != "full" else str(model_dir)
     models.check_weights(str(model_dir), allow_pickle=False)
-    return load_trained(base_path, model_dir).to(models.pick_device()).eval()
+    if (Path(model_dir) / "config.json").exists():
+        # A whole model (full fine-tuning, an upcycled MoE, a merged policy): load it as it is.
+        return models.load_causal_lm(str(model_dir), device=models.pick_device()).eval()
+    base = manifest.get("base_model") or DEFAULT_BASE_MODEL
+    return load_trained(models.resolve(base), model_dir).to(models.pick_device()).eval()
 
 
 def score_model(model, tok, val_records, val_rows, shape, cfg: EvaluateConfig, general: list[str]) -> dict:

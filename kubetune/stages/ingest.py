@@ -43,6 +43,8 @@ class IngestConfig:
     seed: int = setting(0, "Seed of the train/validation split.")
     duplicates: Literal["drop", "fail"] = setting("drop", "Exact duplicate records: drop them (counted) or fail.")
     max_rows: int = setting(0, "Keep at most this many rows after validation (0 = all).")
+    group_by: str = setting("", "Field whose equal values stay in one split (e.g. 'prompt' for preference pairs, "
+                                "so no prompt is in both train and validation); '' = split row by row.")
 
     def __post_init__(self):
         if not self.data_uri:
@@ -348,6 +350,27 @@ def split(records: list[dict], fraction: float, seed: int) -> tuple[list[dict], 
     return order[n_val:], order[:n_val]
 
 
+def split_grouped(records: list[dict], fraction: float, seed: int, field: str) -> tuple[list[dict], list[dict]]:
+    """Seeded split that keeps all rows with equal ``field`` values in the same split.
+
+    Whole groups go to validation, in seeded order, until it holds ``round(n * fraction)`` rows
+    (at least one group); the rest is training data.
+    """
+    if any(field not in r for r in records):
+        raise ConfigError(f"'group_by': the records have no field '{field}' (fields: {sorted(records[0])})")
+    groups: dict[str, list[dict]] = {}
+    for r in sorted(records, key=_key):
+        groups.setdefault(json.dumps(r[field], sort_keys=True, ensure_ascii=False), []).append(r)
+    names = sorted(groups)
+    random.Random(seed).shuffle(names)
+    want = max(1, round(len(records) * fraction))
+    train: list[dict] = []
+    val: list[dict] = []
+    for name in names:
+        (val if not val or len(val) < want else train).extend(groups[name])
+    return train, val
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> None:
     with path.open("w", encoding="utf-8") as f:
         for r in rows:
@@ -403,7 +426,10 @@ def _ingest(cfg: IngestConfig, output_dir: Path, cache_dir: str | Path | None) -
         rows = [r for recs in by_split.values() for r in recs]
         if cfg.max_rows:
             rows = sorted(rows, key=_key)[: cfg.max_rows]
-        train, val = split(rows, cfg.validation_fraction, cfg.seed)
+        if cfg.group_by:
+            train, val = split_grouped(rows, cfg.validation_fraction, cfg.seed, cfg.group_by)
+        else:
+            train, val = split(rows, cfg.validation_fraction, cfg.seed)
     if not train:
         raise DataError(f"{cfg.data_uri}: no training rows left after the validation split")
     counts.update(rows_valid=len(train) + len(val), train=len(train), validation=len(val))

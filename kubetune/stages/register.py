@@ -4,7 +4,10 @@ Never registers from a failed or unevaluated run: the evaluation report must exi
 ``evaluated: true`` and carry the primary metric; the model folder must hold its manifest.
 The champion moves only when the candidate beat the champion evaluate compared it with (or
 there was none), passes the forgetting gate, and the alias still points where evaluate saw
-it (compare-and-set, so two runs finishing together leave exactly one champion).
+it (compare-and-set under a registry lock, so two runs finishing together leave exactly one
+champion). The gates are register's settings (``min_improvement``, ``max_forgetting``,
+``require_complete``); their checks are ``kubetune.registry_ops.check_gates``, shared with
+``kubetune promote``.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from pathlib import Path
 
 from kubetune.config import setting
 from kubetune.errors import ConfigError, StageError
+from kubetune.registry_ops import Decision, Gates, check_gates, model_card
 from kubetune.tracking import RunContext, maybe_stage
 
 
@@ -23,10 +27,16 @@ class RegisterConfig:
     model_name: str = setting("", "Registered model name in MLflow.")
     max_forgetting: float = setting(-1.0, "Refuse champion if general perplexity rose by more than this "
                                           "fraction (0.1 = 10%); negative = no gate.")
+    min_improvement: float = setting(0.0, "Margin the candidate must beat the champion by on the primary "
+                                          "metric; the stricter of this and evaluate's margin applies.")
+    require_complete: bool = setting(True, "Refuse champion unless the evaluation is complete: primary metric "
+                                           "for candidate, base and champion, forgetting when gated.")
 
     def __post_init__(self):
         if not self.model_name:
             raise ConfigError("'model_name' is required")
+        if self.min_improvement < 0:
+            raise ConfigError(f"'min_improvement' must be >= 0, got {self.min_improvement}")
 
 
 @dataclass
@@ -52,26 +62,32 @@ def _check_evaluated(report_path: Path, model_dir: Path) -> dict:
     return report
 
 
+def gates(report: dict, cfg: RegisterConfig) -> Gates:
+    """The gates in force: register's settings, with evaluate's margin if that is stricter."""
+    return Gates(min_improvement=max(cfg.min_improvement, float(report.get("min_improvement") or 0.0)),
+                 max_forgetting=cfg.max_forgetting, require_complete=cfg.require_complete)
+
+
+def decide_all(report: dict, cfg: RegisterConfig) -> Decision:
+    """The gate checks on evaluate's numbers (see ``kubetune.registry_ops.check_gates``)."""
+    return check_gates(report["primary_metric"], report["candidate"], report.get("base"), report.get("champion"),
+                       None if report.get("champion_version") is None else str(report["champion_version"]),
+                       report.get("forgetting"), gates(report, cfg), evaluated=bool(report.get("evaluated")))
+
+
 def decide(report: dict, cfg: RegisterConfig) -> tuple[bool, str]:
     """Whether the candidate earns `champion`, and why (in words that go on the version)."""
-    metric = report["primary_metric"]
-    cand = report["candidate"][metric]
-    if not report["beats_champion"]:
-        champ = report["champion"][metric]
-        return False, f"{metric} {cand:.4f} does not beat champion v{report['champion_version']} ({champ:.4f})" \
-                      f" by the margin {report['min_improvement']}"
-    forgetting = report.get("forgetting")
-    if cfg.max_forgetting >= 0 and forgetting is not None and forgetting > cfg.max_forgetting:
-        return False, f"forgetting {forgetting:+.1%} exceeds the gate {cfg.max_forgetting:.1%}"
-    if report["champion"] is None:
-        return True, f"no champion yet; {metric} {cand:.4f}"
-    return True, f"{metric} {cand:.4f} beats champion v{report['champion_version']} " \
-                 f"({report['champion'][metric]:.4f})"
+    d = decide_all(report, cfg)
+    return d.promote, d.reason
 
 
 def register(cfg: RegisterConfig, model_dir: str | Path, report_path: str | Path,
              ctx: RunContext | None = None) -> RegisterResult:
     """Register the trained model and move aliases as earned.
+
+    The version carries every number behind the decision as tags (``eval.*``, ``base.*``,
+    ``champion.*``, ``gate.*``), a model card (``README.md`` among its files, and its
+    description), and links to this stage's MLflow run.
 
     Args:
         cfg: Registered model name and gates.
@@ -89,10 +105,17 @@ def register(cfg: RegisterConfig, model_dir: str | Path, report_path: str | Path
     manifest = json.loads((model_dir / "kubetune_method.json").read_text())
     metric = report["primary_metric"]
     ctx = ctx or RunContext(model_name=cfg.model_name, pipeline_run_id="manual")
-    promote, reason = decide(report, cfg)
+    decision = decide_all(report, cfg)
+    promote, reason = decision.promote, decision.reason
+    in_force = gates(report, cfg)
+    champion = report.get("champion") or {}
+    numbers = lambda d: {k: v for k, v in d.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}  # noqa: E731
     with maybe_stage(ctx, "register", params=asdict(cfg)) as run:
-        tracking.log_metrics({f"candidate_{k}": v for k, v in report["candidate"].items()
-                              if isinstance(v, (int, float))})
+        tracking.log_metrics({f"candidate_{k}": v for k, v in numbers(report["candidate"]).items()})
+        tracking.log_metrics({f"base_{k}": v for k, v in numbers(report.get("base") or {}).items()})
+        tracking.log_metrics({f"champion_{k}": v for k, v in numbers(champion).items()})
+        if report.get("forgetting") is not None:
+            tracking.log_metrics({"forgetting": report["forgetting"]})
         tags = {
             **tracking.lineage_tags(),
             "kubetune.pipeline_run_id": ctx.pipeline_run_id,
@@ -102,10 +125,20 @@ def register(cfg: RegisterConfig, model_dir: str | Path, report_path: str | Path
             "kubetune.data_fingerprint": manifest.get("data_fingerprint") or report.get("data_fingerprint", ""),
             "kubetune.eval_fingerprint": report.get("data_fingerprint", ""),
             "kubetune.primary_metric": metric,
-            **{f"eval.{k}": v for k, v in report["candidate"].items() if isinstance(v, (int, float))},
+            **{f"eval.{k}": v for k, v in numbers(report["candidate"]).items()},
             **({"eval.forgetting": report["forgetting"]} if report.get("forgetting") is not None else {}),
-            **{f"base.{k}": v for k, v in report["base"].items()},
+            **{f"base.{k}": v for k, v in numbers(report.get("base") or {}).items()},
+            **{f"champion.{k}": v for k, v in numbers(champion).items()},
+            **({"kubetune.champion_compared": str(report["champion_version"])}
+               if report.get("champion_version") is not None else {}),
+            **decision.tags(in_force),
         }
+        run_id = run.info.run_id if run is not None else None
+        # The card travels with the version's files (model/README.md) and is its description;
+        # written before the version exists, so its decision line is the gates' verdict.
+        provisional = model_card(cfg.model_name, "(new)", manifest, report, decision, in_force, ctx.pipeline,
+                                 ctx.pipeline_run_id, run_id)
+        tracking.log_text(provisional, "model/README.md")
         mv = tracking.create_version(cfg.model_name, model_dir, tags,
                                      description=f"{manifest.get('method')} on {manifest.get('base_model')}")
         version = str(mv.version)
@@ -114,20 +147,31 @@ def register(cfg: RegisterConfig, model_dir: str | Path, report_path: str | Path
         aliases = [tracking.CHALLENGER]
         if promote:
             moved, why = tracking.move_alias(cfg.model_name, tracking.CHAMPION, version,
-                                             expected_current=report.get("champion_version"))
+                                             expected_current=report.get("champion_version"),
+                                             note=f"pipeline run {ctx.pipeline_run_id}: {reason}")
             if moved:
                 aliases.append(tracking.CHAMPION)
             else:
                 promote, reason = False, f"not promoted: {why}"
+                decision = Decision(False, reason, {**decision.checks, "alias": f"fail: {why}"})
+        card = model_card(cfg.model_name, version, manifest, report, decision, in_force, ctx.pipeline,
+                          ctx.pipeline_run_id, run_id)
+        tracking.log_text(card, "model_card.md")
+        tracking.set_version_description(cfg.model_name, version, card)
         tracking.set_version_tags(cfg.model_name, version, {"kubetune.decision": "promoted" if promote else
-                                                               "challenger", "kubetune.decision_reason": reason})
-        tracking.set_tags({"kubetune.model_version": version, "kubetune.decision_reason": reason})
+                                                               "challenger", "kubetune.decision_reason": reason,
+                                                               **decision.tags(in_force)})
+        tracking.set_tags({"kubetune.model_version": version, "kubetune.decision": "promoted" if promote else
+                           "challenger", "kubetune.decision_reason": reason, **decision.tags(in_force)})
+        if run is not None:
+            tracking.tag_parent(run, {"kubetune.model_version": version, "kubetune.decision_reason": reason,
+                                      "kubetune.status": "promoted" if promote else "challenger"})
         summary = {
             "model_name": cfg.model_name, "version": version, "aliases": aliases, "promoted": promote,
             "reason": reason, "primary_metric": metric, "candidate": report["candidate"][metric],
-            "base": report["base"].get(metric), "champion_before": (report["champion"] or {}).get(metric),
+            "base": (report.get("base") or {}).get(metric), "champion_before": champion.get(metric),
             "forgetting": report.get("forgetting"), "tracking_uri": tracking.tracking_uri(),
-            "run_id": run.info.run_id if run is not None else None,
+            "run_id": run_id, "gates": decision.checks,
         }
     return RegisterResult(version=version, aliases=aliases, promoted=promote, reason=reason, summary=summary)
 

@@ -1,0 +1,98 @@
+"""The training core through train_peft / train_full: what trains, what stays, what is logged."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from kubetune.errors import ConfigError
+from kubetune.stages.evaluate import load_model_artifact
+from kubetune.stages.train_full import train_full
+from kubetune.stages.train_peft import train_peft
+from kubetune.tracking import RunContext
+from kubetune.train import COMPLETE_MARKER, TrainConfig, last_complete_checkpoint
+
+
+def _state(path):
+    from transformers import AutoModelForCausalLM
+
+    return {k: v.clone() for k, v in AutoModelForCausalLM.from_pretrained(path).state_dict().items()}
+
+
+def test_lora_trains_adapters_only_and_reloads(tiny_llama, tiny_tickets, tmp_path, mlflow_uri):
+    import mlflow
+
+    _, tok_dir = tiny_tickets
+    cfg = TrainConfig(base_model=str(tiny_llama), method="lora", max_steps=12, learning_rate=3e-3, batch_size=2,
+                      save_steps=5, lora_rank=4)
+    result = train_peft(cfg, tok_dir, tmp_path / "model", tmp_path / "ws", ctx=RunContext("t", "run-1", "peft"))
+    m = result.metrics
+    assert m["train_loss_last"] < m["train_loss_first"] - 0.05, m
+    assert m["steps"] == 12 and m["tokens_per_s"] > 0 and m["peak_memory_gb"] > 0
+    assert 0 < m["trainable_share"] < 0.5
+    # the adapter alone is saved (no base weights), and it moved away from LoRA's zero init
+    adapter = load_file(tmp_path / "model" / "adapter_model.safetensors")
+    assert adapter and all("lora_" in k for k in adapter)
+    assert any(v.abs().sum() > 0 for k, v in adapter.items() if "lora_B" in k)
+    manifest = json.loads((tmp_path / "model" / "kubetune_method.json").read_text())
+    assert manifest["method"] == "lora" and manifest["base_model"] == str(tiny_llama)
+    # base weights untouched on disk; the reloaded adapter changes the model's outputs
+    model = load_model_artifact(tmp_path / "model")
+    base_after = _state(tiny_llama)
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+    for k, v in base.state_dict().items():
+        assert torch.equal(v, base_after[k])
+    x = torch.tensor([[5, 17, 42, 99, 7]])
+    with torch.no_grad():
+        assert not torch.allclose(model(x).logits, base(x).logits, atol=1e-4)
+        out = model.generate(x, max_new_tokens=4, do_sample=False)
+    assert out.shape[1] == 9
+    # checkpoints are gone after success; metrics reached MLflow under the stage's child run
+    assert not any((tmp_path / "ws" / "checkpoints").glob("*/checkpoint-*"))
+    run = mlflow.search_runs(experiment_names=["kubetune/t"], filter_string="tags.`kubetune.stage` = 'train-peft'",
+                             output_format="list")[0]
+    client = mlflow.tracking.MlflowClient()
+    assert len(client.get_metric_history(run.info.run_id, "loss")) == 12
+    for key in ("tokens_per_s", "peak_memory_gb", "trainable_params", "trainable_share"):
+        assert key in run.data.metrics
+    assert run.data.params["kubetune.method"] == "lora"
+    assert run.data.tags["mlflow.parentRunId"]
+
+
+def test_full_trains_every_weight(tiny_llama, tiny_tickets, tmp_path):
+    _, tok_dir = tiny_tickets
+    before = _state(tiny_llama)
+    cfg = TrainConfig(base_model=str(tiny_llama), max_steps=4, learning_rate=1e-3, batch_size=2)
+    result = train_full(cfg, tok_dir, tmp_path / "model", tmp_path / "ws")
+    after = load_file(tmp_path / "model" / "model.safetensors")
+    assert result.metrics["trainable_share"] == 1.0
+    changed = [k for k in after if not torch.equal(after[k], before[k])]
+    assert len(changed) == len(after), set(after) - set(changed)
+
+
+def test_train_peft_refuses_full_and_config_errors_name_the_key(tiny_llama):
+    with pytest.raises(ConfigError, match="train_full"):
+        train_peft(TrainConfig(method="full"), "x", "y", "z")
+    with pytest.raises(ConfigError, match="'max_steps' must be >= 1"):
+        TrainConfig(max_steps=0)
+    from kubetune.config import from_dict
+
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['lr'\]"):
+        from_dict(TrainConfig, {"lr": 1e-4}, "train_settings")
+    with pytest.raises(ConfigError, match="'batch_size' must be an integer"):
+        from_dict(TrainConfig, {"batch_size": "four"}, "train_settings")
+
+
+def test_only_complete_checkpoints_are_resumed(tmp_path):
+    for step, complete in ((5, True), (10, True), (15, False)):
+        d = tmp_path / f"checkpoint-{step}"
+        d.mkdir()
+        if complete:
+            (d / COMPLETE_MARKER).write_text(str(step))
+    assert last_complete_checkpoint(tmp_path).name == "checkpoint-10"
+    assert last_complete_checkpoint(tmp_path / "missing") is None
