@@ -130,6 +130,50 @@ def last_complete_checkpoint(checkpoint_dir: Path) -> Path | None:
     return max(done, key=lambda p: int(p.name.split("-")[-1]), default=None)
 
 
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def commit_checkpoint(ckpt: Path, step: int) -> None:
+    """Make a written checkpoint durable, then mark it complete atomically.
+
+    Every file is fsynced first; the marker is written to a temporary name, fsynced and renamed,
+    and the folder fsynced, so after a crash (SIGKILL, power loss) the marker exists only if all
+    the files it vouches for are on disk: write, fsync, rename, at the level of the checkpoint.
+    """
+    for path in sorted(ckpt.rglob("*")):
+        if path.is_file():
+            _fsync_path(path)
+    tmp = ckpt / (COMPLETE_MARKER + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(str(step))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, ckpt / COMPLETE_MARKER)
+    _fsync_path(ckpt)
+    _fsync_path(ckpt.parent)
+
+
+def _disk_full(e: BaseException) -> bool:
+    import errno
+
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+        return True
+    # torch's and safetensors' writers wrap the OS error in their own exception types.
+    text = str(e)
+    return any(m in text for m in ("No space left on device", "File too large", "Disk quota exceeded"))
+
+
+def _disk_full_error(where: Path, e: BaseException) -> StageError:
+    return StageError(f"train: the disk is full while writing {where} ({e}); free space or point "
+                      "KUBETUNE_WORKSPACE at a larger volume, checkpoint less often (raise save_steps) or "
+                      "train a PEFT method (its checkpoints are megabytes, not the whole model)")
+
+
 def _callbacks(collator: PackedCollator):
     from transformers import TrainerCallback
 
@@ -146,15 +190,11 @@ def _callbacks(collator: PackedCollator):
                 logs["peak_memory_gb"] = round(peak_memory_gb(), 3)
 
         def on_save(self, args, state, control, **kw):
-            # The Trainer has finished writing checkpoint-N when on_save runs; the marker is
-            # written last (and fsynced) so a checkpoint without it is known to be partial.
+            # The Trainer has finished writing checkpoint-N when on_save runs (it writes into
+            # that folder directly, so the folder cannot be renamed into place); commit it instead.
             ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if ckpt.exists():
-                marker = ckpt / COMPLETE_MARKER
-                with open(marker, "w") as f:
-                    f.write(str(state.global_step))
-                    f.flush()
-                    os.fsync(f.fileno())
+                commit_checkpoint(ckpt, state.global_step)
 
     return [Throughput()]
 
@@ -215,7 +255,10 @@ def train(cfg: TrainConfig, tokenized_dir: str | Path, output_dir: str | Path, c
     from kubetune.models import pick_device
     from kubetune.peft_methods import save_trained, trainable_summary, training_flags_for
 
+    from kubetune import launch
+
     device = pick_device()
+    world, rank = launch.world_size(), int(os.environ.get("RANK", "0"))
     set_seed(cfg.seed)
     tokenized_dir = Path(tokenized_dir)
     data = datasets.load_from_disk(str(tokenized_dir))
@@ -256,12 +299,15 @@ def train(cfg: TrainConfig, tokenized_dir: str | Path, output_dir: str | Path, c
         remove_unused_columns=False,
         dataloader_num_workers=0,
         disable_tqdm=False,
+        # Several GPUs in one pod (torchrun): full fine-tuning shards with FSDP; adapters are
+        # small, so PEFT methods replicate the model (DDP) and all-reduce the adapter grads.
+        **(launch.fsdp_training_args() if cfg.method == "full" and device == "cuda" else {}),
     )
     trainer = Trainer(model=model, args=args, train_dataset=data["train"], data_collator=collator,
                       callbacks=[*callbacks, *_callbacks(collator)])
     resume = last_complete_checkpoint(checkpoint_dir)
     t0, tokens0 = time.perf_counter(), collator.tokens
-    fast = use_fast_path(cfg, model, device)
+    fast = world == 1 and use_fast_path(cfg, model, device)
     try:
         if fast:
             losses, tokens = _train_fast(cfg, model, data["train"], collator.pad, report_to_mlflow)
@@ -273,12 +319,25 @@ def train(cfg: TrainConfig, tokenized_dir: str | Path, output_dir: str | Path, c
         raise StageError(f"train: out of memory at batch_size={cfg.batch_size}; lower batch_size, raise "
                          "gradient_accumulation_steps, turn on gradient_checkpointing or use a PEFT method "
                          f"({e})") from None
+    except Exception as e:  # checkpoints are written during training
+        if _disk_full(e):
+            raise _disk_full_error(checkpoint_dir, e) from None
+        raise
     wall = time.perf_counter() - t0
 
     output_dir = Path(output_dir)
     tmp = output_dir.with_name(output_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_trained(trainer.model, tmp, tokenizer=tokenizer)
+    if getattr(trainer, "is_fsdp_enabled", False):
+        launch.save_full_model(trainer, str(tmp))  # every rank takes part in gathering the shards
+    if rank != 0:
+        return TrainResult(metrics={}, output_dir=str(output_dir))
+    if not getattr(trainer, "is_fsdp_enabled", False):
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_trained(trainer.model, tmp, tokenizer=tokenizer)
+    else:
+        tokenizer.save_pretrained(tmp)
+        (tmp / "kubetune_method.json").write_text(json.dumps({**trainer.model.kubetune_method,
+                                                             "parameters": params}))
     manifest_path = tmp / "kubetune_method.json"
     manifest = json.loads(manifest_path.read_text())
     manifest.update(base_model=cfg.base_model, train=asdict(cfg), data_fingerprint=meta.get("fingerprint"),
@@ -295,7 +354,8 @@ def train(cfg: TrainConfig, tokenized_dir: str | Path, output_dir: str | Path, c
         "train_loss_first": losses[0] if losses else float("nan"),
         "train_loss_last": sum(losses[-5:]) / len(losses[-5:]) if losses else float("nan"),
         "train_wall_s": round(wall, 1),
-        "tokens_per_s": round((collator.tokens - tokens0) / wall, 1) if wall > 0 else 0.0,
+        # every rank sees as many batches as rank 0, so job throughput = rank 0's x world size
+        "tokens_per_s": round((collator.tokens - tokens0) * world / wall, 1) if wall > 0 else 0.0,
         "peak_memory_gb": round(peak_memory_gb(), 3),
         "trainable_params": params["trainable"],
         "total_params": params["total"],
@@ -356,9 +416,19 @@ def checkpoint_dir_for(workspace: str | Path, cfg: TrainConfig, data_fingerprint
 
 def run_training(stage: str, cfg: TrainConfig, tokenized_dir: str | Path, output_dir: str | Path,
                  workspace: str | Path, ctx=None, model=None, callbacks: tuple = ()) -> TrainResult:
-    """What every training stage does: pick the checkpoint folder, track, train, clean up."""
+    """What every training stage does: pick the checkpoint folder, track, train, clean up.
+
+    With several GPUs in the pod (``kubetune.launch.nproc_per_node() > 1``) and no prepared
+    model, the same stage re-runs itself under torchrun (``kubetune.train_entry``); rank 0
+    tracks and saves, and its result comes back through a JSON file.
+    """
+    from kubetune import launch
     from kubetune.tracking import log_metrics, log_params, maybe_stage
 
+    if model is None and not launch.is_torchrun_worker() and launch.nproc_per_node() > 1:
+        return _run_under_torchrun(stage, cfg, tokenized_dir, output_dir, workspace, ctx)
+    if int(os.environ.get("RANK", "0")) != 0:
+        ctx = None  # one MLflow run per stage, owned by rank 0
     meta = json.loads((Path(tokenized_dir) / "meta.json").read_text())
     ckpt = checkpoint_dir_for(workspace, cfg, meta.get("fingerprint", ""))
     tags = {"kubetune.method": cfg.method, "kubetune.base_model": cfg.base_model,
@@ -371,5 +441,20 @@ def run_training(stage: str, cfg: TrainConfig, tokenized_dir: str | Path, output
         if run is not None:
             log_metrics(result.metrics)
     # The model is saved: the checkpoints were only there to survive a crash.
-    shutil.rmtree(ckpt, ignore_errors=True)
+    if int(os.environ.get("RANK", "0")) == 0:
+        shutil.rmtree(ckpt, ignore_errors=True)
     return result
+
+
+def _run_under_torchrun(stage, cfg, tokenized_dir, output_dir, workspace, ctx) -> TrainResult:
+    from kubetune import launch
+
+    job = Path(workspace) / "jobs" / f"{stage}-{os.getpid()}-{int(time.time())}"
+    job.mkdir(parents=True, exist_ok=True)
+    spec = {"stage": stage, "cfg": asdict(cfg), "tokenized_dir": str(tokenized_dir),
+            "output_dir": str(output_dir), "workspace": str(workspace),
+            "ctx": asdict(ctx) if ctx is not None else None, "result": str(job / "result.json")}
+    (job / "config.json").write_text(json.dumps(spec))
+    launch.run_training(str(job / "config.json"))
+    result = json.loads((job / "result.json").read_text())
+    return TrainResult(metrics=result["metrics"], output_dir=result["output_dir"])

@@ -155,3 +155,13 @@ def tiny_tickets(tmp_path_factory, tiny_llama):
     ingest(IngestConfig(data_uri="bundled://tickets", max_rows=60, validation_fraction=0.2), root / "ds")
     tokenize_data(TokenizeConfig(base_model=str(tiny_llama), max_length=512), root / "ds", root / "tok")
     return root / "ds", root / "tok"
+
+
+def pytest_collection_modifyitems(config, items):
+    """`gpu` tests run on the GPU machine (see docs/performance.md); elsewhere they are skipped."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (run on the GPU machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

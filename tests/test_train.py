@@ -96,3 +96,17 @@ def test_only_complete_checkpoints_are_resumed(tmp_path):
             (d / COMPLETE_MARKER).write_text(str(step))
     assert last_complete_checkpoint(tmp_path).name == "checkpoint-10"
     assert last_complete_checkpoint(tmp_path / "missing") is None
+
+
+def test_several_processes_run_under_torchrun(tiny_llama, tiny_tickets, tmp_path, monkeypatch):
+    """With 2 processes per pod the stage re-runs itself under torchrun (gloo/DDP on CPU):
+    rank 0 saves a model that differs from the base, and the result comes back to the caller."""
+    _, tok_dir = tiny_tickets
+    monkeypatch.setenv("KUBETUNE_NPROC_PER_NODE", "2")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    cfg = TrainConfig(base_model=str(tiny_llama), method="lora", max_steps=3, learning_rate=3e-3, batch_size=1,
+                      lora_rank=4)
+    result = train_peft(cfg, tok_dir, tmp_path / "model", tmp_path / "ws")
+    assert result.metrics["steps"] == 3 and result.metrics["train_loss_first"] > 0
+    assert (tmp_path / "model" / "adapter_model.safetensors").exists()
+    assert (tmp_path / "ws" / "jobs").exists()
