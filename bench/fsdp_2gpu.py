@@ -1,6 +1,6 @@
 """Full fine-tuning through the training stage on 1 GPU vs 2 GPUs (torchrun + FSDP2).
 
-Same model (a 16-layer Llama, random init), same learnable data, same global batch (8 rows of
+Same model (a 16-layer Llama, hidden 2048, ~0.9B parameters, random init), same learnable data, same global batch (8 rows of
 512 tokens: 8 per step on one GPU, 4 per GPU on two), Trainer path on both (fast path off, so
 the comparison is of the multi-GPU machinery alone). Prints and writes: final loss of each,
 their relative difference, tokens/s of each and the speed-up.
@@ -47,6 +47,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="fsdp_2gpu.json")
     parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--hidden", type=int, default=2048)
+    parser.add_argument("--layers", type=int, default=16)
     args = parser.parse_args()
 
     import torch
@@ -58,25 +60,28 @@ def main() -> None:
 
     root = Path(tempfile.mkdtemp())
     tok = make_tiny_tokenizer()
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=1024, intermediate_size=4096, num_hidden_layers=16,
-                      num_attention_heads=16, num_key_value_heads=8, max_position_embeddings=1024,
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=args.hidden, intermediate_size=4 * args.hidden,
+                      num_hidden_layers=args.layers, num_attention_heads=16, num_key_value_heads=8, max_position_embeddings=1024,
                       tie_word_embeddings=True, pad_token_id=tok.pad_token_id)
     torch.manual_seed(0)
     LlamaForCausalLM(cfg).save_pretrained(root / "model")
     tok.save_pretrained(root / "model")
     data = make_data(root, tok)
     results = {}
-    for gpus, per_device in ((1, 8), (2, 4)):
+    for name, gpus, per_device, fsdp in (("1gpu", 1, 8, "on"), ("2gpu", 2, 4, "on"), ("2gpu_ddp", 2, 4, "off")):
         os.environ["KUBETUNE_NPROC_PER_NODE"] = str(gpus)
+        os.environ["KUBETUNE_FSDP"] = fsdp
         tcfg = TrainConfig(base_model=str(root / "model"), method="full", max_steps=args.steps, learning_rate=3e-4,
                            batch_size=per_device, precision="bf16", fast_path="off", save_steps=20, warmup_ratio=0.1)
-        m = train_full(tcfg, data, root / f"out-{gpus}", root / f"ws-{gpus}").metrics
-        results[f"{gpus}gpu"] = {k: m[k] for k in ("train_loss_first", "train_loss_last", "tokens_per_s",
-                                                   "peak_memory_gb", "train_wall_s")}
-        print(gpus, results[f"{gpus}gpu"], flush=True)
-    one, two = results["1gpu"], results["2gpu"]
-    results["loss_rel_diff"] = abs(two["train_loss_last"] - one["train_loss_last"]) / one["train_loss_last"]
-    results["speedup"] = two["tokens_per_s"] / one["tokens_per_s"]
+        m = train_full(tcfg, data, root / f"out-{name}", root / f"ws-{name}").metrics
+        results[name] = {k: m[k] for k in ("train_loss_first", "train_loss_last", "tokens_per_s",
+                                           "peak_memory_gb", "train_wall_s")}
+        print(name, results[name], flush=True)
+    one = results["1gpu"]
+    for name in ("2gpu", "2gpu_ddp"):
+        results[f"{name}_loss_rel_diff"] = abs(results[name]["train_loss_last"] - one["train_loss_last"]) / \
+            one["train_loss_last"]
+        results[f"{name}_speedup"] = results[name]["tokens_per_s"] / one["tokens_per_s"]
     results["params"] = sum(p.numel() for p in LlamaForCausalLM(cfg).parameters())
     print(json.dumps(results, indent=2))
     Path(args.out).write_text(json.dumps(results, indent=2))

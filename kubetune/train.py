@@ -93,7 +93,6 @@ class PackedCollator:
 
     def __init__(self, pad_token_id: int):
         self.pad = pad_token_id
-        self.tokens = 0  # non-pad tokens seen, for tokens/s
 
     def __call__(self, rows: list[dict]) -> dict:
         import torch
@@ -105,7 +104,6 @@ class PackedCollator:
             ids.append(list(r["input_ids"]) + [self.pad] * (width - n))
             labels.append(list(r["labels"]) + [IGNORE] * (width - n))
             pos.append(list(r["position_ids"]) + list(range(width - n)))
-            self.tokens += n
         batch = {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "position_ids": torch.tensor(pos),
                  "use_cache": False}
         if not (batch["labels"] != IGNORE).any():
@@ -181,12 +179,13 @@ def _callbacks(collator: PackedCollator):
         """Adds tokens/s and peak memory to every log; marks checkpoints complete."""
 
         def on_train_begin(self, args, state, control, **kw):
-            self.t0, self.tok0 = time.perf_counter(), collator.tokens
+            self.t0, self.tok0 = time.perf_counter(), state.num_input_tokens_seen
 
         def on_log(self, args, state, control, logs=None, **kw):
             if logs is not None and "loss" in logs:
                 dt = time.perf_counter() - self.t0
-                logs["tokens_per_s"] = round((collator.tokens - self.tok0) / dt, 1) if dt > 0 else 0.0
+                seen = state.num_input_tokens_seen - self.tok0  # non-padding, summed over ranks
+                logs["tokens_per_s"] = round(seen / dt, 1) if dt > 0 else 0.0
                 logs["peak_memory_gb"] = round(peak_memory_gb(), 3)
 
         def on_save(self, args, state, control, **kw):
@@ -299,22 +298,30 @@ def train(cfg: TrainConfig, tokenized_dir: str | Path, output_dir: str | Path, c
         remove_unused_columns=False,
         dataloader_num_workers=0,
         disable_tqdm=False,
+        # Counted by the Trainer on the batches it trains on, gathered over ranks (the collator
+        # would also count the batch accelerate's loader fetches ahead).
+        include_num_input_tokens_seen="non_padding",
         # Several GPUs in one pod (torchrun): full fine-tuning shards with FSDP; adapters are
         # small, so PEFT methods replicate the model (DDP) and all-reduce the adapter grads.
-        **(launch.fsdp_training_args() if cfg.method == "full" and device == "cuda" else {}),
+        # KUBETUNE_FSDP=off replicates with DDP instead (the escape hatch when a model's FSDP
+        # wrapping misbehaves, and the baseline bench/fsdp_2gpu.py compares against).
+        **(launch.fsdp_training_args() if cfg.method == "full" and device == "cuda"
+           and os.environ.get("KUBETUNE_FSDP", "on") != "off" else {}),
     )
     trainer = Trainer(model=model, args=args, train_dataset=data["train"], data_collator=collator,
+                      processing_class=tokenizer,
                       callbacks=[*callbacks, *_callbacks(collator)])
     resume = last_complete_checkpoint(checkpoint_dir)
-    t0, tokens0 = time.perf_counter(), collator.tokens
+    t0 = time.perf_counter()
     fast = world == 1 and use_fast_path(cfg, model, device)
     try:
         if fast:
             losses, tokens = _train_fast(cfg, model, data["train"], collator.pad, report_to_mlflow)
-            collator.tokens += tokens
         else:
+            tokens0 = trainer.state.num_input_tokens_seen
             trainer.train(resume_from_checkpoint=str(resume) if resume else None)
             losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+            tokens = trainer.state.num_input_tokens_seen - tokens0
     except torch.OutOfMemoryError as e:
         raise StageError(f"train: out of memory at batch_size={cfg.batch_size}; lower batch_size, raise "
                          "gradient_accumulation_steps, turn on gradient_checkpointing or use a PEFT method "
@@ -354,8 +361,8 @@ def train(cfg: TrainConfig, tokenized_dir: str | Path, output_dir: str | Path, c
         "train_loss_first": losses[0] if losses else float("nan"),
         "train_loss_last": sum(losses[-5:]) / len(losses[-5:]) if losses else float("nan"),
         "train_wall_s": round(wall, 1),
-        # every rank sees as many batches as rank 0, so job throughput = rank 0's x world size
-        "tokens_per_s": round((collator.tokens - tokens0) * world / wall, 1) if wall > 0 else 0.0,
+        "tokens_per_s": round(tokens / wall, 1) if wall > 0 else 0.0,
+        "tokens": int(tokens),
         "peak_memory_gb": round(peak_memory_gb(), 3),
         "trainable_params": params["trainable"],
         "total_params": params["total"],

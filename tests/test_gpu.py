@@ -17,7 +17,8 @@ pytestmark = pytest.mark.gpu
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])
-def test_training_stage_takes_the_fast_path_on_gpu(tiny_llama, tiny_tickets, tmp_path, method):
+def test_training_stage_takes_the_fast_path_on_gpu(tiny_llama, tiny_tickets, tmp_path, method, monkeypatch):
+    monkeypatch.setenv("KUBETUNE_NPROC_PER_NODE", "1")  # one GPU; more would re-run under torchrun
     _, tok_dir = tiny_tickets
     cfg = TrainConfig(base_model=str(tiny_llama), method=method, max_steps=20, learning_rate=3e-3, batch_size=4)
     stage = train_full if method == "full" else train_peft
@@ -30,8 +31,9 @@ def test_training_stage_takes_the_fast_path_on_gpu(tiny_llama, tiny_tickets, tmp
     assert model.generate(x, max_new_tokens=3, do_sample=False).shape[1] == 7
 
 
-def test_qlora_trains_through_the_stage(tiny_llama, tiny_tickets, tmp_path):
+def test_qlora_trains_through_the_stage(tiny_llama, tiny_tickets, tmp_path, monkeypatch):
     pytest.importorskip("bitsandbytes")
+    monkeypatch.setenv("KUBETUNE_NPROC_PER_NODE", "1")
     _, tok_dir = tiny_tickets
     cfg = TrainConfig(base_model=str(tiny_llama), method="qlora", max_steps=15, learning_rate=3e-3, batch_size=4)
     m = train_peft(cfg, tok_dir, tmp_path / "model", tmp_path / "ws").metrics
