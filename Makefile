@@ -20,8 +20,10 @@ run: $(STAMP)
 	$(BIN)/kubetune run peft
 
 ## The test suite (CPU). .ci/run calls this after starting the servers the integration tests use.
+## Two workers on two cores, one torch thread per process: most of the time goes to task
+## subprocesses importing torch, and two-thread torch processes side by side thrash.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/python -m pytest -q -ra -n 2 --dist loadfile $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)

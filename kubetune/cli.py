@@ -60,6 +60,59 @@ def cmd_validate(args) -> int:
     return 0
 
 
+def cmd_promote(args) -> int:
+    from kubetune.registry_ops import promote
+
+    out = promote(args.name, args.version, force=args.force)
+    print(out.message, file=sys.stdout if out.moved else sys.stderr)
+    return 0 if out.moved else 1
+
+
+def cmd_rollback(args) -> int:
+    from kubetune.registry_ops import rollback
+
+    out = rollback(args.name)
+    print(out.message, file=sys.stdout if out.moved else sys.stderr)
+    return 0 if out.moved else 1
+
+
+def cmd_models(args) -> int:
+    from kubetune.registry_ops import models_table
+
+    print(models_table(args.name))
+    return 0
+
+
+def cmd_schedule(args) -> int:
+    from kubetune.schedule import format_schedules, schedule
+
+    s = schedule(args.pipeline, args.cron, host=args.host, params=_params(args), profile_path=args.profile,
+                 name=args.name, experiment=args.experiment, namespace=args.namespace, catchup=args.catchup)
+    print(format_schedules([s]))
+    return 0
+
+
+def cmd_schedules(args) -> int:
+    from kubetune.schedule import format_schedules, schedules
+
+    print(format_schedules(schedules(args.host, args.namespace)))
+    return 0
+
+
+def cmd_unschedule(args) -> int:
+    from kubetune.schedule import unschedule
+
+    s = unschedule(args.schedule, args.host, args.namespace)
+    print(f"deleted schedule {s.id} ({s.name})")
+    return 0
+
+
+def _kfp_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", help="KFP API endpoint (default: $KF_PIPELINES_ENDPOINT); a bearer token is read "
+                                  "from $KF_PIPELINES_TOKEN, other auth as the KFP client does")
+    p.add_argument("--namespace", help="Kubernetes namespace (multi-user KFP)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kubetune", description="LLM fine-tuning as Kubeflow Pipelines.")
     p.add_argument("--version", action="version", version=f"kubetune {__version__}")
@@ -83,6 +136,41 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("data_uri")
     v.add_argument("--shape", default="auto")
     v.set_defaults(func=cmd_validate)
+
+    pr = sub.add_parser("promote", help="make a model version the champion (through the promotion gates)")
+    pr.add_argument("name", help="registered model name")
+    pr.add_argument("version")
+    pr.add_argument("--force", action="store_true", help="skip the gates (recorded on the version)")
+    pr.set_defaults(func=cmd_promote)
+
+    rb = sub.add_parser("rollback", help="champion back to the previous champion (recorded history)")
+    rb.add_argument("name", help="registered model name")
+    rb.set_defaults(func=cmd_rollback)
+
+    m = sub.add_parser("models", help="a registered model's versions: aliases, metrics, decisions, lineage")
+    m.add_argument("name", help="registered model name")
+    m.set_defaults(func=cmd_models)
+
+    s = sub.add_parser("schedule", help="retrain on a schedule: a KFP recurring run of a pipeline")
+    s.add_argument("pipeline")
+    s.add_argument("--cron", required=True, help="cron expression, 5 fields ('0 3 * * 1') or KFP's 6")
+    s.add_argument("--config", help="YAML file of pipeline parameters")
+    s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one parameter (repeatable)")
+    s.add_argument("--profile", help="cluster profile YAML to compile with")
+    s.add_argument("--name", help="schedule name (default: kubetune-PIPELINE)")
+    s.add_argument("--experiment", default="kubetune", help="KFP experiment (default: kubetune)")
+    s.add_argument("--catchup", action="store_true", help="backfill missed intervals after a pause")
+    _kfp_options(s)
+    s.set_defaults(func=cmd_schedule)
+
+    ss = sub.add_parser("schedules", help="list the KFP recurring runs")
+    _kfp_options(ss)
+    ss.set_defaults(func=cmd_schedules)
+
+    us = sub.add_parser("unschedule", help="delete a KFP recurring run (by id or name)")
+    us.add_argument("schedule", help="recurring run id or name")
+    _kfp_options(us)
+    us.set_defaults(func=cmd_unschedule)
     return p
 
 

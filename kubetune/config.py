@@ -66,6 +66,10 @@ def _check_type(key: str, value: Any, annotation: Any, source: str) -> Any:
             raise ConfigError(f"{source}: '{key}' must be a number, got {type(value).__name__} {value!r}")
         return float(value)
     if annotation is int:
+        if isinstance(value, float) and value.is_integer():
+            # KFP passes dict parameters as protobuf Structs, whose numbers are all doubles:
+            # {"batch_size": 2} arrives in the component as {"batch_size": 2.0}.
+            return int(value)
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{source}: '{key}' must be an integer, got {type(value).__name__} {value!r}")
         return value

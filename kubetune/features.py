@@ -155,12 +155,12 @@ def majority_baseline(train_labels: list[str], val_labels: list[str], labels: li
 # ---------------------------------------------------------------- pyfunc model
 
 
-def head_dir_of(model_dir: str | Path) -> Path:
-    """Where the head's files are inside a saved text-classifier model folder."""
+def artifact_dir(model_dir: str | Path, name: str = "head") -> Path | None:
+    """Where artifact ``name`` (``head`` or ``backbone``) is inside a saved text-classifier folder."""
     from mlflow.models import Model
 
-    mlmodel = Model.load(str(model_dir))
-    return Path(model_dir) / mlmodel.flavors["python_function"]["artifacts"]["head"]["path"]
+    artifacts = Model.load(str(model_dir)).flavors["python_function"].get("artifacts") or {}
+    return Path(model_dir) / artifacts[name]["path"] if name in artifacts else None
 
 
 def save_text_classifier(model_dir: str | Path, head_dir: str | Path, backbone: str, pooling: str,
@@ -177,9 +177,17 @@ def save_text_classifier(model_dir: str | Path, head_dir: str | Path, backbone: 
     with tempfile.TemporaryDirectory() as tmp:
         code = Path(tmp) / "text_classifier.py"
         code.write_text(_MODEL_CODE)
+        # Requirements named here: MLflow would otherwise load the model in a subprocess to
+        # infer them (~20 s). The one image has them all (and kubetune).
         mlflow.pyfunc.save_model(path=str(model_dir), python_model=str(code), model_config=config,
-                                 artifacts=artifacts)
+                                 artifacts=artifacts, pip_requirements=_requirements())
     return Path(model_dir)
+
+
+def _requirements() -> list[str]:
+    from importlib.metadata import version
+
+    return [f"{name}=={version(name)}" for name in ("kubetune", "mlflow", "torch", "transformers", "safetensors")]
 
 
 class TextClassifier(mlflow.pyfunc.PythonModel):

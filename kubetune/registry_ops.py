@@ -140,10 +140,10 @@ def model_card(model_name: str, version: str, manifest: dict, report: dict, deci
                      f"{delta(base, k)} | {fmt(champ, k)} | {delta(champ, k)} |" for k in keys)
     hyper = {k: train[k] for k in ("method", "max_steps", "learning_rate", "lora_rank", "lora_alpha",
                                    "batch_size", "grad_accum", "max_length", "seed") if k in train}
-    hyper_lines = "\n".join(f"- `{k}`: {v}" for k, v in hyper.items()) or "- (not recorded)"
+    hyper_lines = "\n".join(f"  - `{k}`: {v}" for k, v in hyper.items()) or "  - (not recorded)"
     forgetting = report.get("forgetting")
     counts = manifest.get("counts") or {}
-    size = counts.get("train") or counts.get("rows") or report.get("train_examples")
+    size = counts.get("train") or report.get("train_examples")
     checks = "\n".join(f"- {k}: {v}" for k, v in decision.checks.items())
     return f"""# {model_name} v{version}
 
@@ -276,6 +276,7 @@ def models_table(model_name: str) -> str:
     if not versions:
         return f"no versions of {model_name}"
     history = tracking.alias_history(model_name, tracking.CHAMPION)
+    aliases = tracking.version_aliases(model_name)
     header = ["version", "aliases", "metric", "value", "base", "forgetting", "decision", "data", "method",
               "pipeline run", "mlflow run"]
     rows = []
@@ -286,7 +287,7 @@ def models_table(model_name: str) -> str:
         if t.get("kubetune.skipped"):
             decision = "skipped"
         rows.append([
-            f"v{mv.version}", ",".join(sorted(mv.aliases)) or "-", metric,
+            f"v{mv.version}", ",".join(aliases.get(str(mv.version), [])) or "-", metric,
             _num(t.get(f"eval.{metric}")), _num(t.get(f"base.{metric}")),
             _pct(t.get("eval.forgetting")), decision + (" (rolled back)" if t.get("kubetune.rolled_back") else ""),
             t.get("kubetune.data_fingerprint", "")[:8], t.get("kubetune.method", ""),

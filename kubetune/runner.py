@@ -82,6 +82,8 @@ def run_local(name: str, params: dict[str, Any] | None = None, workdir: str | Pa
     summary = json.loads(task.output)
     summary["wall_s"] = round(time.time() - t0, 1)
     summary["pipeline"] = name
+    # The summary as JSON too, for scripts and CI: .kubetune/last_run.json in the work dir.
+    (workdir / ".kubetune" / "last_run.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 
@@ -112,6 +114,11 @@ def format_summary(s: dict) -> str:
 
     uri = s.get("tracking_uri", "")
     ui = (f"mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite") else f"open {uri}")
+    if s.get("skipped"):
+        return "\n".join(["", f"== kubetune run {s.get('pipeline')}: skipped in {s.get('wall_s', 0):.0f} s ==",
+                          f"  {s.get('reason')}",
+                          f"  model: {s.get('model_name')} v{s.get('version')} stays champion "
+                          "(retrain anyway: --set force=true)", f"  MLflow UI: {ui}", ""])
     lines = [
         "",
         f"== kubetune run {s.get('pipeline')}: done in {s.get('wall_s', 0):.0f} s ==",

@@ -161,6 +161,7 @@ def _with_retries(what: str, fn, attempts: int | None = None):
     server forgot when it restarted, a download cut in the middle). Errors that another try
     cannot fix (access denied, no such key) are raised at once.
     """
+    from boto3.exceptions import S3TransferFailedError, S3UploadFailedError
     from botocore.exceptions import BotoCoreError, ClientError
 
     attempts = attempts or TRANSFER_ATTEMPTS
@@ -172,7 +173,7 @@ def _with_retries(what: str, fn, attempts: int | None = None):
             if code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403") or i == attempts - 1:
                 raise DataError(f"{what}: S3 error {code or e} after {i + 1} attempt(s)") from None
             last = f"{code or e}"
-        except (BotoCoreError, OSError, _ChecksumMismatch) as e:
+        except (BotoCoreError, S3UploadFailedError, S3TransferFailedError, OSError, _ChecksumMismatch) as e:
             if i == attempts - 1:
                 raise DataError(f"{what}: failed after {attempts} attempts ({e})") from None
             last = str(e)

@@ -86,8 +86,7 @@ def parent_run_id(experiment: str, pipeline_run_id: str, pipeline: str = "") -> 
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient()
-    exp = client.get_experiment_by_name(experiment)
-    exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
+    exp_id = _experiment_id(client, experiment)
     found = client.search_runs([exp_id], filter_string=f"tags.`{TAG_PIPELINE_RUN}` = '{pipeline_run_id}' "
                                f"and tags.`{TAG_STAGE}` = 'pipeline'", order_by=["attributes.start_time ASC"],
                                max_results=1)
@@ -97,6 +96,21 @@ def parent_run_id(experiment: str, pipeline_run_id: str, pipeline: str = "") -> 
                             tags={TAG_PIPELINE_RUN: pipeline_run_id, TAG_STAGE: "pipeline",
                                   TAG_PIPELINE: pipeline, **lineage_tags()})
     return run.info.run_id
+
+
+def _experiment_id(client, experiment: str) -> str:
+    """Get or create; two pipelines starting together may both try to create it: one wins."""
+    from mlflow.exceptions import MlflowException
+
+    exp = client.get_experiment_by_name(experiment)
+    if exp:
+        return exp.experiment_id
+    try:
+        return client.create_experiment(experiment)
+    except MlflowException as e:
+        if "RESOURCE_ALREADY_EXISTS" not in str(e) and "already exists" not in str(e).lower():
+            raise
+        return client.get_experiment_by_name(experiment).experiment_id
 
 
 @contextlib.contextmanager
@@ -208,17 +222,19 @@ _TOLD = set()
 
 
 def spool_dir() -> Path:
+    """One folder per tracking server: a spool is only ever replayed to the server it was meant for."""
+    import hashlib
+
     root = os.environ.get("KUBETUNE_MLFLOW_SPOOL")
-    if root:
-        return Path(root)
-    return Path(os.environ.get("KUBETUNE_WORKSPACE", ".kubetune/workspace")) / "mlflow-spool"
+    root = Path(root) if root else Path(os.environ.get("KUBETUNE_WORKSPACE", ".kubetune/workspace")) / "mlflow-spool"
+    return root / hashlib.sha256(tracking_uri().encode()).hexdigest()[:12]
 
 
 def _is_server(uri: str | None = None) -> bool:
     return (uri or tracking_uri()).startswith(("http://", "https://"))
 
 
-def server_up(timeout: float = 2.0) -> bool:
+def server_up(timeout: float = 5.0) -> bool:
     """Whether the tracking server answers /health now (always True for a database URI)."""
     uri = tracking_uri()
     if not _is_server(uri):
@@ -308,29 +324,38 @@ def replay_spool() -> int:
     client, sent = MlflowClient(), 0
     with _SPOOL_LOCK:
         for path in pending_spool():
-            run_id = path.stem
-            records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-            metrics, params, tags, end = [], {}, {}, None
-            for r in records:
-                if r["kind"] == "metrics":
-                    metrics += [Metric(k, float(v), r["ts"], r["step"] or 0) for k, v in r["data"].items()]
-                elif r["kind"] == "params":
-                    params.update(r["data"])
-                elif r["kind"] == "tags":
-                    tags.update(r["data"])
-                elif r["kind"] == "end":
-                    end = r["data"]["status"]
-            for i in range(0, len(metrics), 1000):  # log_batch takes at most 1000 metrics
-                client.log_batch(run_id, metrics=metrics[i:i + 1000])
-            if params or tags:
-                client.log_batch(run_id, params=[Param(k, v) for k, v in params.items()],
-                                 tags=[RunTag(k, v) for k, v in tags.items()])
-            if end:
-                client.set_terminated(run_id, end)
-            path.unlink()
-            sent += len(records)
-            _tell(f"MLflow server answers again: sent {len(records)} spooled record(s) of run {run_id}")
+            try:
+                sent += _replay_file(client, path, Metric, Param, RunTag)
+            except Exception as e:  # a spool that cannot be replayed must not fail the stage that finds it
+                path.rename(path.with_suffix(".failed"))
+                _tell(f"could not replay {path} ({type(e).__name__}: {str(e)[:200]}); kept as "
+                      f"{path.with_suffix('.failed')}")
     return sent
+
+
+def _replay_file(client, path: Path, Metric, Param, RunTag) -> int:
+    run_id = path.stem
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    metrics, params, tags, end = [], {}, {}, None
+    for r in records:
+        if r["kind"] == "metrics":
+            metrics += [Metric(k, float(v), r["ts"], r["step"] or 0) for k, v in r["data"].items()]
+        elif r["kind"] == "params":
+            params.update(r["data"])
+        elif r["kind"] == "tags":
+            tags.update(r["data"])
+        elif r["kind"] == "end":
+            end = r["data"]["status"]
+    for i in range(0, len(metrics), 1000):  # log_batch takes at most 1000 metrics
+        client.log_batch(run_id, metrics=metrics[i:i + 1000])
+    if params or tags:
+        client.log_batch(run_id, params=[Param(k, v) for k, v in params.items()],
+                         tags=[RunTag(k, v) for k, v in tags.items()])
+    if end:
+        client.set_terminated(run_id, end)
+    path.unlink()
+    _tell(f"MLflow server answers again: sent {len(records)} spooled record(s) of run {run_id}")
+    return len(records)
 
 
 def _end_run(run_id: str, status: str) -> None:
@@ -611,3 +636,31 @@ def tag_pipeline_run(ctx: "RunContext", tags: dict[str, Any]) -> None:
     client = MlflowClient()
     for k, v in tags.items():
         client.set_tag(parent, k, str(v))
+
+
+def version_aliases(model_name: str) -> dict[str, list[str]]:
+    """{version: [aliases]} from the registered model (version searches do not carry aliases)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    try:
+        rm = MlflowClient().get_registered_model(model_name)
+    except MlflowException:
+        return {}
+    out: dict[str, list[str]] = {}
+    for alias, version in (rm.aliases or {}).items():
+        out.setdefault(str(version), []).append(alias)
+    return {v: sorted(a) for v, a in out.items()}
+
+
+def stage_metrics(ctx: "RunContext", stage: str) -> dict[str, float]:
+    """Metrics of another stage's child run in the same pipeline run ({} when there is none)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    exp = client.get_experiment_by_name(experiment_name(ctx.model_name))
+    if exp is None:
+        return {}
+    found = client.search_runs([exp.experiment_id], filter_string=f"tags.`{TAG_PIPELINE_RUN}` = "
+                               f"'{ctx.pipeline_run_id}' and tags.`{TAG_STAGE}` = '{stage}'", max_results=1)
+    return dict(found[0].data.metrics) if found else {}

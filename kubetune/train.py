@@ -310,7 +310,11 @@ def train(cfg: TrainConfig, tokenized_dir: str | Path, output_dir: str | Path, c
     )
     trainer = Trainer(model=model, args=args, train_dataset=data["train"], data_collator=collator,
                       processing_class=tokenizer,
-                      callbacks=[*callbacks, *_callbacks(collator)])
+                      callbacks=list(callbacks))
+    # Ours run first: the keys they add to the logs (tokens/s, peak memory) then reach the
+    # MLflow callback, which transformers registers before any user callback.
+    for cb in reversed(_callbacks(collator)):
+        trainer.callback_handler.callbacks.insert(0, cb)
     resume = last_complete_checkpoint(checkpoint_dir)
     t0 = time.perf_counter()
     fast = world == 1 and use_fast_path(cfg, model, device)

@@ -11,10 +11,23 @@ from kfp import dsl
 
 from kubetune import kube
 from kubetune.components import evaluate, ingest, register, register_skipped, tokenize_data, train_peft
+from kubetune.image import CPU_IMAGE
 from kubetune.models import DEFAULT_BASE_MODEL
 
 NAME = "peft"
 DESCRIPTION = "Parameter-efficient fine-tuning (LoRA by default; DoRA, QLoRA, adapters, prompt, prefix, IA3)."
+
+
+@dsl.component(base_image=CPU_IMAGE)
+def packing_for(method: str) -> bool:
+    """Whether ``method`` can train on packed rows (prompt and prefix tuning cannot).
+
+    Args:
+        method: The training method.
+    """
+    from kubetune.peft_methods import training_flags_for
+
+    return training_flags_for(method, gradient_checkpointing=False, packing=True)["packing"]
 
 
 def build(profile: "kube.Profile | None" = None):
@@ -25,14 +38,17 @@ def build(profile: "kube.Profile | None" = None):
         base_model: str = DEFAULT_BASE_MODEL,
         data_uri: str = "bundled://tickets",
         method: str = "lora",
-        max_steps: int = 40,
-        learning_rate: float = 0.0,
+        # The defaults are the main job, sized for 2 CPU cores in ~10 minutes: rows of 256 tokens
+        # hold two tickets; 2 rows x 30 steps = ~15k tokens (~130 tickets, a third of an epoch),
+        # so LoRA runs at 1e-3 (5x the usual 2e-4 for thousands of steps). 0 = method default.
+        max_steps: int = 30,
+        learning_rate: float = 1e-3,
         lora_rank: int = 16,
         max_length: int = 256,
         model_name: str = "tickets-peft",
         max_forgetting: float = -1.0,
-        train_settings: dict = {},
-        eval_settings: dict = {},
+        train_settings: dict = {"batch_size": 2},
+        eval_settings: dict = {"max_examples": 48, "max_new_tokens": 40, "batch_size": 48},
         register_settings: dict = {},
         force: bool = False,
     ) -> str:
@@ -41,7 +57,9 @@ def build(profile: "kube.Profile | None" = None):
 
         data = ingest(data_uri=data_uri, force=force, **lineage).set_display_name("ingest")
         with dsl.If(data.outputs["unchanged"] == False, name="data-changed"):  # noqa: E712 - a KFP condition
-            tokens = tokenize_data(dataset=data.outputs["dataset"], base_model=base_model, max_length=max_length)
+            packing = packing_for(method=method)
+            tokens = tokenize_data(dataset=data.outputs["dataset"], base_model=base_model, max_length=max_length,
+                                   packing=packing.output)
             trained = train_peft(tokenized=tokens.outputs["tokenized"], base_model=base_model, method=method,
                                  max_steps=max_steps, learning_rate=learning_rate, lora_rank=lora_rank,
                                  settings=train_settings, **lineage)
@@ -53,10 +71,10 @@ def build(profile: "kube.Profile | None" = None):
         with dsl.Else(name="data-unchanged"):
             skipped = register_skipped(fingerprint=data.outputs["Output"], **lineage)
 
-        kube.on_cluster(profile, cpu=[data, tokens, registered, skipped], gpu=[trained, scored])
+        kube.on_cluster(profile, cpu=[data, packing, tokens, registered, skipped], gpu=[trained, scored])
         # No step is a pure function of its inputs: the data behind a URI changes (retraining on
         # fresh data), evaluate reads the current champion, register writes the registry.
-        for task in (data, tokens, trained, scored, registered, skipped):
+        for task in (data, packing, tokens, trained, scored, registered, skipped):
             kube.no_cache(task)
         return dsl.OneOf(registered.output, skipped.output)
 

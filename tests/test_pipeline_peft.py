@@ -38,15 +38,16 @@ def test_peft_pipeline_registers_then_keeps_champion_against_worse_run(tiny_llam
                   eval_settings=EVAL)
     first = run_local("peft", {**common, "max_steps": 10, "learning_rate": 3e-3,
                                "train_settings": {"batch_size": 2}}, workdir=tmp_path)
-    assert first["version"] == "1" and first["promoted"] is True
+    assert str(first["version"]) == "1" and first["promoted"] is True
     assert set(first["aliases"]) == {"champion", "challenger"}
     assert first["candidate"] < first["base"]  # val_loss fell below the base model's
 
-    worse = run_local("peft", {**common, "max_steps": 1, "learning_rate": 1e-6}, workdir=tmp_path)
-    assert worse["version"] == "2" and worse["promoted"] is False and worse["aliases"] == ["challenger"]
+    # same data as the champion's: forced, or the run would be skipped as unchanged
+    worse = run_local("peft", {**common, "max_steps": 1, "learning_rate": 1e-6, "force": True}, workdir=tmp_path)
+    assert str(worse["version"]) == "2" and worse["promoted"] is False and worse["aliases"] == ["challenger"]
     assert "does not beat champion v1" in worse["reason"]
-    assert tracking.get_alias("tiny-peft", "champion").version == "1"
-    assert tracking.get_alias("tiny-peft", "challenger").version == "2"
+    assert str(tracking.get_alias("tiny-peft", "champion").version) == "1"
+    assert str(tracking.get_alias("tiny-peft", "challenger").version) == "2"
     v2 = tracking.get_alias("tiny-peft", "challenger")
     assert v2.tags["kubetune.decision"] == "challenger" and v2.tags["kubetune.data_fingerprint"]
     assert v2.tags["kubetune.pipeline_run_id"] != tracking.get_alias("tiny-peft", "champion").tags[
@@ -98,8 +99,10 @@ def test_peft_public_surface_is_a_decision():
     params = {k: v.default for k, v in parameters(get_pipeline("peft")).items()}
     assert params == {
         "base_model": "smollm2-135m-instruct", "data_uri": "bundled://tickets", "method": "lora",
-        "max_steps": 40, "learning_rate": 0.0, "lora_rank": 16, "max_length": 256, "model_name": "tickets-peft",
-        "max_forgetting": -1.0, "train_settings": {}, "eval_settings": {},
+        "max_steps": 30, "learning_rate": 1e-3, "lora_rank": 16, "max_length": 256, "model_name": "tickets-peft",
+        "max_forgetting": -1.0, "train_settings": {"batch_size": 2},
+        "eval_settings": {"max_examples": 48, "max_new_tokens": 40, "batch_size": 48},
+        "register_settings": {}, "force": False,
     }
 
 

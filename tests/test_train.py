@@ -60,6 +60,7 @@ def test_lora_trains_adapters_only_and_reloads(tiny_llama, tiny_tickets, tmp_pat
                              output_format="list")[0]
     client = mlflow.tracking.MlflowClient()
     assert len(client.get_metric_history(run.info.run_id, "loss")) == 12
+    assert len(client.get_metric_history(run.info.run_id, "tokens_per_s")) >= 12  # per step, and at the end
     for key in ("tokens_per_s", "peak_memory_gb", "trainable_params", "trainable_share"):
         assert key in run.data.metrics
     assert run.data.params["kubetune.method"] == "lora"

@@ -1,8 +1,8 @@
 """Generate the bundled classification dataset: short product reviews -> sentiment label.
 
 Why this task: the feature-extraction pipeline needs text/label rows that a frozen encoder's
-embeddings separate well but not perfectly, so a trained head beats the majority-class
-baseline by a clear margin and there is still room between heads. Three labels (positive,
+embeddings separate, so a trained head beats the majority-class baseline by a clear margin
+in seconds of training. Three labels (positive,
 negative, neutral); the label follows from the wording (praise, complaint, or a flat
 statement of fact), and products, aspects and sentence frames vary independently of it, so
 no single word gives the label away.

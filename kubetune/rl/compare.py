@@ -77,7 +77,8 @@ def compare_policies(
     max_new_tokens: int = 64,
     seed: int = 0,
     batch_size: int = 16,
-) -> dict[str, float]:
+    samples: int = 0,
+) -> dict:
     """Head-to-head of a tuned policy against its reference (the SFT policy).
 
     Args:
@@ -88,13 +89,15 @@ def compare_policies(
         max_new_tokens: Response cap.
         seed: Sampling seed (the same for both policies).
         batch_size: Prompts per generation batch.
+        samples: Also return the first this many (prompt, both responses, both scores) as
+            ``samples``, rows for an MLflow table.
 
     Returns:
         ``reward_policy``, ``reward_reference``, ``win_rate`` and ``kl`` (nats per response).
     """
     policy, tok = _load(policy_path)
     reference, _ = _load(reference_path)
-    wins, kls, r_pol, r_ref = [], [], [], []
+    wins, kls, r_pol, r_ref, rows = [], [], [], [], []
     for i in range(0, len(prompts), batch_size):
         batch = prompts[i : i + batch_size]
         pol_texts, qr, am, P = sample(policy, tok, batch, max_new_tokens, seed + i)
@@ -105,8 +108,12 @@ def compare_policies(
         r_pol += sp
         r_ref += sr
         wins += [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(sp, sr)]
+        rows += [{"prompt": p, "policy": a, "reference": b, "policy_score": x, "reference_score": y}
+                 for p, a, b, x, y in zip(batch, pol_texts, ref_texts, sp, sr)]
     n = len(wins)
+    extra = {"samples": rows[:samples]} if samples else {}
     return {
+        **extra,
         "reward_policy": sum(r_pol) / n,
         "reward_reference": sum(r_ref) / n,
         "win_rate": sum(wins) / n,

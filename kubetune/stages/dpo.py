@@ -79,7 +79,10 @@ def dpo(cfg: DPOConfig, dataset_dir: str | Path, output_dir: str | Path, ctx: Ru
     tags = {"kubetune.method": "dpo", "kubetune.base_model": cfg.base_model,
             "kubetune.data_fingerprint": meta["fingerprint"]}
     output_dir = Path(output_dir)
-    with maybe_stage(ctx, "dpo", params=asdict(cfg), tags=tags) as run:
+    # Prefixed: the Trainer logs its own arguments (learning_rate, ...) to the same run, and
+    # MLflow refuses a parameter logged twice with different values.
+    params = {f"kubetune.{k}": v for k, v in asdict(cfg).items()}
+    with maybe_stage(ctx, "dpo", params=params, tags=tags) as run:
         metrics = train_dpo(models.resolve(cfg.base_model), train, val, settings, output_dir,
                             report_to="mlflow" if run is not None else "none")
         metrics.update(n_train=len(train), n_val=len(val))

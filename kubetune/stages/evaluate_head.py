@@ -50,7 +50,7 @@ def evaluate_head(cfg: EvaluateHeadConfig, model_dir: str | Path, embeddings_dir
         The report (same keys as ``evaluate``'s).
     """
     from kubetune import tracking
-    from kubetune.features import Head, classification_metrics, head_dir_of, majority_baseline
+    from kubetune.features import Head, artifact_dir, classification_metrics, majority_baseline
     from kubetune.stages.embed import load_features
     from kubetune.stages.ingest import load_dataset_dir
 
@@ -59,7 +59,7 @@ def evaluate_head(cfg: EvaluateHeadConfig, model_dir: str | Path, embeddings_dir
     ref = [labels[i] for i in t["validation_y"].tolist()]
     metric = cfg.primary_metric
     with maybe_stage(ctx, "evaluate-head", params=asdict(cfg)) as run:
-        head = Head.load(head_dir_of(model_dir))
+        head = Head.load(artifact_dir(model_dir))
         candidate = classification_metrics(head.predict(t["validation_x"]), ref, labels)
         base = majority_baseline([labels[i] for i in t["train_y"].tolist()], ref, labels)
         champion, champion_version = None, None

@@ -301,6 +301,10 @@ def validate(split_records: dict[str, list[tuple[str, Any]]], shape: str = "auto
     if shape == "auto":
         first = next((r for recs in split_records.values() for _, r in recs if isinstance(r, dict)), None)
         shape = detect_shape(first) if first is not None else None
+        read_errors = [p for recs in split_records.values() for _, r in recs if isinstance(r, DataError)
+                       for p in r.problems]
+        if first is None and read_errors:  # nothing readable: the reading errors are the story
+            raise DataError(read_errors)
         if shape is None:
             w = next(w for recs in split_records.values() for w, r in recs)
             keys = sorted(first) if isinstance(first, dict) else []
@@ -337,6 +341,15 @@ def validate(split_records: dict[str, list[tuple[str, Any]]], shape: str = "auto
     if sum(len(v) for v in out.values()) < 2:
         raise DataError(f"{first_where}: fewer than 2 valid records after removing duplicates; nothing to train on")
     return shape, out, counts
+
+
+def check_labels(train: list[dict], val: list[dict], where: str) -> None:
+    """Labels seen at evaluation must exist in training: a model cannot predict a class it never saw."""
+    known = {r["label"] for r in train}
+    unknown = [(i, r["label"]) for i, r in enumerate(val) if r["label"] not in known]
+    if unknown:
+        raise DataError([f"{where} row {i}: field 'label' value {label!r} never occurs in the training split "
+                         f"(training labels: {sorted(known)})" for i, label in unknown])
 
 
 # ---------------------------------------------------------------- stage
@@ -422,6 +435,8 @@ def _ingest(cfg: IngestConfig, output_dir: Path, cache_dir: str | Path | None) -
     shape, by_split, counts = validate(read_records(path), cfg.shape, cfg.duplicates)
     if "validation" in by_split and "train" in by_split:
         train, val = by_split["train"], by_split["validation"]
+        if shape == "classification":
+            check_labels(train, val, f"{cfg.data_uri} [validation]")
     else:
         rows = [r for recs in by_split.values() for r in recs]
         if cfg.max_rows:

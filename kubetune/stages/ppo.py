@@ -104,7 +104,9 @@ def ppo(cfg: PPOConfig, policy: str | Path, reward_model_dir: str | Path, output
         log = (lambda stats, update: log_metrics(stats, step=update)) if run is not None else None
         result = train_ppo(policy_path, prompts, reward_model_dir, cfg.trainer_settings(), output_dir, log_fn=log)
         manifest = {"method": "ppo", "settings": asdict(cfg), "base_model": base_model,
-                    "sft_policy": str(policy), "data_fingerprint": sft_manifest.get("data_fingerprint"),
+                    # No data_fingerprint: the SFT view's is not the preference data's; register takes
+                    # the one evaluate_policy reports (the preference data the policy is judged on).
+                    "sft_policy": str(policy),
                     "metrics": result.metrics}
         (output_dir / "kubetune_method.json").write_text(json.dumps(manifest, indent=2))
         if run is not None:

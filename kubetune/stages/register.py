@@ -134,6 +134,10 @@ def register(cfg: RegisterConfig, model_dir: str | Path, report_path: str | Path
             **decision.tags(in_force),
         }
         run_id = run.info.run_id if run is not None else None
+        # The data size for the card: ingest's counts, from its run in this pipeline run.
+        ingested = tracking.stage_metrics(ctx, "ingest")
+        if "data_train" in ingested:
+            manifest.setdefault("counts", {})["train"] = int(ingested["data_train"])
         # The card travels with the version's files (model/README.md) and is its description;
         # written before the version exists, so its decision line is the gates' verdict.
         provisional = model_card(cfg.model_name, "(new)", manifest, report, decision, in_force, ctx.pipeline,

@@ -111,7 +111,10 @@ def reward_model(cfg: RewardModelConfig, dataset_dir: str | Path, output_dir: st
                              batch_size=cfg.batch_size, max_length=cfg.max_length, seed=cfg.seed)
     tags = {"kubetune.method": "reward_model", "kubetune.base_model": cfg.base_model,
             "kubetune.data_fingerprint": meta["fingerprint"]}
-    with maybe_stage(ctx, "reward-model", params=asdict(cfg), tags=tags) as run:
+    # Prefixed: the Trainer logs its own arguments (learning_rate, ...) to the same run, and
+    # MLflow refuses a parameter logged twice with different values.
+    params = {f"kubetune.{k}": v for k, v in asdict(cfg).items()}
+    with maybe_stage(ctx, "reward-model", params=params, tags=tags) as run:
         result = train_reward_model(models.resolve(cfg.base_model), train, val, settings, output_dir,
                                     report_to="mlflow" if run is not None else "none")
         manifest = {"method": "reward_model", "settings": asdict(cfg), "base_model": cfg.base_model,
@@ -141,7 +144,8 @@ def reward_model(cfg: RewardModelConfig, dataset_dir: str | Path, output_dir: st
         if run is not None:
             from kubetune.tracking import log_figure
 
-            log_metrics(result.metrics)
+            # "val_": TRL's own logs use "accuracy" and "margin" for the training batches.
+            log_metrics({f"val_{k}": v for k, v in result.metrics.items()})
             if champion:
                 log_metrics({f"champion_{k}": v for k, v in champion.items()})
             log_figure(result.figure, "reward_margins.png")

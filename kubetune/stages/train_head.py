@@ -71,7 +71,7 @@ def fit_head(cfg: TrainHeadConfig, x, y, n_labels: int, labels: list[str]):
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     config = {"kind": cfg.head, "dim": int(x.shape[1]), "hidden_size": cfg.hidden_size}
     return Head(net, mean, std, labels, config), losses
 

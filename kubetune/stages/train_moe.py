@@ -19,8 +19,8 @@ prepared model. What this stage adds is the wiring:
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
-import typing
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -31,14 +31,16 @@ from kubetune.train import TrainConfig, TrainResult, run_training
 from kubetune.tracking import RunContext
 
 # Learning rates when ``learning_rate`` is 0. Upcycled experts start as a trained MLP, so they
-# take a full-fine-tuning-sized step, a little larger because runs here are short (tens of
-# steps) and the router starts from scratch; LoRA experts take LoRA's 2e-4 (QLoRA paper).
+# take a full-fine-tuning step: 5x TRL's 2e-5 because runs here are tens of steps, not
+# thousands (configs/peft-lora.yaml reasons the same way) and the routers start from scratch.
+# LoRA experts take LoRA's 2e-4 (QLoRA paper).
 DEFAULT_LEARNING_RATES = {"experts": 1e-4, "lora": 2e-4}
 
 # Defaults of the training core that differ for this stage (any of them can still be set).
-# save_steps: a checkpoint of an upcycled SmolLM2 is ~4 GB with its optimizer state; runs of
-# tens of steps finish before a crash would cost much, so checkpoint rarely.
-TRAIN_DEFAULTS = {"max_steps": 40, "save_steps": 100}
+# Sized like configs/peft-lora.yaml for 2 CPU cores: 2 rows x 256 tokens x 30 steps = ~15k
+# tokens, about a third of an epoch of the bundled tickets. save_steps: a checkpoint of an
+# upcycled SmolLM2 is ~2 GB with its optimizer state and a 30-step run loses little to a crash.
+TRAIN_DEFAULTS = {"max_steps": 30, "batch_size": 2, "save_steps": 100}
 
 
 @dataclass
@@ -81,13 +83,18 @@ class MoEConfig:
         return {k: v for k, v in asdict(self).items() if k != "train"}
 
 
+_INT_KEYS = {f.name for cls in (MoEConfig, TrainConfig) for f in dataclasses.fields(cls) if f.type in (int, "int")}
+
+
 def moe_config_from_dict(values: dict[str, Any] | None, source: str = "train_moe settings") -> MoEConfig:
     """Build a ``MoEConfig`` from one flat mapping: MoE keys and training-core keys side by side.
 
     ``{"num_experts": 8, "max_steps": 100}`` sets ``num_experts`` and ``train.max_steps``. Unknown
     keys and wrong types fail naming the key; ``method`` is refused (this stage decides it).
     """
-    values = dict(values or {})
+    # KFP passes dict parameters as a protobuf Struct, whose numbers are all doubles: 2 -> 2.0.
+    values = {k: int(v) if isinstance(v, float) and v.is_integer() and k in _INT_KEYS else v
+              for k, v in (values or {}).items()}
     moe_keys = {f.name for f in dataclasses.fields(MoEConfig)} - {"train"}
     train_keys = {f.name for f in dataclasses.fields(TrainConfig)} - {"method"}
     if "method" in values:
@@ -98,15 +105,7 @@ def moe_config_from_dict(values: dict[str, Any] | None, source: str = "train_moe
         raise ConfigError(f"{source}: unknown key(s) {unknown}; known keys: {sorted(moe_keys | train_keys)}")
     train = from_dict(TrainConfig, {**TRAIN_DEFAULTS, **{k: v for k, v in values.items() if k in train_keys}},
                       source)
-    hints = typing.get_type_hints(MoEConfig)
-    moe_values = {k: v for k, v in values.items() if k in moe_keys}
-    from kubetune.config import _check_type
-
-    checked = {k: _check_type(k, v, hints[k], source) for k, v in moe_values.items()}
-    try:
-        return MoEConfig(**checked, train=train)
-    except ConfigError as e:
-        raise ConfigError(f"{source}: {e}") from None
+    return from_dict(MoEConfig, {**{k: v for k, v in values.items() if k in moe_keys}, "train": train}, source)
 
 
 def train_moe(cfg: MoEConfig, tokenized_dir: str | Path, output_dir: str | Path, workspace: str | Path,
@@ -122,8 +121,8 @@ def train_moe(cfg: MoEConfig, tokenized_dir: str | Path, output_dir: str | Path,
         ctx: When given, logs to an MLflow child run named ``train-moe``.
 
     Returns:
-        The training core's metrics plus ``total_params``/``active_params`` (per token) of the MoE,
-        ``load_balance_loss_first``/``_last`` and the utilisation summary; and the output folder.
+        The training core's metrics plus ``moe_total_params``/``moe_active_params`` (active = per
+        token), ``load_balance_loss_first``/``_last`` and the utilisation extremes; and the folder.
     """
     import datasets
     import torch
@@ -144,7 +143,6 @@ def train_moe(cfg: MoEConfig, tokenized_dir: str | Path, output_dir: str | Path,
                             lora_rank=cfg.lora_rank, lora_alpha=2.0 * cfg.lora_rank, seed=train_cfg.seed)
     except ValueError as e:  # unsupported family, too few layers for every_k_layers, ...
         raise ConfigError(f"train_moe: {e}") from None
-    model.config._name_or_path = dense.config._name_or_path
     del dense
     moe.freeze_for_moe(model, train_rest=cfg.train_rest)
     # Without this the load-balancing loss is computed nowhere and the router learns only from
@@ -153,10 +151,13 @@ def train_moe(cfg: MoEConfig, tokenized_dir: str | Path, output_dir: str | Path,
     model.kubetune_method = {"method": "moe", "settings": cfg.moe_settings()}
 
     val_rows = list(datasets.load_from_disk(str(tokenized_dir))["validation"])
-    report = MoEReport(model, cfg, val_rows)
+    report = _report_callback(model, cfg, val_rows)
+    # The core keys checkpoints by the training config and data; the MoE settings key the
+    # workspace, so a rerun with another kind or E never resumes from an incompatible checkpoint.
+    moe_key = hashlib.sha256(json.dumps(cfg.moe_settings(), sort_keys=True).encode()).hexdigest()[:12]
     try:
-        result = run_training("train-moe", train_cfg, tokenized_dir, output_dir, workspace, ctx, model=model,
-                              callbacks=(report,))
+        result = run_training("train-moe", train_cfg, tokenized_dir, output_dir, Path(workspace) / f"moe-{moe_key}",
+                              ctx, model=model, callbacks=(report,))
     finally:
         report.remove_hooks()
     (Path(output_dir) / "expert_utilisation.json").write_text(
@@ -168,85 +169,80 @@ def train_moe(cfg: MoEConfig, tokenized_dir: str | Path, output_dir: str | Path,
 # ---------------------------------------------------------------- logging and reports
 
 
-def _trainer_callback_base():
-    from transformers import TrainerCallback
-
-    return TrainerCallback
-
-
-class MoEReport(_trainer_callback_base()):
+def _report_callback(model, cfg: MoEConfig, val_rows: list[dict]):
     """Per-step router losses to MLflow; at the end of training: merge, then count and measure.
 
-    ``on_log`` logs straight to the active MLflow run (the stage's child run): keys added to
-    ``logs`` by a callback are not seen by the Trainer's MLflow callback, which runs first.
+    ``on_log`` logs straight to the active MLflow run (the stage's child run): keys a callback
+    adds to ``logs`` are not seen by the Trainer's MLflow callback, which runs before ours.
     ``on_train_end`` runs before the training core saves the model, so merging LoRA experts and
     turning ``output_router_logits`` off there is what gets saved.
     """
+    from transformers import TrainerCallback
 
-    def __init__(self, model, cfg: MoEConfig, val_rows: list[dict]):
-        from kubetune import moe
+    from kubetune import moe, tracking
 
-        self.model, self.cfg, self.val_rows = model, cfg, val_rows
-        self.z_loss = moe.RouterZLoss(model, cfg.router_z_loss_coef)
-        self.aux: list[float] = []  # load-balancing loss of every training forward
-        self.load_balance_history: list[float] = []  # its mean per logged step
-        self._aux_seen = self._z_seen = 0
-        self._aux_handle = model.register_forward_hook(self._record_aux)
-        self.utilisation: dict[int, list[float]] = {}
-        self.summary: dict[str, float] = {}
+    class MoEReport(TrainerCallback):
+        def __init__(self):
+            self.z_loss = moe.RouterZLoss(model, cfg.router_z_loss_coef)
+            self.aux: list[float] = []  # load-balancing loss of every training forward
+            self.load_balance_history: list[float] = []  # its mean per logged step
+            self._aux_seen = self._z_seen = 0
+            self._aux_handle = model.register_forward_hook(self._record_aux)
+            self.utilisation: dict[int, list[float]] = {}
+            self.summary: dict[str, float] = {}
 
-    def _record_aux(self, module, args, output):
-        aux = getattr(output, "aux_loss", None)
-        if module.training and aux is not None:
-            self.aux.append(float(aux.detach()))
+        def _record_aux(self, module, args, output):
+            aux = getattr(output, "aux_loss", None)
+            if module.training and aux is not None:
+                self.aux.append(float(aux.detach()))
 
-    def remove_hooks(self) -> None:
-        self.z_loss.remove()
-        self._aux_handle.remove()
+        def remove_hooks(self) -> None:
+            self.z_loss.remove()
+            self._aux_handle.remove()
 
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs is None or "loss" not in logs:
-            return
-        out = {}
-        new_aux, self._aux_seen = self.aux[self._aux_seen:], len(self.aux)
-        if new_aux:
-            out["load_balance_loss"] = sum(new_aux) / len(new_aux)
-            self.load_balance_history.append(out["load_balance_loss"])
-        new_z, self._z_seen = self.z_loss.values[self._z_seen:], len(self.z_loss.values)
-        if new_z:
-            out["router_z_loss"] = sum(new_z) / len(new_z)
-        if out and "mlflow" in (args.report_to or []):
-            from kubetune.tracking import log_metrics
+        def on_train_begin(self, args, state, control, **kwargs):
+            if "mlflow" in (args.report_to or []):
+                tracking.set_tags({"kubetune.method": "moe", "kubetune.moe_kind": cfg.kind})
 
-            log_metrics(out, step=state.global_step)
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs is None or "loss" not in logs:
+                return
+            out = {}
+            new_aux, self._aux_seen = self.aux[self._aux_seen:], len(self.aux)
+            if new_aux:
+                out["load_balance_loss"] = sum(new_aux) / len(new_aux)
+                self.load_balance_history.append(out["load_balance_loss"])
+            new_z, self._z_seen = self.z_loss.values[self._z_seen:], len(self.z_loss.values)
+            if new_z:
+                out["router_z_loss"] = sum(new_z) / len(new_z)
+            if out and "mlflow" in (args.report_to or []):
+                tracking.log_metrics(out, step=state.global_step)
 
-    def on_train_end(self, args, state, control, **kwargs):
-        from kubetune import moe
+        def on_train_end(self, args, state, control, **kwargs):
+            self.remove_hooks()
+            moe.merge_lora_experts(model)
+            model.config.output_router_logits = False
+            counts = moe.param_counts(model)
+            self.utilisation = moe.expert_utilisation(model, val_rows)
+            shares = [s for layer in self.utilisation.values() for s in layer]
+            self.summary = {
+                "moe_total_params": counts.total,
+                "moe_active_params": counts.active,
+                "moe_active_share": round(counts.active / counts.total, 4),
+                "moe_layers": len(self.utilisation),
+                # Uniform routing gives 1/E everywhere; a layer collapsed onto k experts gives 1/k.
+                "utilisation_max_share": max(shares, default=0.0),
+                "utilisation_min_share": min(shares, default=0.0),
+            }
+            if self.load_balance_history:
+                self.summary["load_balance_loss_first"] = self.load_balance_history[0]
+                self.summary["load_balance_loss_last"] = self.load_balance_history[-1]
+            if "mlflow" in (args.report_to or []):
+                tracking.log_metrics(self.summary)
+                tracking.log_metrics({f"expert_share.layer_{layer}.expert_{e}": s
+                                      for layer, row in self.utilisation.items() for e, s in enumerate(row)})
+                if self.utilisation:
+                    title = f"Expert utilisation, validation set ({cfg.kind}, top-{cfg.top_k})"
+                    tracking.log_figure(moe.plot_utilisation(self.utilisation, title=title), "expert_utilisation.png")
 
-        self.remove_hooks()
-        moe.merge_lora_experts(self.model)
-        self.model.config.output_router_logits = False
-        counts = moe.param_counts(self.model)
-        self.utilisation = moe.expert_utilisation(self.model, self.val_rows)
-        shares = [s for layer in self.utilisation.values() for s in layer]
-        self.summary = {
-            "moe_total_params": counts.total,
-            "moe_active_params": counts.active,
-            "moe_active_share": round(counts.active / counts.total, 4),
-            "moe_layers": len(self.utilisation),
-            # Uniform routing gives 1/E everywhere; a layer collapsed onto k experts gives 1/k.
-            "utilisation_max_share": max(shares, default=0.0),
-            "utilisation_min_share": min(shares, default=0.0),
-        }
-        if self.load_balance_history:
-            self.summary["load_balance_loss_first"] = self.load_balance_history[0]
-            self.summary["load_balance_loss_last"] = self.load_balance_history[-1]
-        if "mlflow" in (args.report_to or []):
-            from kubetune.tracking import log_figure, log_metrics
-
-            log_metrics(self.summary)
-            log_metrics({f"expert_share.layer_{layer}.expert_{e}": s
-                         for layer, row in self.utilisation.items() for e, s in enumerate(row)})
-            if self.utilisation:
-                title = f"Expert utilisation, validation set ({self.cfg.kind}, top-{self.cfg.top_k})"
-                log_figure(moe.plot_utilisation(self.utilisation, title=title), "expert_utilisation.png")
+    return MoEReport()

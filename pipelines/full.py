@@ -1,0 +1,64 @@
+"""Pipeline `full`: ingest, tokenize, train every weight, evaluate, register.
+
+The same training core as `peft` (``kubetune.train``), configured to train all weights.
+Memory savers are settings, not code paths: ``--set train_settings='{"gradient_checkpointing":
+true, "optimizer": "adamw_8bit"}'`` (8-bit/fused optimizers where the hardware has them).
+
+Run it locally:   kubetune run full [--set max_steps=100]
+Compile it:       kubetune compile full --out build/ [--profile profiles/h200x2.yaml]
+"""
+
+from kfp import dsl
+
+from kubetune import kube
+from kubetune.components import evaluate, ingest, register, register_skipped, tokenize_data, train_full
+from kubetune.models import DEFAULT_BASE_MODEL
+
+NAME = "full"
+DESCRIPTION = "Full fine-tuning: every weight trains (the shared training core; forgetting measured)."
+
+
+def build(profile: "kube.Profile | None" = None):
+    """The pipeline, with the cluster profile's resources applied to its tasks (None = none)."""
+
+    @dsl.pipeline(name=NAME, description=DESCRIPTION)
+    def full(
+        base_model: str = DEFAULT_BASE_MODEL,
+        data_uri: str = "bundled://tickets",
+        max_steps: int = 40,
+        learning_rate: float = 0.0,
+        max_length: int = 256,
+        model_name: str = "tickets-full",
+        max_forgetting: float = -1.0,
+        train_settings: dict = {},
+        eval_settings: dict = {},
+        register_settings: dict = {},
+        force: bool = False,
+    ) -> str:
+        run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
+        lineage = dict(model_name=model_name, pipeline=NAME, run_id=run_id)
+
+        data = ingest(data_uri=data_uri, force=force, **lineage).set_display_name("ingest")
+        with dsl.If(data.outputs["unchanged"] == False, name="data-changed"):  # noqa: E712 - a KFP condition
+            tokens = tokenize_data(dataset=data.outputs["dataset"], base_model=base_model, max_length=max_length)
+            trained = train_full(tokenized=tokens.outputs["tokenized"], base_model=base_model, max_steps=max_steps,
+                                 learning_rate=learning_rate, settings=train_settings, **lineage)
+            scored = evaluate(model=trained.outputs["model"], dataset=data.outputs["dataset"],
+                              tokenized=tokens.outputs["tokenized"], base_model=base_model,
+                              settings=eval_settings, **lineage)
+            registered = register(model=trained.outputs["model"], report=scored.outputs["report"],
+                                  max_forgetting=max_forgetting, settings=register_settings, **lineage)
+        with dsl.Else(name="data-unchanged"):
+            skipped = register_skipped(fingerprint=data.outputs["Output"], **lineage)
+
+        kube.on_cluster(profile, cpu=[data, tokens, registered, skipped], gpu=[trained, scored])
+        # No step is a pure function of its inputs: the data behind a URI changes (retraining on
+        # fresh data), evaluate reads the current champion, register writes the registry.
+        for task in (data, tokens, trained, scored, registered, skipped):
+            kube.no_cache(task)
+        return dsl.OneOf(registered.output, skipped.output)
+
+    return full
+
+
+pipeline = build()

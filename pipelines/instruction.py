@@ -1,0 +1,85 @@
+"""Pipeline `instruction`: instruction tuning on instruction/input/output or chat data.
+
+ingest, tokenize (the model's chat template, or ChatML when it has none; labels on the
+assistant turns only, every turn of a multi-turn conversation; a hard error when no response
+token is left), train with ``method`` = ``full`` or any PEFT method, evaluate (greedy answers
+scored against the references: exact match, ROUGE-L; forgetting), register.
+
+Run it locally:   kubetune run instruction [--set method=full] [--set data_uri=bundled://tickets]
+Compile it:       kubetune compile instruction --out build/ [--profile profiles/h200x2.yaml]
+"""
+
+from kfp import dsl
+
+from kubetune import kube
+from kubetune.components import evaluate, ingest, register, register_skipped, tokenize_data, train_full, train_peft
+from kubetune.models import DEFAULT_BASE_MODEL
+from kubetune.pipelines.peft import packing_for
+
+NAME = "instruction"
+DESCRIPTION = "Instruction tuning on chat or instruction data (responses-only loss), full or any PEFT method."
+
+
+def build(profile: "kube.Profile | None" = None):
+    """The pipeline, with the cluster profile's resources applied to its tasks (None = none)."""
+
+    @dsl.pipeline(name=NAME, description=DESCRIPTION)
+    def instruction(
+        base_model: str = DEFAULT_BASE_MODEL,
+        data_uri: str = "bundled://chat",
+        method: str = "lora",
+        max_steps: int = 40,
+        learning_rate: float = 0.0,
+        lora_rank: int = 16,
+        max_length: int = 256,
+        model_name: str = "chat-instruction",
+        max_forgetting: float = -1.0,
+        train_settings: dict = {},
+        eval_settings: dict = {},
+        register_settings: dict = {},
+        force: bool = False,
+    ) -> str:
+        run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
+        lineage = dict(model_name=model_name, pipeline=NAME, run_id=run_id)
+
+        data = ingest(data_uri=data_uri, force=force, **lineage).set_display_name("ingest")
+
+        def judge(trained, tokens):
+            """evaluate then register one trained model (kfp.local cannot pass a OneOf of artifacts on)."""
+            scored = evaluate(model=trained.outputs["model"], dataset=data.outputs["dataset"],
+                              tokenized=tokens.outputs["tokenized"], base_model=base_model, settings=eval_settings,
+                              **lineage)
+            registered = register(model=trained.outputs["model"], report=scored.outputs["report"],
+                                  max_forgetting=max_forgetting, settings=register_settings, **lineage)
+            return scored, registered
+
+        with dsl.If(data.outputs["unchanged"] == True, name="data-unchanged"):  # noqa: E712 - a KFP condition
+            skipped = register_skipped(fingerprint=data.outputs["Output"], **lineage)
+        with dsl.Elif(method == "full", name="all-weights"):
+            tokens_full = tokenize_data(dataset=data.outputs["dataset"], base_model=base_model,
+                                        max_length=max_length)
+            full = train_full(tokenized=tokens_full.outputs["tokenized"], base_model=base_model,
+                              max_steps=max_steps, learning_rate=learning_rate, settings=train_settings, **lineage)
+            scored_full, registered_full = judge(full, tokens_full)
+        with dsl.Else(name="peft-method"):
+            packing = packing_for(method=method)
+            tokens_peft = tokenize_data(dataset=data.outputs["dataset"], base_model=base_model,
+                                        max_length=max_length, packing=packing.output)
+            peft = train_peft(tokenized=tokens_peft.outputs["tokenized"], base_model=base_model, method=method,
+                              max_steps=max_steps, learning_rate=learning_rate, lora_rank=lora_rank,
+                              settings=train_settings, **lineage)
+            scored_peft, registered_peft = judge(peft, tokens_peft)
+
+        kube.on_cluster(profile, cpu=[data, skipped, tokens_full, registered_full, packing, tokens_peft,
+                                      registered_peft], gpu=[full, scored_full, peft, scored_peft])
+        # No step is a pure function of its inputs: the data behind a URI changes (retraining on
+        # fresh data), evaluate reads the current champion, register writes the registry.
+        for task in (data, skipped, tokens_full, full, scored_full, registered_full, packing, tokens_peft, peft,
+                     scored_peft, registered_peft):
+            kube.no_cache(task)
+        return dsl.OneOf(skipped.output, registered_full.output, registered_peft.output)
+
+    return instruction
+
+
+pipeline = build()

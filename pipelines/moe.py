@@ -1,0 +1,68 @@
+"""Pipeline `moe` (experimental): ingest, tokenize, upcycle into a Mixture of Experts and train
+experts + routers, evaluate against the dense base, register.
+
+Skips the rest when the champion was trained on the same data (unless ``force``): see
+docs/registry.md for the pattern.
+
+Run it locally:   kubetune run moe [--set kind=lora --set num_experts=8]
+Compile it:       kubetune compile --out build/ [--profile profiles/h200x2.yaml]
+"""
+
+from kfp import dsl
+
+from kubetune import kube
+from kubetune.components import evaluate, ingest, register, register_skipped, tokenize_data, train_moe
+from kubetune.models import DEFAULT_BASE_MODEL
+
+NAME = "moe"
+DESCRIPTION = "Mixture of Experts by sparse upcycling: experts and router trained, the rest frozen (experimental)."
+
+
+def build(profile: "kube.Profile | None" = None):
+    """The pipeline, with the cluster profile's resources applied to its tasks (None = none)."""
+
+    @dsl.pipeline(name=NAME, description=DESCRIPTION)
+    def moe(
+        base_model: str = DEFAULT_BASE_MODEL,
+        data_uri: str = "bundled://tickets",
+        num_experts: int = 4,
+        top_k: int = 2,
+        kind: str = "experts",
+        max_steps: int = 30,
+        learning_rate: float = 0.0,
+        max_length: int = 256,
+        model_name: str = "tickets-moe",
+        max_forgetting: float = -1.0,
+        train_settings: dict = {},
+        eval_settings: dict = {},
+        register_settings: dict = {},
+        force: bool = False,
+    ) -> str:
+        run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
+        lineage = dict(model_name=model_name, pipeline=NAME, run_id=run_id)
+
+        data = ingest(data_uri=data_uri, force=force, **lineage).set_display_name("ingest")
+        with dsl.If(data.outputs["unchanged"] == False, name="data-changed"):  # noqa: E712 - a KFP condition
+            tokens = tokenize_data(dataset=data.outputs["dataset"], base_model=base_model, max_length=max_length)
+            trained = train_moe(tokenized=tokens.outputs["tokenized"], base_model=base_model,
+                                num_experts=num_experts, top_k=top_k, kind=kind, max_steps=max_steps,
+                                learning_rate=learning_rate, settings=train_settings, **lineage)
+            scored = evaluate(model=trained.outputs["model"], dataset=data.outputs["dataset"],
+                              tokenized=tokens.outputs["tokenized"], base_model=base_model,
+                              settings=eval_settings, **lineage)
+            registered = register(model=trained.outputs["model"], report=scored.outputs["report"],
+                                  max_forgetting=max_forgetting, settings=register_settings, **lineage)
+        with dsl.Else(name="data-unchanged"):
+            skipped = register_skipped(fingerprint=data.outputs["Output"], **lineage)
+
+        kube.on_cluster(profile, cpu=[data, tokens, registered, skipped], gpu=[trained, scored])
+        # No step is a pure function of its inputs: the data behind a URI changes (retraining on
+        # fresh data), evaluate reads the current champion, register writes the registry.
+        for task in (data, tokens, trained, scored, registered, skipped):
+            kube.no_cache(task)
+        return dsl.OneOf(registered.output, skipped.output)
+
+    return moe
+
+
+pipeline = build()

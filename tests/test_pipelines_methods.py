@@ -1,0 +1,75 @@
+"""The `full`, `instruction` and `feature-extraction` pipelines end to end through kfp.local
+(one run each, tiny models), and their compilation."""
+
+from __future__ import annotations
+
+import json
+
+import yaml
+
+from kubetune.runner import compile_all, run_local
+
+EVAL = {"primary_metric": "val_loss", "max_examples": 4, "max_new_tokens": 8}
+
+
+def _subset(tmp_path, name, n):
+    from kubetune.storage import bundled
+
+    lines = bundled(f"bundled://{name}").read_text().splitlines()[:n]
+    path = tmp_path / f"{name}.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_full_pipeline_trains_every_weight_and_registers(tiny_llama, tmp_path, mlflow_uri):
+    from kubetune import tracking
+
+    out = run_local("full", {"base_model": str(tiny_llama), "data_uri": str(_subset(tmp_path, "tickets", 40)),
+                             "model_name": "tiny-full", "max_steps": 6, "learning_rate": 1e-3, "max_length": 512,
+                             "eval_settings": EVAL}, workdir=tmp_path)
+    assert out["version"] == "1" and out["promoted"] and set(out["aliases"]) == {"champion", "challenger"}
+    assert out["candidate"] < out["base"]  # validation loss fell
+    assert out["forgetting"] is not None  # general-text perplexity measured against the base
+    v1 = tracking.get_alias("tiny-full", "champion")
+    assert v1.tags["kubetune.method"] == "full" and v1.tags["kubetune.pipeline"] == "full"
+
+
+def test_instruction_pipeline_prompt_tuning_on_multi_turn_chat(tiny_llama, tmp_path, mlflow_uri):
+    """Prompt tuning cannot train on packed rows: the pipeline derives packing=false from the method."""
+    from kubetune import tracking
+
+    out = run_local("instruction", {"base_model": str(tiny_llama), "data_uri": str(_subset(tmp_path, "chat", 40)),
+                                    "method": "prompt", "model_name": "tiny-chat", "max_steps": 4,
+                                    "eval_settings": {**EVAL, "primary_metric": "exact_match"}}, workdir=tmp_path)
+    assert out["version"] == "1" and out["promoted"] and out["primary_metric"] == "exact_match"
+    v1 = tracking.get_alias("tiny-chat", "champion")
+    assert v1.tags["kubetune.method"] == "prompt" and v1.tags["kubetune.pipeline"] == "instruction"
+    assert "eval.rouge_l" in v1.tags and "eval.general_perplexity" in v1.tags
+
+
+def test_feature_extraction_pipeline_registers_a_text_classifier(tiny_llama, tmp_path, mlflow_uri):
+    import mlflow.pyfunc
+
+    data = _subset(tmp_path, "reviews", 90)
+    out = run_local("feature-extraction", {"base_model": str(tiny_llama), "data_uri": str(data), "pooling": "last",
+                                           "head": "mlp", "model_name": "tiny-fe"}, workdir=tmp_path)
+    assert out["version"] == "1" and out["promoted"] and out["primary_metric"] == "macro_f1"
+    assert out["forgetting"] == 0.0
+    labels = mlflow.pyfunc.load_model("models:/tiny-fe@champion").predict(["Great lamp!", "Awful tent.", "A mug."])
+    assert len(labels) == 3 and set(labels) <= {"negative", "neutral", "positive"}
+
+
+def test_method_pipelines_compile_with_a_gpu_profile(tmp_path):
+    from kubetune.pipelines import PIPELINES
+
+    assert {"full", "peft", "instruction", "feature-extraction"} <= set(PIPELINES)
+    paths = compile_all(tmp_path, "profiles/h200x2.yaml", names=["full", "instruction", "feature-extraction", "peft"])
+    specs = {p.stem: next(yaml.safe_load_all(p.read_text())) for p in paths}  # pipeline spec, then platform
+    comps = {name: set(spec["components"]) for name, spec in specs.items()}
+    assert {"comp-train-full", "comp-train-peft", "comp-packing-for"} <= comps["instruction"]
+    assert "comp-packing-for" in comps["peft"]
+    assert {"comp-embed", "comp-train-head", "comp-evaluate-head", "comp-register"} <= comps["feature-extraction"]
+    # the embed pass (the backbone) asks for the GPU; the head trains on the CPU
+    executors = specs["feature-extraction"]["deploymentSpec"]["executors"]
+    assert "nvidia.com/gpu" in json.dumps(executors["exec-embed"]["container"]["resources"])
+    assert "nvidia.com/gpu" not in json.dumps(executors["exec-train-head"]["container"]["resources"])

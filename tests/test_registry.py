@@ -1,0 +1,283 @@
+"""Promotion gates, race-safe alias moves, rollback, model cards and skip-when-unchanged.
+
+Against a real MLflow: a fresh SQLite store (``mlflow_uri``) and a real ``mlflow server`` on
+loopback (``mlflow_server_env``). Registered versions are made by the ``register`` stage from
+small stand-in model folders and evaluation reports (the numbers are what the gates read; the
+weights are not), except in the pipeline test, which runs ingest for real through kfp.local.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from kubetune import tracking
+from kubetune.cli import main
+from kubetune.registry_ops import Gates, check_gates, data_unchanged
+from kubetune.stages.register import RegisterConfig, register
+from kubetune.tracking import RunContext
+
+BASE = {"exact_match": 0.10, "val_loss": 2.0, "general_perplexity": 20.0}
+
+
+@pytest.fixture(params=["sqlite", "server"])
+def backend(request, tmp_path, monkeypatch):
+    """Both real MLflow backends; a unique model name (the server is shared by the session)."""
+    if request.param == "sqlite":
+        request.getfixturevalue("mlflow_uri")
+    else:
+        monkeypatch.chdir(tmp_path)
+        request.getfixturevalue("mlflow_server_env")
+    return f"reg-{request.param}-{uuid.uuid4().hex[:8]}"
+
+
+def make_version(tmp: Path, name: str, em: float, champion: dict | None = None, champion_version=None,
+                 forgetting: float | None = 0.02, fingerprint: str = "fp-aaaa", cfg: dict | None = None,
+                 run_id: str = "run-1"):
+    """A stand-in trained-model folder + eval.json, registered through the register stage."""
+    d = tmp / f"v-{uuid.uuid4().hex[:6]}"
+    (d / "model").mkdir(parents=True)
+    (d / "model" / "adapter_model.safetensors").write_bytes(os.urandom(64))
+    manifest = {"method": "lora", "base_model": "tiny-llama", "data_fingerprint": fingerprint, "shape": "chat",
+                "train": {"method": "lora", "max_steps": 60, "learning_rate": 2e-4, "lora_rank": 16},
+                "counts": {"train": 180}}
+    (d / "model" / "kubetune_method.json").write_text(json.dumps(manifest))
+    report = {"evaluated": True, "primary_metric": "exact_match", "higher_is_better": True, "min_improvement": 0.0,
+              "candidate": {"exact_match": em, "val_loss": 1.5, "general_perplexity": 20.0 * (1 + (forgetting or 0))},
+              "base": BASE, "champion": champion, "champion_version": champion_version,
+              "forgetting": forgetting, "beats_base": em > BASE["exact_match"],
+              "beats_champion": champion is None or em > champion["exact_match"], "data_fingerprint": fingerprint,
+              "validation_examples": 20}
+    if forgetting is None:
+        del report["candidate"]["general_perplexity"]
+    (d / "eval.json").write_text(json.dumps(report))
+    return register(RegisterConfig(model_name=name, **(cfg or {})), d / "model", d / "eval.json",
+                    ctx=RunContext(name, run_id, "peft"))
+
+
+def champion_of(name: str) -> str | None:
+    mv = tracking.get_alias(name, tracking.CHAMPION)
+    return str(mv.version) if mv else None
+
+
+def versions_of(name: str) -> list[str]:
+    return [str(v.version) for v in tracking.list_versions(name)]
+
+
+# ---------------------------------------------------------------- gates
+
+
+def test_check_gates_pure():
+    g = Gates(min_improvement=0.05, max_forgetting=0.1)
+    ok = check_gates("exact_match", {"exact_match": 0.6}, BASE, {"exact_match": 0.5}, "3", 0.05, g)
+    assert ok.promote and ok.checks["champion"].startswith("pass")
+    close = check_gates("exact_match", {"exact_match": 0.54}, BASE, {"exact_match": 0.5}, "3", 0.05, g)
+    assert not close.promote and "does not beat champion v3" in close.reason
+    forgot = check_gates("exact_match", {"exact_match": 0.9}, BASE, {"exact_match": 0.5}, "3", 0.25, g)
+    assert not forgot.promote and forgot.reason.startswith("forgetting +25.0% exceeds")
+    incomplete = check_gates("exact_match", {"exact_match": 0.9}, BASE, None, None, None, g)
+    assert not incomplete.promote and "not measured" in incomplete.reason
+    lenient = check_gates("exact_match", {"exact_match": 0.9}, BASE, None, None, None,
+                          Gates(max_forgetting=-1, require_complete=False))
+    assert lenient.promote
+    lower = check_gates("val_loss", {"val_loss": 1.0}, BASE, {"val_loss": 1.2}, "1", None, Gates(0.1))
+    assert lower.promote and "beats champion v1" in lower.reason
+
+
+def test_gates_accept_reject_card_promote_rollback(mlflow_uri, tmp_path, capsys):
+    """On SQLite (the server's turn is the concurrency test: ~30 registry calls per version
+    through HTTP cost minutes on a busy CI machine)."""
+    name = f"reg-{uuid.uuid4().hex[:8]}"
+    v1 = make_version(tmp_path, name, 0.40, run_id="run-a")
+    assert v1.promoted and v1.aliases == ["challenger", "champion"] and champion_of(name) == "1"
+
+    # Reject: worse than the champion -> challenger only, numbers recorded on the version.
+    v2 = make_version(tmp_path, name, 0.30, champion={"exact_match": 0.40}, champion_version="1")
+    assert not v2.promoted and champion_of(name) == "1"
+    assert str(tracking.get_alias(name, tracking.CHALLENGER).version) == "2"
+    t2 = tracking.get_version(name, "2").tags
+    assert t2["kubetune.decision"] == "challenger"
+    assert t2["gate.champion"].startswith("fail: exact_match 0.3000 does not beat champion v1 (0.4000)")
+    assert float(t2["eval.exact_match"]) == 0.30 and float(t2["champion.exact_match"]) == 0.40
+    assert float(t2["base.exact_match"]) == 0.10 and t2["kubetune.champion_compared"] == "1"
+
+    # Reject: better, but not by register's margin; and better but forgetting too much.
+    v3 = make_version(tmp_path, name, 0.42, champion={"exact_match": 0.40}, champion_version="1",
+                      cfg={"min_improvement": 0.05})
+    assert not v3.promoted and "by the margin 0.05" in v3.reason
+    v4 = make_version(tmp_path, name, 0.90, champion={"exact_match": 0.40}, champion_version="1", forgetting=0.30,
+                      cfg={"max_forgetting": 0.1})
+    assert not v4.promoted and v4.reason == "forgetting +30.0% exceeds the gate 10.0%"
+    assert tracking.get_version(name, "4").tags["gate.max_forgetting"] == "0.1"
+
+    # Accept: beats the champion by the margin within the forgetting bound.
+    v5 = make_version(tmp_path, name, 0.60, champion={"exact_match": 0.40}, champion_version="1",
+                      cfg={"min_improvement": 0.05, "max_forgetting": 0.1}, run_id="run-b")
+    assert v5.promoted and champion_of(name) == "5"
+    assert v5.reason == "exact_match 0.6000 beats champion v1 (0.4000) by the margin 0.05"
+
+    # The card: among the version's files and as its description, with the right numbers.
+    mv5 = tracking.get_version(name, "5")
+    card = (tracking.download_version(name, "5", tmp_path / "dl") / "README.md").read_text()
+    for text in (card, mv5.description):
+        assert "| exact_match (primary) | 0.6000 | 0.1000 | +0.5000 | 0.4000 | +0.2000 |" in text
+        assert "Forgetting (general-text perplexity vs base): +2.0%" in text
+        assert "`fp-aaaa`" in text and "180 training rows" in text and "`learning_rate`: 0.0002" in text
+        assert "pipeline run `run-b`" in text and "Intended use" in text
+    assert "Decision: **champion**" in mv5.description
+    assert mv5.run_id and tracking.get_run(mv5.run_id).data.tags["kubetune.pipeline_run_id"] == "run-b"
+    assert tracking.get_run(mv5.run_id).data.tags["kubetune.decision"] == "promoted"
+
+    # promote by hand, same gates: v2 is worse than champion v5 -> refused, nothing moves.
+    assert main(["promote", name, "2"]) == 1
+    assert "refused: exact_match 0.3000 does not beat champion v5" in capsys.readouterr().err
+    assert champion_of(name) == "5"
+    # --force moves it and says so on the version.
+    assert main(["promote", name, "3", "--force"]) == 0
+    assert champion_of(name) == "3"
+    t3 = tracking.get_version(name, "3").tags
+    assert t3["kubetune.decision"] == "forced" and t3["kubetune.promoted_by"] == "kubetune promote --force"
+    assert tracking.alias_history(name, "champion") == ["1", "5", "3"]
+
+    # Rollback after two promotions (5 then 3): back to 5, then back to 1, then nothing left.
+    assert main(["rollback", name]) == 0 and champion_of(name) == "5"
+    assert tracking.get_version(name, "3").tags["kubetune.rolled_back"] == "champion returned to v5"
+    assert main(["rollback", name]) == 0 and champion_of(name) == "1"
+    assert main(["rollback", name]) == 1 and champion_of(name) == "1"
+    capsys.readouterr()
+
+    assert main(["models", name]) == 0
+    table = capsys.readouterr().out
+    lines = table.splitlines()
+    assert lines[0].split()[:4] == ["version", "aliases", "metric", "value"]
+    row = {ln.split()[0]: ln for ln in lines[1:6]}
+    assert set(row) == {"v1", "v2", "v3", "v4", "v5"}
+    assert "champion" in row["v1"] and "challenger" in row["v5"] and "0.6000" in row["v5"]
+    assert "forced (rolled back)" in row["v3"] and "+30.0%" in row["v4"]
+    assert "champion history (oldest first): v1" in table
+    # No lock models left behind by the alias moves.
+    assert not [v for v in versions_of(name + tracking.LOCK_SUFFIX + "champion")]
+
+
+# ---------------------------------------------------------------- concurrent promotions
+
+RACER = textwrap.dedent("""
+    import json, sys, time
+    from kubetune import tracking
+    tracking.configure()
+    races = json.loads(sys.argv[1])
+    tracking.get_alias(races[0][0], "champion")  # warm up: the first registry call opens the store
+    print("READY", flush=True)
+    t0 = float(sys.stdin.readline())  # the same instant for both processes, sent once both are ready
+    out = []
+    for name, version, offset in races:
+        start = t0 + offset
+        while time.time() < start:
+            time.sleep(0.001)
+        # Both processes decide against the same champion (as two pipeline runs whose evaluate
+        # ran at the same time), then both try to move it at the same instant.
+        holder = tracking.get_alias(name, "champion")
+        while time.time() < start + 0.5:
+            time.sleep(0.001)
+        moved, why = tracking.move_alias(name, "champion", version, expected_current=str(holder.version))
+        out.append({"name": name, "version": version, "moved": moved, "message": why})
+    print("RESULT " + json.dumps(out))
+""")
+
+
+def test_concurrent_promotions_leave_one_champion(backend, tmp_path):
+    """Two processes promote different versions at the same instant, twice over:
+    each time exactly one wins, the alias holds the winner, the loser is told why."""
+    names = [f"{backend}-{i}" for i in range(2)]
+    for name in names:
+        make_version(tmp_path, name, 0.4)  # v1 champion
+        make_version(tmp_path, name, 0.3, champion={"exact_match": 0.4}, champion_version="1")  # v2
+        make_version(tmp_path, name, 0.3, champion={"exact_match": 0.4}, champion_version="1")  # v3
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-c", RACER, json.dumps([[n, v, 2.0 * i] for i, n in enumerate(names)])],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for v in ("2", "3")]
+    for p in procs:
+        line = p.stdout.readline()
+        assert line.strip() == "READY", (line, p.stderr.read() if p.poll() is not None else "")
+    t0 = time.time() + 1.0
+    for p in procs:
+        p.stdin.write(f"{t0}\n")
+        p.stdin.flush()
+    results = []
+    for p in procs:
+        out, err = p.communicate(timeout=180)
+        assert p.returncode == 0, err[-2000:]
+        results += json.loads(out.split("RESULT ", 1)[1])
+    for name in names:
+        race = [r for r in results if r["name"] == name]
+        winners = [r for r in race if r["moved"]]
+        losers = [r for r in race if not r["moved"]]
+        assert len(winners) == 1 and len(losers) == 1, race
+        assert champion_of(name) == winners[0]["version"]
+        assert losers[0]["message"] == (f"'champion' moved to version {winners[0]['version']} while this run "
+                                        "was deciding (expected 1)"), race
+        assert tracking.alias_history(name, "champion") == ["1", winners[0]["version"]]
+
+
+# ---------------------------------------------------------------- skip when nothing changed
+
+
+def test_pipeline_compiles_with_skip_branch(tmp_path):
+    import yaml
+
+    from kubetune.runner import compile_all
+
+    (path,) = compile_all(tmp_path, None, ["peft"])
+    spec = yaml.safe_load(path.read_text())
+    root = spec["root"]["dag"]["tasks"]
+    assert "ingest" in root and not any(k in root for k in ("train-peft", "register", "register-skipped"))
+    branches = spec["components"][root["condition-branches-1"]["componentRef"]["name"]]["dag"]["tasks"]
+    conds = {k: t["triggerPolicy"]["condition"] for k, t in branches.items()}
+    changed = next(k for k, c in conds.items() if "== false" in c)
+    unchanged = next(k for k, c in conds.items() if k != changed)
+    assert "ingest-unchanged" in conds[changed] and "!(" in conds[unchanged]
+    assert set(spec["components"][f"comp-{changed}"]["dag"]["tasks"]) >= \
+        {"tokenize-data", "train-peft", "evaluate", "register"}
+    assert set(spec["components"][f"comp-{unchanged}"]["dag"]["tasks"]) == {"register-skipped"}
+
+
+def test_skip_when_unchanged_ends_run_without_new_version(mlflow_uri, tmp_path, tiny_llama):
+    from kubetune.runner import format_summary, run_local
+    from kubetune.stages.ingest import IngestConfig, _ingest
+
+    data = tmp_path / "tickets.jsonl"
+    rows = [{"instruction": f"Classify ticket {i}", "input": f"my router {i} is broken",
+             "output": json.dumps({"team": "network", "n": i})} for i in range(24)]
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    fp = _ingest(IngestConfig(data_uri=str(data)), tmp_path / "ing", tmp_path / "cache").fingerprint
+    name = f"skip-{uuid.uuid4().hex[:6]}"
+    make_version(tmp_path, name, 0.4, fingerprint=fp)  # the champion, trained on exactly this data
+    assert data_unchanged(name, fp) == (True, f"skipped: data unchanged (fingerprint {fp} = champion v1's)")
+    assert data_unchanged(name, fp, force=True)[0] is False
+    assert data_unchanged(name, "0" * 16)[0] is False
+
+    summary = run_local("peft", {"data_uri": str(data), "base_model": str(tiny_llama), "model_name": name,
+                                 "max_steps": 1}, workdir=tmp_path)
+    assert summary["skipped"] is True and summary["promoted"] is False
+    assert summary["reason"].startswith("skipped: data unchanged") and summary["version"] == "1"
+    assert "skipped" in format_summary(summary)
+    assert versions_of(name) == ["1"] and champion_of(name) == "1"
+    # Recorded in MLflow: the pipeline's parent run and a register child run say skipped.
+    import mlflow
+
+    runs = mlflow.search_runs(experiment_names=[f"kubetune/{name}"], output_format="list")
+    parent = [r for r in runs if r.data.tags.get("kubetune.stage") == "pipeline"
+              and r.data.tags.get("kubetune.pipeline_run_id") != "run-1"]
+    assert len(parent) == 1 and parent[0].data.tags["kubetune.status"] == "skipped"
+    stages = {r.data.tags.get("kubetune.stage") for r in runs
+              if r.data.tags.get("kubetune.pipeline_run_id") == parent[0].data.tags["kubetune.pipeline_run_id"]}
+    assert stages == {"pipeline", "ingest", "register"}
