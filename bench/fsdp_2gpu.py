@@ -73,14 +73,24 @@ def main() -> None:
         os.environ["KUBETUNE_FSDP"] = fsdp
         tcfg = TrainConfig(base_model=str(root / "model"), method="full", max_steps=args.steps, learning_rate=3e-4,
                            batch_size=per_device, precision="bf16", fast_path="off", save_steps=20, warmup_ratio=0.1)
-        m = train_full(tcfg, data, root / f"out-{name}", root / f"ws-{name}").metrics
-        results[name] = {k: m[k] for k in ("train_loss_first", "train_loss_last", "tokens_per_s",
+        r = train_full(tcfg, data, root / f"out-{name}", root / f"ws-{name}")
+        m = r.metrics
+        results[name] = {k: m[k] for k in ("train_loss_first", "train_loss_last", "tokens_per_s", "tokens",
                                            "peak_memory_gb", "train_wall_s")}
-        print(name, results[name], flush=True)
+        results[name]["losses"] = r.losses
+        print(name, {k: v for k, v in results[name].items() if k != "losses"}, flush=True)
     one = results["1gpu"]
     for name in ("2gpu", "2gpu_ddp"):
         results[f"{name}_loss_rel_diff"] = abs(results[name]["train_loss_last"] - one["train_loss_last"]) / \
             one["train_loss_last"]
+        # Same global batch, same rows in the same order (accelerate hands consecutive per-device
+        # batches of one seeded permutation to the ranks): the curves should agree step by step.
+        a, b = one["losses"], results[name]["losses"]
+        if a and len(a) == len(b):
+            rel = [abs(x - y) / abs(x) for x, y in zip(a, b)]
+            results[f"{name}_step1_rel_diff"] = rel[0]
+            results[f"{name}_mean_step_rel_diff"] = sum(rel) / len(rel)
+            results[f"{name}_max_step_rel_diff"] = max(rel)
         results[f"{name}_speedup"] = results[name]["tokens_per_s"] / one["tokens_per_s"]
     results["params"] = sum(p.numel() for p in LlamaForCausalLM(cfg).parameters())
     print(json.dumps(results, indent=2))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from kubetune import __version__
 from kubetune.errors import KubetuneError
@@ -107,6 +108,44 @@ def cmd_unschedule(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    from kubetune.compare import COLUMNS, Budget, CompareConfig, parse_methods, run_compare, table_rows
+
+    methods = parse_methods(args.methods)
+    budget = Budget.parse(args.budget, steps=args.steps)
+    if args.compile:
+        from kfp import compiler
+
+        from kubetune import kube
+        from kubetune.compare import classification_view
+        from kubetune.pipelines.compare import build
+
+        profile = kube.load_profile(args.profile) if args.profile else None
+        label = args.label_field or ("issue" if args.data == "bundled://tickets" else "")
+        cls_uri = ""
+        if "feature-extraction" in methods:
+            # on a cluster the derived data must be where the pods read: --classification-data
+            cls_uri = args.classification_data or classification_view(args.data, label, Path(args.out))
+        compiler.Compiler().compile(build(methods, profile, budget, args.data, cls_uri, args.prefix), args.compile)
+        print(f"wrote {args.compile}")
+        return 0
+    cfg = CompareConfig(data_uri=args.data, methods=methods, base_model=args.base_model or "", budget=budget,
+                        batch_size=args.batch_size, max_length=args.max_length, label_field=args.label_field or "",
+                        prefix=args.prefix, out_dir=args.out)
+    if args.report_only:
+        from kubetune.compare import report_only
+
+        rows, ctx = report_only(cfg)
+    else:
+        rows, ctx = run_compare(cfg)
+    print("\n== kubetune compare: " + ctx["budget"] + " ==")
+    print("  " + " | ".join(COLUMNS))
+    for r in table_rows(rows):
+        print("  " + " | ".join(r))
+    print(f"  report: {ctx['paths']['html']} (and .md, .json); MLflow run {ctx['mlflow_run_id']}")
+    return 0 if all(r.status == "ok" for r in rows) else 1
+
+
 def _kfp_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", help="KFP API endpoint (default: $KF_PIPELINES_ENDPOINT); a bearer token is read "
                                   "from $KF_PIPELINES_TOKEN, other auth as the KFP client does")
@@ -131,6 +170,31 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_compile)
 
     sub.add_parser("pipelines", help="list the pipelines").set_defaults(func=cmd_pipelines)
+
+    from kubetune.compare import DEFAULT_METHODS, METHODS
+
+    cp = sub.add_parser("compare", help="run several methods on the same data and budget; a report with plots")
+    cp.add_argument("--data", default="bundled://tickets", help="data URI (default: bundled://tickets)")
+    cp.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated, of: {', '.join(METHODS)} "
+                                                                  f"(default: {DEFAULT_METHODS})")
+    cp.add_argument("--base-model", help="base model for every method (default: the packaged SmolLM2)")
+    cp.add_argument("--budget", default="steps:30", help="'steps:N' (same optimizer steps) or 'time:SECONDS' "
+                                                        "(same training seconds; --steps is then the schedule's "
+                                                        "horizon)")
+    cp.add_argument("--steps", type=int, default=30, help="schedule horizon for a time budget (default: 30)")
+    cp.add_argument("--batch-size", type=int, default=2, help="rows per step, every method (default: 2)")
+    cp.add_argument("--max-length", type=int, default=256, help="tokens per row, every method (default: 256)")
+    cp.add_argument("--label-field", help="feature-extraction on instruction data: the JSON answer key that "
+                                          "becomes the class (bundled tickets: issue)")
+    cp.add_argument("--prefix", default="compare", help="registered models are named PREFIX-METHOD")
+    cp.add_argument("--out", default="compare-report", help="report folder (default: compare-report)")
+    cp.add_argument("--report-only", action="store_true", help="no training: the report from the newest run of "
+                                                                   "each PREFIX-METHOD model already in MLflow")
+    cp.add_argument("--compile", metavar="YAML", help="write the pipeline-of-pipelines for a cluster instead")
+    cp.add_argument("--profile", help="cluster profile YAML (with --compile)")
+    cp.add_argument("--classification-data", help="with --compile: URI of the text/label view of the data "
+                                                  "for feature-extraction, readable from the cluster")
+    cp.set_defaults(func=cmd_compare)
 
     v = sub.add_parser("validate", help="validate a dataset (ingest's checks alone)")
     v.add_argument("data_uri")

@@ -397,6 +397,7 @@ def fast_train(
     pad_token_id: int = 0,
     timing_warmup: int | None = None,
     on_step: Callable[[int, float, float, int], None] | None = None,
+    max_seconds: float = 0.0,
 ) -> dict:
     """Train `model` in place on packed rows; the fast core under `train_full`/`train_peft`.
 
@@ -426,6 +427,8 @@ def fast_train(
             never in the loss).
         timing_warmup: steps left out of the throughput figure (compilation, allocator
             warm-up); default min(5, max_steps // 4).
+        max_seconds: stop after the step that crosses this wall-clock budget (0 = none); the
+            learning-rate schedule stays laid out over max_steps.
         on_step: called as on_step(step, loss, lr, tokens) after each step (one step late on
             the device, so that reading the loss never stalls the queue).
 
@@ -480,8 +483,12 @@ def fast_train(
     if is_cuda:
         torch.cuda.reset_peak_memory_stats(device)
     t_first = time.perf_counter()
+    steps_done = max_steps
     try:
         for step in range(max_steps):
+            if max_seconds and step > timing_warmup and time.perf_counter() - t_first > max_seconds:
+                steps_done = step
+                break
             if step == timing_warmup:
                 if is_cuda:
                     torch.cuda.synchronize(device)
@@ -531,10 +538,10 @@ def fast_train(
         model.train(old_training)
         for layer in layers:
             layer._compiled_call_impl = None  # undo layer.compile()
-    timed_steps = max_steps - timing_warmup
+    timed_steps = steps_done - timing_warmup
     elapsed = (t_end - t_start) if t_start is not None else float("nan")
     return {
-        "steps": max_steps,
+        "steps": steps_done,
         "tokens": int(tokens_timed),
         "tokens_per_s": tokens_timed / elapsed if timed_steps > 0 else float("nan"),
         "step_s": elapsed / timed_steps if timed_steps > 0 else float("nan"),

@@ -15,7 +15,7 @@ import os
 import resource
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -49,6 +49,9 @@ class TrainConfig:
     optimizer: str = setting("adamw_torch", "transformers optim name: adamw_torch, adamw_torch_fused, adamw_8bit, ...")
     precision: Literal["auto", "fp32", "bf16"] = setting("auto", "auto = bf16 on a GPU that has it, fp32 on CPU.")
     save_steps: int = setting(20, "Checkpoint every N steps (resume starts from the last complete one).")
+    max_train_seconds: float = setting(
+        0.0, "Stop after the step that crosses this many seconds of training (0 = no limit): the same-wall-clock "
+             "budget of `kubetune compare`. The learning-rate schedule stays laid out over max_steps.")
     seed: int = setting(0, "Seed of initialisation and data order.")
     merge: bool = setting(False, "Also save the adapter merged into the base weights (LoRA family).")
     fast_path: Literal["auto", "off"] = setting("auto", "auto = use the GPU fast path when on a GPU.")
@@ -59,6 +62,8 @@ class TrainConfig:
         for name in ("max_steps", "batch_size", "gradient_accumulation_steps", "save_steps", "lora_rank"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"'{name}' must be >= 1, got {getattr(self, name)}")
+        if self.max_train_seconds < 0:
+            raise ConfigError(f"'max_train_seconds' must be >= 0 (0 = no limit), got {self.max_train_seconds}")
         if self.learning_rate < 0 or self.learning_rate > 1:
             raise ConfigError(f"'learning_rate' must be in [0, 1], got {self.learning_rate}")
         if not 0 <= self.warmup_ratio < 1:
@@ -76,6 +81,7 @@ class TrainConfig:
 class TrainResult:
     metrics: dict
     output_dir: str
+    losses: list[float] = field(default_factory=list)  # per optimizer step (rank 0's view of the global loss)
 
 
 class PackedCollator:
@@ -172,7 +178,7 @@ def _disk_full_error(where: Path, e: BaseException) -> StageError:
                       "train a PEFT method (its checkpoints are megabytes, not the whole model)")
 
 
-def _callbacks(collator: PackedCollator):
+def _callbacks(collator: PackedCollator, max_train_seconds: float = 0.0):
     from transformers import TrainerCallback
 
     class Throughput(TrainerCallback):
@@ -187,6 +193,10 @@ def _callbacks(collator: PackedCollator):
                 seen = state.num_input_tokens_seen - self.tok0  # non-padding, summed over ranks
                 logs["tokens_per_s"] = round(seen / dt, 1) if dt > 0 else 0.0
                 logs["peak_memory_gb"] = round(peak_memory_gb(), 3)
+
+        def on_step_end(self, args, state, control, **kw):
+            if max_train_seconds and time.perf_counter() - self.t0 > max_train_seconds:
+                control.should_training_stop = True  # the wall-clock budget is spent
 
         def on_save(self, args, state, control, **kw):
             # The Trainer has finished writing checkpoint-N when on_save runs (it writes into
@@ -313,7 +323,7 @@ def train(cfg: TrainConfig, tokenized_dir: str | Path, output_dir: str | Path, c
                       callbacks=list(callbacks))
     # Ours run first: the keys they add to the logs (tokens/s, peak memory) then reach the
     # MLflow callback, which transformers registers before any user callback.
-    for cb in reversed(_callbacks(collator)):
+    for cb in reversed(_callbacks(collator, cfg.max_train_seconds)):
         trainer.callback_handler.callbacks.insert(0, cb)
     resume = last_complete_checkpoint(checkpoint_dir)
     t0 = time.perf_counter()
@@ -371,11 +381,11 @@ def train(cfg: TrainConfig, tokenized_dir: str | Path, output_dir: str | Path, c
         "trainable_params": params["trainable"],
         "total_params": params["total"],
         "trainable_share": params["share"],
-        "steps": cfg.max_steps if fast else trainer.state.global_step,
+        "steps": len(losses) if fast else trainer.state.global_step,
         "resumed_from_step": int(resume.name.split("-")[-1]) if resume and not fast else 0,
         "fast_path": int(fast),
     }
-    return TrainResult(metrics=metrics, output_dir=str(output_dir))
+    return TrainResult(metrics=metrics, output_dir=str(output_dir), losses=[float(x) for x in losses])
 
 
 def use_fast_path(cfg: TrainConfig, model, device: str) -> bool:
@@ -413,7 +423,8 @@ def _train_fast(cfg: TrainConfig, model, rows, pad_id: int, report_to_mlflow: bo
     out = fast_train(model, list(rows), max_steps=cfg.max_steps, lr=cfg.lr(), tokens_per_step=cfg.batch_size * width,
                      grad_accum=cfg.gradient_accumulation_steps,
                      warmup_steps=math.ceil(cfg.warmup_ratio * cfg.max_steps), weight_decay=cfg.weight_decay,
-                     grad_clip=cfg.max_grad_norm, seed=cfg.seed, pad_token_id=pad_id, on_step=on_step)
+                     grad_clip=cfg.max_grad_norm, seed=cfg.seed, pad_token_id=pad_id, on_step=on_step,
+                     max_seconds=cfg.max_train_seconds)
     return losses or list(out.get("losses", [])), int(out.get("tokens", 0))
 
 
@@ -468,4 +479,4 @@ def _run_under_torchrun(stage, cfg, tokenized_dir, output_dir, workspace, ctx) -
     (job / "config.json").write_text(json.dumps(spec))
     launch.run_training(str(job / "config.json"))
     result = json.loads((job / "result.json").read_text())
-    return TrainResult(metrics=result["metrics"], output_dir=result["output_dir"])
+    return TrainResult(metrics=result["metrics"], output_dir=result["output_dir"], losses=result.get("losses", []))

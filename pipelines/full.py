@@ -25,13 +25,13 @@ def build(profile: "kube.Profile | None" = None):
     def full(
         base_model: str = DEFAULT_BASE_MODEL,
         data_uri: str = "bundled://tickets",
-        max_steps: int = 40,
+        max_steps: int = 30,
         learning_rate: float = 0.0,
         max_length: int = 256,
         model_name: str = "tickets-full",
         max_forgetting: float = -1.0,
-        train_settings: dict = {},
-        eval_settings: dict = {},
+        train_settings: dict = {"batch_size": 2},
+        eval_settings: dict = {"max_examples": 48, "max_new_tokens": 40, "batch_size": 48},
         register_settings: dict = {},
         force: bool = False,
     ) -> str:

@@ -35,7 +35,7 @@ def build(profile: "kube.Profile | None" = None):
         model_name: str = "chat-instruction",
         max_forgetting: float = -1.0,
         train_settings: dict = {},
-        eval_settings: dict = {},
+        eval_settings: dict = {"max_examples": 48, "batch_size": 48},
         register_settings: dict = {},
         force: bool = False,
     ) -> str:

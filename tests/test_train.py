@@ -113,3 +113,22 @@ def test_several_processes_run_under_torchrun(tiny_llama, tiny_tickets, tmp_path
     assert result.metrics["steps"] == 3 and result.metrics["train_loss_first"] > 0
     assert (tmp_path / "model" / "adapter_model.safetensors").exists()
     assert (tmp_path / "ws" / "jobs").exists()
+
+
+def test_two_processes_follow_the_one_process_loss_curve(tiny_llama, tiny_tickets, tmp_path, monkeypatch):
+    """Same global batch (1 x 4 rows vs 2 x 2 rows), same rows in the same order: data-parallel
+    training must reproduce the single-process loss step by step (fp32 on CPU: to ~1e-4)."""
+    from kubetune.stages.train_full import train_full
+
+    _, tok_dir = tiny_tickets
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    curves = {}
+    for procs, batch in ((1, 4), (2, 2)):
+        monkeypatch.setenv("KUBETUNE_NPROC_PER_NODE", str(procs))
+        cfg = TrainConfig(base_model=str(tiny_llama), method="full", max_steps=4, learning_rate=3e-3,
+                          batch_size=batch, save_steps=1000)
+        curves[procs] = train_full(cfg, tok_dir, tmp_path / f"m{procs}", tmp_path / f"w{procs}").losses
+    assert len(curves[1]) == len(curves[2]) == 4
+    assert curves[1][-1] < curves[1][0]
+    for one, two in zip(curves[1], curves[2]):
+        assert abs(one - two) / one < 1e-3, (curves[1], curves[2])

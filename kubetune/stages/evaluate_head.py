@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Literal
 
 from kubetune.config import setting
-from kubetune.tracking import RunContext, log_metrics, maybe_stage
+from kubetune.tracking import RunContext, log_metrics, maybe_stage, set_tags
 
 
 @dataclass
@@ -97,6 +97,7 @@ def evaluate_head(cfg: EvaluateHeadConfig, model_dir: str | Path, embeddings_dir
             "validation_examples": len(ref),
         }
         if run is not None:
+            set_tags({"kubetune.primary_metric": metric})
             log_metrics({f"candidate_{k}": v for k, v in candidate.items()})
             log_metrics({f"base_{k}": v for k, v in base.items()})
             if champion:

@@ -1,0 +1,44 @@
+"""The `compare` pipeline: a pipeline of pipelines, for running `kubetune compare` on a cluster.
+
+Not one of the method pipelines (``kubetune pipelines``): it is built for a list of methods.
+
+Compile it:   kubetune compare --methods full,lora,dora --compile build/compare.yaml [--profile ...]
+"""
+
+from kfp import dsl
+
+from kubetune.compare import METHODS, Budget, CompareConfig, method_params
+from kubetune.components import compare_report
+from kubetune.models import DEFAULT_BASE_MODEL
+from kubetune.runner import get_pipeline
+
+
+
+def build(methods: list[str], profile=None, budget: Budget | None = None, data_uri: str = "bundled://tickets",
+          classification_uri: str = "", prefix: str = "compare"):
+    """The comparison as one KFP pipeline: each method pipeline as a sub-DAG, then the report.
+
+    The method pipelines are the same ones ``kubetune run`` uses (with the profile's GPUs and
+    volumes); the report step runs after all of them and collects from the MLflow server.
+    """
+    budget = budget or Budget()
+    # Built out here: a pipeline may call another pipeline, but not define one inside it.
+    subs = {METHODS[m][0]: get_pipeline(METHODS[m][0]).build(profile) for m in methods}
+
+    @dsl.pipeline(name="compare", description="The fine-tuning methods side by side on the same data and budget.")
+    def compare(base_model: str = DEFAULT_BASE_MODEL) -> str:
+        tasks = []
+        for method in methods:
+            params = method_params(method, data_uri=data_uri, base_model=base_model, budget=budget, prefix=prefix,
+                                   eval_settings=CompareConfig().eval_settings, batch_size=2, max_length=256,
+                                   classification_uri=classification_uri)
+            params.pop("base_model")
+            task = subs[METHODS[method][0]](base_model=base_model, **params)
+            task.set_display_name(f"method-{method}")
+            tasks.append(task)
+        report = compare_report(methods=methods, prefix=prefix, data_uri=data_uri, base_model=base_model,
+                                budget=budget.describe())
+        report.after(*tasks)
+        return report.outputs["Output"]
+
+    return compare
