@@ -30,6 +30,7 @@ class Gates:
     min_improvement: float = 0.0
     max_forgetting: float = -1.0
     require_complete: bool = True
+    not_worse_than_base: bool = True
 
 
 @dataclass
@@ -41,6 +42,7 @@ class Decision:
     def tags(self, gates: Gates) -> dict[str, str]:
         return {"gate.min_improvement": str(gates.min_improvement), "gate.max_forgetting": str(gates.max_forgetting),
                 "gate.require_complete": str(gates.require_complete),
+                "gate.not_worse_than_base": str(gates.not_worse_than_base),
                 **{f"gate.{k}": v for k, v in self.checks.items()}}
 
 
@@ -57,6 +59,8 @@ def check_gates(metric: str, candidate: dict, base: dict | None, champion: dict 
       complete:    evaluated, the primary metric present for candidate, base and champion,
                    forgetting measured when its gate is on (only when ``require_complete``);
       champion:    beats the champion on ``metric`` by ``min_improvement`` (passes when none);
+      base:        not worse than the base model on ``metric`` (for MoA: the best single
+                   proposer), so a first run that made things worse never becomes champion;
       forgetting:  general-perplexity rise at most ``max_forgetting`` (off when negative).
     """
     checks: dict[str, str] = {}
@@ -86,6 +90,15 @@ def check_gates(metric: str, candidate: dict, base: dict | None, champion: dict 
         word = "beats" if better(cand, champ, metric, gates.min_improvement) else "does not beat"
         checks["champion"] = (f"{'pass' if word == 'beats' else 'fail'}: {metric} {cand:.4f} {word} champion "
                               f"v{champion_version} ({champ:.4f}) by the margin {gates.min_improvement}")
+
+    if not gates.not_worse_than_base:
+        checks["base"] = "pass: gate off"
+    elif cand is None or not base or metric not in base:
+        checks["base"] = "pass: no base numbers"
+    elif better(base[metric], cand, metric, 0.0):
+        checks["base"] = f"fail: {metric} {cand:.4f} is worse than the base model's ({base[metric]:.4f})"
+    else:
+        checks["base"] = f"pass: {metric} {cand:.4f} not worse than the base model's ({base[metric]:.4f})"
 
     if gates.max_forgetting < 0:
         checks["forgetting"] = "pass: gate off"
@@ -198,7 +211,8 @@ class Outcome:
 def _gates_of(tags: dict[str, str]) -> Gates:
     return Gates(min_improvement=float(tags.get("gate.min_improvement", 0.0)),
                  max_forgetting=float(tags.get("gate.max_forgetting", -1.0)),
-                 require_complete=tags.get("gate.require_complete", "True") == "True")
+                 require_complete=tags.get("gate.require_complete", "True") == "True",
+                 not_worse_than_base=tags.get("gate.not_worse_than_base", "True") == "True")
 
 
 def promote(model_name: str, version: str, force: bool = False) -> Outcome:

@@ -169,7 +169,7 @@ def test_mlflow_server_runs_the_cpu_image_of_this_version(rendered):
     assert c["image"] == image.image_ref(image.CPU_IMAGE_NAME, image.DEFAULT_REGISTRY)
     assert c["command"] == ["mlflow", "server"] and "--serve-artifacts" in c["args"]
     env = {e["name"]: e for e in c["env"]}
-    assert env["MLFLOW_BACKEND_STORE_URI"]["value"].startswith("postgresql://")
+    assert env["MLFLOW_BACKEND_STORE_URI"]["value"].startswith("postgresql+psycopg2://")
 
 
 def test_gpu_overlay_quota_and_workspace(rendered):

@@ -92,6 +92,18 @@ def test_check_gates_pure():
     assert lower.promote and "beats champion v1" in lower.reason
 
 
+def test_a_first_run_worse_than_the_base_model_does_not_become_champion():
+    base = {"accuracy": 0.2333, "val_loss": 1.0}
+    worse = check_gates("accuracy", {"accuracy": 0.1667}, base, None, None, None, Gates())
+    assert not worse.promote and "worse than the base model's (0.2333)" in worse.reason
+    assert worse.checks["champion"] == "pass: no champion yet" and worse.checks["base"].startswith("fail")
+    tie = check_gates("accuracy", {"accuracy": 0.2333}, base, None, None, None, Gates())
+    assert tie.promote and tie.checks["base"].startswith("pass")  # not worse is enough; the champion gate is strict
+    assert not check_gates("val_loss", {"val_loss": 1.1}, base, None, None, None, Gates()).promote
+    off = check_gates("accuracy", {"accuracy": 0.1667}, base, None, None, None, Gates(not_worse_than_base=False))
+    assert off.promote and off.checks["base"] == "pass: gate off"
+
+
 def test_gates_accept_reject_card_promote_rollback(mlflow_uri, tmp_path, capsys):
     """On SQLite (the server's turn is the concurrency test: ~30 registry calls per version
     through HTTP cost minutes on a busy CI machine)."""

@@ -31,6 +31,8 @@ class RegisterConfig:
                                           "metric; the stricter of this and evaluate's margin applies.")
     require_complete: bool = setting(True, "Refuse champion unless the evaluation is complete: primary metric "
                                            "for candidate, base and champion, forgetting when gated.")
+    not_worse_than_base: bool = setting(True, "Refuse champion to a candidate worse than the base model on the "
+                                              "primary metric (MoA: the best single proposer).")
 
     def __post_init__(self):
         if not self.model_name:
@@ -65,7 +67,8 @@ def _check_evaluated(report_path: Path, model_dir: Path) -> dict:
 def gates(report: dict, cfg: RegisterConfig) -> Gates:
     """The gates in force: register's settings, with evaluate's margin if that is stricter."""
     return Gates(min_improvement=max(cfg.min_improvement, float(report.get("min_improvement") or 0.0)),
-                 max_forgetting=cfg.max_forgetting, require_complete=cfg.require_complete)
+                 max_forgetting=cfg.max_forgetting, require_complete=cfg.require_complete,
+                 not_worse_than_base=cfg.not_worse_than_base)
 
 
 def decide_all(report: dict, cfg: RegisterConfig) -> Decision:
