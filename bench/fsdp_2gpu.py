@@ -70,6 +70,10 @@ def main() -> None:
     results = {}
     for name, gpus, per_device, fsdp in (("1gpu", 1, 8, "on"), ("2gpu", 2, 4, "on"), ("2gpu_ddp", 2, 4, "off")):
         os.environ["KUBETUNE_NPROC_PER_NODE"] = str(gpus)
+        # One process that sees two GPUs makes the Trainer wrap the model in DataParallel and
+        # double the batch (per_device x n_gpu): the "1 GPU" run must see one GPU. (Set before
+        # this process first touches CUDA; the torchrun children get both back.)
+        os.environ["CUDA_VISIBLE_DEVICES"] = "0" if gpus == 1 else ",".join(str(i) for i in range(gpus))
         os.environ["KUBETUNE_FSDP"] = fsdp
         tcfg = TrainConfig(base_model=str(root / "model"), method="full", max_steps=args.steps, learning_rate=3e-4,
                            batch_size=per_device, precision="bf16", fast_path="off", save_steps=20, warmup_ratio=0.1)

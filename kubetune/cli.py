@@ -196,6 +196,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "for feature-extraction, readable from the cluster")
     cp.set_defaults(func=cmd_compare)
 
+    from kubetune.advise import add_advise_parser
+
+    add_advise_parser(sub)
+
     v = sub.add_parser("validate", help="validate a dataset (ingest's checks alone)")
     v.add_argument("data_uri")
     v.add_argument("--shape", default="auto")

@@ -26,6 +26,7 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
 
 def child_env(**extra: str) -> dict[str, str]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "KUBETUNE_NO_PROGRESS": "1",
+           "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
            "PYTHONPATH": str(HERE) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     env.update(extra)
     return env
