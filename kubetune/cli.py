@@ -117,11 +117,11 @@ def cmd_compare(args) -> int:
         from kfp import compiler
 
         from kubetune import kube
-        from kubetune.compare import classification_view
+        from kubetune.compare import classification_view, default_label_field
         from kubetune.pipelines.compare import build
 
         profile = kube.load_profile(args.profile) if args.profile else None
-        label = args.label_field or ("issue" if args.data == "bundled://tickets" else "")
+        label = default_label_field(args.data, args.label_field or "")
         cls_uri = ""
         if "feature-extraction" in methods:
             # on a cluster the derived data must be where the pods read: --classification-data

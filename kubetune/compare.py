@@ -90,6 +90,11 @@ class Row:
         return None if self.base is None or self.tuned is None else self.tuned - self.base
 
 
+def default_label_field(data_uri: str, label_field: str = "") -> str:
+    """The JSON answer key feature-extraction classifies by: as given, or ``issue`` for the bundled tickets."""
+    return label_field or ("issue" if data_uri == "bundled://tickets" else "")
+
+
 def parse_methods(text: str) -> list[str]:
     methods = [m.strip() for m in text.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]
@@ -183,7 +188,7 @@ def collect(method: str, model_name: str, pipeline_run_id: str | None = None) ->
     if train is None or evaluation is None or register is None:
         return _failed(row, f"the pipeline run logged stages {sorted(stages)}; train, evaluate and register "
                             "are all needed")
-    report = _report(client, evaluation)
+    report = _report(evaluation)
     row.metric_name = report.get("primary_metric", "")
     row.tuned = _num((report.get("candidate") or {}).get(row.metric_name))
     row.base = _num((report.get("base") or {}).get(row.metric_name))
@@ -204,7 +209,7 @@ def collect(method: str, model_name: str, pipeline_run_id: str | None = None) ->
     return row
 
 
-def _report(client, evaluation) -> dict:
+def _report(evaluation) -> dict:
     """evaluate's numbers: its metrics (candidate_*, base_*, forgetting) and the primary metric's name."""
     m = evaluation.data.metrics
     params = evaluation.data.params
@@ -404,7 +409,7 @@ def run_compare(cfg: CompareConfig, workdir: str | Path | None = None, echo=prin
     from kubetune.runner import format_summary, run_local
 
     base_model = cfg.base_model or DEFAULT_BASE_MODEL
-    label_field = cfg.label_field or ("issue" if cfg.data_uri == "bundled://tickets" else "")
+    label_field = default_label_field(cfg.data_uri, cfg.label_field)
     workdir = Path(workdir or Path.cwd()).resolve()
     classification_uri = ""
     if "feature-extraction" in cfg.methods:
@@ -437,7 +442,7 @@ def report_only(cfg: CompareConfig) -> tuple[list[Row], dict]:
     from kubetune.models import DEFAULT_BASE_MODEL
 
     rows = [safe_collect(m, f"{cfg.prefix}-{m}") for m in cfg.methods]
-    label_field = cfg.label_field or ("issue" if cfg.data_uri == "bundled://tickets" else "")
+    label_field = default_label_field(cfg.data_uri, cfg.label_field)
     return finish(rows, cfg, cfg.base_model or DEFAULT_BASE_MODEL, label_field)
 
 
