@@ -105,6 +105,20 @@ def parse_methods(text: str) -> list[str]:
     return methods
 
 
+def peft_learning_rate(method: str) -> float:
+    """The learning rate a PEFT method gets in a comparison.
+
+    The peft pipeline's default (1e-3, a short-run rate for the LoRA family) for LoRA, DoRA and
+    adapters; IA3 and the virtual-token methods keep their own, higher defaults
+    (``kubetune.peft_methods``: 3e-3, 1e-2, 3e-2). A shared 1e-3 left prompt tuning at 0% exact
+    match in the first comparison: too low by an order of magnitude for it, not a weak method.
+    """
+    from kubetune.peft_methods import default_learning_rate
+    from kubetune.pipelines import peft
+
+    return max(peft.pipeline.component_spec.inputs["learning_rate"].default, default_learning_rate(method))
+
+
 def method_params(method: str, *, data_uri: str, base_model: str, budget: Budget, prefix: str,
                   eval_settings: dict, batch_size: int, max_length: int, classification_uri: str = "") -> dict:
     """The pipeline parameters of one method under the shared budget."""
@@ -116,6 +130,8 @@ def method_params(method: str, *, data_uri: str, base_model: str, budget: Budget
             train["max_train_seconds"] = budget.seconds
         params.update(data_uri=data_uri, max_steps=budget.steps, max_length=max_length, train_settings=train,
                       eval_settings=dict(eval_settings))
+        if pipeline == "peft":
+            params["learning_rate"] = peft_learning_rate(method)
     elif pipeline == "feature-extraction":
         # The head trains to convergence in seconds: the budget does not apply.
         params.update(data_uri=classification_uri or data_uri)

@@ -175,6 +175,37 @@ def fsdp_training_args(n_processes: int | None = None) -> dict[str, Any]:
     }
 
 
+def weights_dtype(model):
+    """The dtype of the model's trainable weights (the first one's; None when nothing trains)."""
+    return next((p.dtype for p in model.parameters() if p.requires_grad), None)
+
+
+def fsdp_precision(trainer) -> None:
+    """Make FSDP2 train in the precision regime one GPU uses, before ``trainer.train()``.
+
+    accelerate's bf16 policy for FSDP2 upcasts the trainable weights to fp32 and then runs
+    every op on bf16 copies, reducing gradients and casting outputs in bf16. One GPU does
+    something else in both regimes, so the 2-GPU loss curve drifted from the 1-GPU one
+    (measured: bench/fsdp_2gpu.py, docs/multi-gpu.md):
+
+    - ``precision=bf16`` (bf16 weights, no master copy): the training core passes
+      ``bf16=False`` for the sharded run, so accelerate neither upcasts nor autocasts; FSDP's
+      default policy then computes and reduces in the weights' bf16, as DDP does.
+    - ``precision=bf16-mixed`` (fp32 master weights): compute on bf16 copies of the weights,
+      as autocast does, but reduce gradients in fp32, as one GPU's fp32 gradients are, and
+      leave outputs alone (the loss is computed in fp32 inside the model's forward).
+
+    Must run after the Trainer is built (its accelerator holds the plugin) and before
+    ``train()`` (which wraps the model).
+    """
+    import torch
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    plugin = trainer.accelerator.state.fsdp_plugin
+    if trainer.args.bf16 and weights_dtype(trainer.model) == torch.float32:
+        plugin.mixed_precision_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+
+
 def save_full_model(trainer, output_dir: str) -> None:
     """Save the trained model whole (HF safetensors), also after sharded FSDP checkpoints.
 

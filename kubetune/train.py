@@ -47,7 +47,10 @@ class TrainConfig:
     num_virtual_tokens: int = setting(20, "Learned tokens for prompt/prefix tuning.")
     gradient_checkpointing: bool = setting(False, "Recompute activations in backward (less memory, ~30% slower).")
     optimizer: str = setting("adamw_torch", "transformers optim name: adamw_torch, adamw_torch_fused, adamw_8bit, ...")
-    precision: Literal["auto", "fp32", "bf16"] = setting("auto", "auto = bf16 on a GPU that has it, fp32 on CPU.")
+    precision: Literal["auto", "fp32", "bf16", "bf16-mixed"] = setting(
+        "auto", "auto = bf16 on a GPU that has it, fp32 on CPU. bf16: weights, gradients and optimizer state in bf16 "
+                "(half the memory); bf16-mixed: fp32 master weights, bf16 compute (autocast), the Trainer's usual AMP. "
+                "Several GPUs (FSDP) train in the same regime as one.")
     save_steps: int = setting(20, "Checkpoint every N steps (resume starts from the last complete one).")
     max_train_seconds: float = setting(
         0.0, "Stop after the step that crosses this many seconds of training (0 = no limit): the same-wall-clock "
@@ -220,7 +223,8 @@ def load_for_training(cfg: TrainConfig, device: str):
     if cfg.method == "qlora":
         model = load_base_model(models.resolve(cfg.base_model), "qlora")
     else:
-        model = models.load_causal_lm(cfg.base_model, dtype=torch.bfloat16 if bf16 else torch.float32,
+        pure_bf16 = bf16 and cfg.precision != "bf16-mixed"
+        model = models.load_causal_lm(cfg.base_model, dtype=torch.bfloat16 if pure_bf16 else torch.float32,
                                       trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle)
     settings = PeftSettings(rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                             target_modules=cfg.target_modules, num_virtual_tokens=cfg.num_virtual_tokens)
@@ -232,7 +236,7 @@ def _use_bf16(cfg: TrainConfig, device: str) -> bool:
 
     if cfg.precision == "fp32":
         return False
-    if cfg.precision == "bf16":
+    if cfg.precision in ("bf16", "bf16-mixed"):
         return True
     return device == "cuda" and torch.cuda.is_bf16_supported()
 
@@ -283,6 +287,12 @@ def train(cfg: TrainConfig, tokenized_dir: str | Path, output_dir: str | Path, c
     params = trainable_summary(model)
     collator = PackedCollator(meta.get("pad_token_id") or tokenizer.pad_token_id)
     bf16 = _use_bf16(cfg, device)
+    # Several GPUs in one pod (torchrun): full fine-tuning shards with FSDP; adapters are
+    # small, so PEFT methods replicate the model (DDP) and all-reduce the adapter grads.
+    # KUBETUNE_FSDP=off replicates with DDP instead (the escape hatch when a model's FSDP
+    # wrapping misbehaves, and the baseline bench/fsdp_2gpu.py compares against).
+    fsdp = (launch.fsdp_training_args() if cfg.method == "full" and device == "cuda"
+            and os.environ.get("KUBETUNE_FSDP", "on") != "off" else {})
     checkpoint_dir = Path(checkpoint_dir)
     args = TrainingArguments(
         output_dir=str(checkpoint_dir),
@@ -295,7 +305,9 @@ def train(cfg: TrainConfig, tokenized_dir: str | Path, output_dir: str | Path, c
         weight_decay=cfg.weight_decay,
         max_grad_norm=cfg.max_grad_norm,
         optim=cfg.optimizer,
-        bf16=bf16,
+        # Weights already in bf16 need no AMP; under FSDP, AMP would upcast them to fp32 master
+        # weights (launch.fsdp_precision), a different run from the one on one GPU.
+        bf16=bf16 and not (fsdp and launch.weights_dtype(model) == torch.bfloat16),
         use_cpu=device == "cpu",
         gradient_checkpointing=flags["gradient_checkpointing"],
         logging_steps=1,
@@ -311,16 +323,13 @@ def train(cfg: TrainConfig, tokenized_dir: str | Path, output_dir: str | Path, c
         # Counted by the Trainer on the batches it trains on, gathered over ranks (the collator
         # would also count the batch accelerate's loader fetches ahead).
         include_num_input_tokens_seen="non_padding",
-        # Several GPUs in one pod (torchrun): full fine-tuning shards with FSDP; adapters are
-        # small, so PEFT methods replicate the model (DDP) and all-reduce the adapter grads.
-        # KUBETUNE_FSDP=off replicates with DDP instead (the escape hatch when a model's FSDP
-        # wrapping misbehaves, and the baseline bench/fsdp_2gpu.py compares against).
-        **(launch.fsdp_training_args() if cfg.method == "full" and device == "cuda"
-           and os.environ.get("KUBETUNE_FSDP", "on") != "off" else {}),
+        **fsdp,
     )
     trainer = Trainer(model=model, args=args, train_dataset=data["train"], data_collator=collator,
                       processing_class=tokenizer,
                       callbacks=list(callbacks))
+    if getattr(trainer, "is_fsdp_enabled", False):
+        launch.fsdp_precision(trainer)
     # Ours run first: the keys they add to the logs (tokens/s, peak memory) then reach the
     # MLflow callback, which transformers registers before any user callback.
     for cb in reversed(_callbacks(collator, cfg.max_train_seconds)):

@@ -11,6 +11,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from kfp import compiler, dsl
 
@@ -293,6 +294,41 @@ def test_fsdp_arguments_are_accepted_by_training_arguments(tmp_path):
     assert args.fsdp_config["version"] == 2
     # Sharded, resumable checkpoints: one file per rank, reloaded by resume_from_checkpoint.
     assert args.fsdp_plugin_args["state_dict_type"] == "SHARDED_STATE_DICT"
+
+
+def test_fsdp_keeps_the_single_gpu_precision_regime(tiny_llama):
+    """bf16-mixed (fp32 master weights): bf16 compute, fp32 gradient reduction; bf16 weights: untouched.
+
+    accelerate's own FSDP2 policy (param, reduce and output all bf16, after upcasting bf16
+    weights to fp32) made 2 GPUs train differently from one; docs/kubernetes.md has the numbers.
+    """
+    from types import SimpleNamespace
+
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    from kubetune.launch import fsdp_precision, weights_dtype
+    from kubetune.train import TrainConfig, _use_bf16, load_for_training
+
+    def fake_trainer(model, bf16):
+        plugin = SimpleNamespace(mixed_precision_policy=MixedPrecisionPolicy(
+            param_dtype=torch.bfloat16, reduce_dtype=torch.bfloat16, output_dtype=torch.bfloat16))
+        return SimpleNamespace(model=model, args=SimpleNamespace(bf16=bf16),
+                               accelerator=SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin)))
+
+    mixed = TrainConfig(base_model=str(tiny_llama), method="full", precision="bf16-mixed")
+    model = load_for_training(mixed, "cpu")
+    assert weights_dtype(model) == torch.float32 and _use_bf16(mixed, "cpu")
+    trainer = fake_trainer(model, bf16=True)
+    fsdp_precision(trainer)
+    policy = trainer.accelerator.state.fsdp_plugin.mixed_precision_policy
+    assert (policy.param_dtype, policy.reduce_dtype, policy.output_dtype) == (torch.bfloat16, torch.float32, None)
+
+    pure = load_for_training(TrainConfig(base_model=str(tiny_llama), method="full", precision="bf16"), "cpu")
+    assert weights_dtype(pure) == torch.bfloat16
+    trainer = fake_trainer(pure, bf16=False)  # the training core turns AMP off for bf16 weights under FSDP
+    before = trainer.accelerator.state.fsdp_plugin.mixed_precision_policy
+    fsdp_precision(trainer)
+    assert trainer.accelerator.state.fsdp_plugin.mixed_precision_policy is before
 
 
 # --------------------------------------------------------------------------------------

@@ -41,6 +41,13 @@ def load_pairs(dataset_dir: str | Path) -> tuple[dict, list[dict], list[dict]]:
     return meta, train, val
 
 
+def spread(rows: list[dict], n: int) -> list[dict]:
+    """At most ``n`` of ``rows``, evenly spaced (so a capped evaluation still covers many prompts); 0 = all."""
+    if n <= 0 or len(rows) <= n:
+        return rows
+    return [rows[i * len(rows) // n] for i in range(n)]
+
+
 def unique_prompts(pairs: list[dict]) -> list[str]:
     """Prompts of ``pairs`` in first-seen order, each once."""
     return list(dict.fromkeys(p["prompt"] for p in pairs))

@@ -43,6 +43,11 @@ class DPOConfig:
     """Stop after this many optimizer steps (-1: run the epochs)."""
     batch_size: int = 8
     """Pairs per optimizer step."""
+    sft_weight: float = 0.0
+    """Weight of a negative log-likelihood term on the chosen response added to the DPO loss
+    (RPO, Pang et al. 2024; TRL's ``loss_type=["sigmoid", "sft"]``); 0 = plain DPO."""
+    max_eval_pairs: int = 0
+    """Held-out pairs scored before and after training (the first ones); 0 = all."""
     max_length: int = 512
     """Sequences are truncated to this many tokens."""
     seed: int = 0
@@ -52,6 +57,9 @@ class DPOConfig:
         for name in ("beta", "learning_rate", "epochs", "batch_size", "max_length"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"DPOConfig.{name} must be > 0, got {getattr(self, name)}")
+        for name in ("sft_weight", "max_eval_pairs"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"DPOConfig.{name} must be >= 0, got {getattr(self, name)}")
 
 
 def train_dpo(
@@ -106,11 +114,15 @@ def train_dpo(
         ref_model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
 
     train_ds = Dataset.from_list(_to_trl_rows(tokenizer, train_pairs))
-    val_ds = Dataset.from_list(_to_trl_rows(tokenizer, val_pairs))
+    val_ds = Dataset.from_list(_to_trl_rows(tokenizer, val_pairs[:cfg.max_eval_pairs or None]))
+    # The NLL term is what moves sampled answers toward the chosen style when DPO starts from a
+    # model that was never fine-tuned on them: DPO alone mostly pushes the rejected ones down.
+    losses = {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, cfg.sft_weight]} if cfg.sft_weight else {}
     with tempfile.TemporaryDirectory() as scratch:
         args = TRLDPOConfig(
             output_dir=scratch,
             beta=cfg.beta,
+            **losses,
             per_device_train_batch_size=cfg.batch_size,
             per_device_eval_batch_size=cfg.batch_size,
             num_train_epochs=cfg.epochs,

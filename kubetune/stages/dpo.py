@@ -27,8 +27,13 @@ class DPOConfig:
     beta: float = setting(0.1, "β of the DPO loss: larger keeps the policy closer to the reference (TRL: 0.1).")
     max_steps: int = setting(30, "Optimizer steps (-1 = run 'epochs' over the training pairs).")
     epochs: float = setting(1.0, "Passes over the training pairs when max_steps is -1.")
-    learning_rate: float = setting(0.0, "AdamW learning rate; 0 = 5e-5 for LoRA, 5e-6 for full (a ~100M model).")
-    batch_size: int = setting(8, "Pairs per optimizer step.")
+    learning_rate: float = setting(0.0, "AdamW learning rate; 0 = 1e-4 for LoRA, 5e-6 for full (a ~100M model).")
+    batch_size: int = setting(4, "Pairs per optimizer step.")
+    sft_weight: float = setting(
+        1.0, "Weight of an NLL term on the chosen answer added to the DPO loss (RPO; TRL loss_type "
+             "['sigmoid', 'sft']): the pipeline has no SFT step before DPO, and without it DPO mostly lowers the "
+             "rejected answers' likelihood while sampled answers barely change. 0 = plain DPO.")
+    max_eval_pairs: int = setting(48, "Held-out pairs scored before and after (evenly spread; 0 = all).")
     max_length: int = setting(512, "Sequences are truncated to this many tokens.")
     lora_rank: int = setting(16, "LoRA rank when method is lora.")
     seed: int = setting(0, "Seed of the data order and adapter initialisation.")
@@ -39,13 +44,15 @@ class DPOConfig:
         for name in ("batch_size", "max_length", "lora_rank"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"'{name}' must be >= 1, got {getattr(self, name)}")
+        if self.sft_weight < 0 or self.max_eval_pairs < 0:
+            raise ConfigError("'sft_weight' and 'max_eval_pairs' must be >= 0")
         if self.beta <= 0 or self.epochs <= 0:
             raise ConfigError("'beta' and 'epochs' must be > 0")
         if not 0 <= self.learning_rate <= 1:
             raise ConfigError(f"'learning_rate' must be in [0, 1], got {self.learning_rate}")
 
     def lr(self) -> float:
-        return self.learning_rate or (5e-5 if self.method == "lora" else 5e-6)
+        return self.learning_rate or (1e-4 if self.method == "lora" else 5e-6)
 
 
 @dataclass
@@ -68,14 +75,15 @@ def dpo(cfg: DPOConfig, dataset_dir: str | Path, output_dir: str | Path, ctx: Ru
         Implicit-reward margin and accuracy on held-out pairs before and after, training loss.
     """
     from kubetune import models
-    from kubetune.rl.data import load_pairs
+    from kubetune.rl.data import load_pairs, spread
     from kubetune.rl.dpo import DPOConfig as Settings
     from kubetune.rl.dpo import train_dpo
 
     meta, train, val = load_pairs(dataset_dir)
+    val = spread(val, cfg.max_eval_pairs)
     settings = Settings(use_peft=cfg.method == "lora", lora_r=cfg.lora_rank, lora_alpha=2 * cfg.lora_rank,
                         beta=cfg.beta, learning_rate=cfg.lr(), epochs=cfg.epochs, max_steps=cfg.max_steps,
-                        batch_size=cfg.batch_size, max_length=cfg.max_length, seed=cfg.seed)
+                        batch_size=cfg.batch_size, sft_weight=cfg.sft_weight, max_length=cfg.max_length, seed=cfg.seed)
     tags = {"kubetune.method": "dpo", "kubetune.base_model": cfg.base_model,
             "kubetune.data_fingerprint": meta["fingerprint"]}
     output_dir = Path(output_dir)

@@ -36,7 +36,7 @@ class EvaluatePolicyConfig:
         "reward", "Metric that decides promotion (higher is better): reward-model score or win rate vs reference.")
     min_improvement: float = setting(0.0, "Margin the candidate must beat the reference and champion by.")
     max_new_tokens: int = setting(48, "Longest sampled response, in tokens.")
-    max_prompts: int = setting(32, "Held-out prompts used (the first ones of the validation pairs).")
+    max_prompts: int = setting(24, "Held-out prompts used (the first ones of the validation pairs).")
     batch_size: int = setting(16, "Prompts per generation batch / sequences per scoring batch.")
     forgetting: bool = setting(True, "Measure perplexity on the bundled general text (forgetting).")
     seed: int = setting(0, "Sampling seed (the same for every policy compared).")

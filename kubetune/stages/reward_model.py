@@ -29,10 +29,11 @@ PRIMARY_METRIC = "accuracy"
 class RewardModelConfig:
     base_model: str = setting(DEFAULT_BASE_MODEL, "Backbone: packaged name, local folder or hub id.")
     method: Literal["full", "lora"] = setting("full", "Train the whole backbone, or LoRA adapters (+ the head).")
-    max_steps: int = setting(30, "Optimizer steps (-1 = run 'epochs' over the training pairs).")
+    max_steps: int = setting(24, "Optimizer steps (-1 = run 'epochs' over the training pairs).")
     epochs: float = setting(1.0, "Passes over the training pairs when max_steps is -1.")
     learning_rate: float = setting(0.0, "AdamW learning rate; 0 = 5e-5 for full, 1e-4 for LoRA (a ~100M model).")
-    batch_size: int = setting(8, "Pairs per optimizer step (each pair is two sequences).")
+    batch_size: int = setting(4, "Pairs per optimizer step (each pair is two sequences).")
+    max_eval_pairs: int = setting(48, "Held-out pairs scored (evenly spread over the validation split; 0 = all).")
     max_length: int = setting(512, "Pairs with a sequence longer than this many tokens are dropped.")
     lora_rank: int = setting(16, "LoRA rank when method is lora.")
     seed: int = setting(0, "Seed of the head initialisation and the data order.")
@@ -42,6 +43,8 @@ class RewardModelConfig:
     def __post_init__(self):
         if self.max_steps == 0 or self.max_steps < -1:
             raise ConfigError(f"'max_steps' must be >= 1 or -1, got {self.max_steps}")
+        if self.max_eval_pairs < 0:
+            raise ConfigError(f"'max_eval_pairs' must be >= 0 (0 = all), got {self.max_eval_pairs}")
         for name in ("batch_size", "max_length", "lora_rank"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"'{name}' must be >= 1, got {getattr(self, name)}")
@@ -99,11 +102,12 @@ def reward_model(cfg: RewardModelConfig, dataset_dir: str | Path, output_dir: st
         Metrics (accuracy, accuracy_before, margins, loss), the evaluation report, the folder.
     """
     from kubetune import models
-    from kubetune.rl.data import load_pairs
+    from kubetune.rl.data import load_pairs, spread
     from kubetune.rl.reward import RewardModelConfig as TrainSettings
     from kubetune.rl.reward import train_reward_model
 
     meta, train, val = load_pairs(dataset_dir)
+    val = spread(val, cfg.max_eval_pairs)
     output_dir = Path(output_dir)
     report_path = Path(report_path) if report_path else output_dir.with_name(output_dir.name + ".eval.json")
     settings = TrainSettings(use_peft=cfg.method == "lora", lora_r=cfg.lora_rank, lora_alpha=2 * cfg.lora_rank,
