@@ -8,6 +8,9 @@ only about 10,000x cheaper.
 from __future__ import annotations
 
 import random
+import socket
+import time
+import urllib.request
 from pathlib import Path
 
 # ChatML, the template SmolLM2 ships, minus its default system prompt.
@@ -92,3 +95,24 @@ def make_tiny_llama(path: str | Path, *, hidden_size: int = 64, layers: int = 2,
     model.save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
     return path
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (for the test servers)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float, proc=None) -> None:
+    """Return once ``url`` answers; raise when ``proc`` (the server) exits or ``timeout`` s pass."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server for {url} exited with {proc.returncode}")
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except Exception:
+            time.sleep(0.3)
+    raise RuntimeError(f"{url} did not answer within {timeout} s")

@@ -71,7 +71,7 @@ def build(profile: "kube.Profile | None" = None):
         sft_settings: dict = {"merge": True},
         reward_settings: dict = {},
         ppo_settings: dict = {},
-        eval_settings: dict = {},
+        eval_settings: dict = {"temperature": 0.7},  # PPO's rollout temperature
         register_settings: dict = {},
         force: bool = False,
     ) -> str:

@@ -48,33 +48,13 @@ def mlflow_uri(tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------- real servers on loopback
 
-import socket  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
-import time  # noqa: E402
-import urllib.request  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 BIN = Path(sys.executable).parent
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_http(url: str, timeout: float, proc=None) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"server for {url} exited with {proc.returncode}")
-        try:
-            urllib.request.urlopen(url, timeout=2)
-            return
-        except Exception:
-            time.sleep(0.5)
-    raise RuntimeError(f"{url} did not answer within {timeout} s")
+from kubetune.testing import free_port as _free_port, wait_http as _wait_http  # noqa: E402
 
 
 @pytest.fixture(scope="session")

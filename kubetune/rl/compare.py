@@ -38,14 +38,15 @@ def _encode_prompts(tok, prompts):
 
 
 @torch.no_grad()
-def sample(model, tok, prompts: list[str], max_new_tokens: int, seed: int, greedy: bool = False):
+def sample(model, tok, prompts: list[str], max_new_tokens: int, seed: int, greedy: bool = False,
+           temperature: float = 1.0):
     """Responses of ``model`` to ``prompts``: (texts, query_response ids, attention mask, prompt length)."""
     from transformers import GenerationConfig
 
     enc = _encode_prompts(tok, prompts)
     torch.manual_seed(seed)
     gen = GenerationConfig(
-        do_sample=not greedy, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
+        do_sample=not greedy, temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
     )
     out = model.generate(**enc, generation_config=gen)
@@ -61,11 +62,12 @@ def sample(model, tok, prompts: list[str], max_new_tokens: int, seed: int, greed
 
 
 @torch.no_grad()
-def sequence_logprob(model, query_responses, attention_mask, prompt_length) -> torch.Tensor:
-    """Summed log-probability of each response (tokens after the prompt) under ``model``."""
+def sequence_logprob(model, query_responses, attention_mask, prompt_length, temperature: float = 1.0) -> torch.Tensor:
+    """Summed log-probability of each response (tokens after the prompt) under ``model`` at ``temperature``."""
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     logits = model(input_ids=query_responses, attention_mask=attention_mask, position_ids=position_ids).logits
-    lp = logprobs_from_logits(logits[:, prompt_length - 1 : -1], query_responses[:, prompt_length:])
+    logits = logits[:, prompt_length - 1 : -1].float() / temperature
+    lp = logprobs_from_logits(logits, query_responses[:, prompt_length:])
     return (lp * attention_mask[:, prompt_length:]).sum(1)
 
 
@@ -78,6 +80,7 @@ def compare_policies(
     seed: int = 0,
     batch_size: int = 16,
     samples: int = 0,
+    temperature: float = 1.0,
 ) -> dict:
     """Head-to-head of a tuned policy against its reference (the SFT policy).
 
@@ -91,6 +94,8 @@ def compare_policies(
         batch_size: Prompts per generation batch.
         samples: Also return the first this many (prompt, both responses, both scores) as
             ``samples``, rows for an MLflow table.
+        temperature: Sampling temperature of both policies (the KL is of the tempered
+            distributions, as PPO's penalty is).
 
     Returns:
         ``reward_policy``, ``reward_reference``, ``win_rate`` and ``kl`` (nats per response).
@@ -100,9 +105,10 @@ def compare_policies(
     wins, kls, r_pol, r_ref, rows = [], [], [], [], []
     for i in range(0, len(prompts), batch_size):
         batch = prompts[i : i + batch_size]
-        pol_texts, qr, am, P = sample(policy, tok, batch, max_new_tokens, seed + i)
-        kls.append(sequence_logprob(policy, qr, am, P) - sequence_logprob(reference, qr, am, P))
-        ref_texts, *_ = sample(reference, tok, batch, max_new_tokens, seed + i)
+        pol_texts, qr, am, P = sample(policy, tok, batch, max_new_tokens, seed + i, temperature=temperature)
+        kls.append(sequence_logprob(policy, qr, am, P, temperature)
+                   - sequence_logprob(reference, qr, am, P, temperature))
+        ref_texts, *_ = sample(reference, tok, batch, max_new_tokens, seed + i, temperature=temperature)
         sp = [float(s) for s in reward_fn(batch, pol_texts)]
         sr = [float(s) for s in reward_fn(batch, ref_texts)]
         r_pol += sp

@@ -36,12 +36,15 @@ class EvaluatePolicyConfig:
         "reward", "Metric that decides promotion (higher is better): reward-model score or win rate vs reference.")
     min_improvement: float = setting(0.0, "Margin the candidate must beat the reference and champion by.")
     max_new_tokens: int = setting(48, "Longest sampled response, in tokens.")
+    temperature: float = setting(1.0, "Sampling temperature of both policies (rlhf passes PPO's rollout temperature).")
     max_prompts: int = setting(24, "Held-out prompts used (the first ones of the validation pairs).")
     batch_size: int = setting(16, "Prompts per generation batch / sequences per scoring batch.")
     forgetting: bool = setting(True, "Measure perplexity on the bundled general text (forgetting).")
     seed: int = setting(0, "Sampling seed (the same for every policy compared).")
 
     def __post_init__(self):
+        if self.temperature <= 0:
+            raise ConfigError(f"'temperature' must be > 0, got {self.temperature}")
         for name in ("max_new_tokens", "max_prompts", "batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"'{name}' must be >= 1, got {getattr(self, name)}")
@@ -138,7 +141,7 @@ def evaluate_policy(cfg: EvaluatePolicyConfig, model_dir: str | Path, reference:
 
     def head_to_head(path, samples=0):
         return compare_policies(path, ref_path, prompts, scorer, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed,
-                                batch_size=cfg.batch_size, samples=samples)
+                                batch_size=cfg.batch_size, samples=samples, temperature=cfg.temperature)
 
     with maybe_stage(ctx, "evaluate-policy", params={**asdict(cfg), "reference": str(reference)}) as run:
         scorer = RewardModelScorer(reward_model_dir)

@@ -29,7 +29,10 @@ class PPOConfig:
     ppo_epochs: int = setting(2, "Passes over each rollout batch (TRL's default is 4; 2 halves CPU time).")
     learning_rate: float = setting(1e-4, "AdamW learning rate of the LoRA adapter and the value head.")
     max_new_tokens: int = setting(48, "Response length cap in tokens (3 short bullets fit in ~30).")
-    temperature: float = setting(1.0, "Sampling temperature of rollouts (log-probs use the same).")
+    temperature: float = setting(
+        0.7, "Sampling temperature of rollouts (log-probs use the same). TRL's default 0.7: at 1.0 a ~100M model's "
+             "samples are often incoherent, and the reward model then scores noise (a measured run's policy lost "
+             "reward on held-out prompts, its entropy rising from 3.3 to 4.1 nats per token).")
     kl_coef: float = setting(0.05, "β of the per-token KL penalty to the reference (initial value if adaptive).")
     adaptive_kl: bool = setting(False, "Adapt β toward target_kl (Ziegler et al. 2019) instead of keeping it fixed.")
     target_kl: float = setting(6.0, "Target KL per response (nats) of the adaptive controller (TRL: 6).")

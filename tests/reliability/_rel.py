@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 BIN = Path(sys.executable).parent
+
+from kubetune.testing import free_port, wait_http  # noqa: E402,F401 - re-exported to the tests
 
 
 def rows(n: int = 48) -> list[dict]:
@@ -30,25 +30,6 @@ def child_env(**extra: str) -> dict[str, str]:
            "PYTHONPATH": str(HERE) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     env.update(extra)
     return env
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_http(url: str, timeout: float, proc=None) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"server for {url} exited with {proc.returncode}")
-        try:
-            urllib.request.urlopen(url, timeout=2)
-            return
-        except Exception:
-            time.sleep(0.3)
-    raise RuntimeError(f"{url} did not answer within {timeout} s")
 
 
 def start_mlflow(root: Path, port: int, wait: bool = True) -> subprocess.Popen:
