@@ -148,13 +148,18 @@ def generate(model, tok, prompts: list[list[dict]], max_new_tokens: int, batch_s
 
     tok.padding_side = "left"
     device = next(model.parameters()).device
+    # Prompt and prefix tuning (PEFT prompt learning) decode garbage with the KV cache under
+    # transformers 5 (measured: '{"productProduct,' where the same model without the cache
+    # answers '{"product": "printer", ...}'); their virtual tokens are recomputed each step instead.
+    peft_config = getattr(model, "active_peft_config", None)
+    use_cache = not getattr(peft_config, "is_prompt_learning", False)
     outs = []
     for i in progress(range(0, len(prompts), batch_size), desc="generate", unit="batch"):
         texts = [tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True)
                  for m in prompts[i:i + batch_size]]
         enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
         with torch.no_grad():
-            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, use_cache=use_cache,
                                  pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
         outs += tok.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
     return [o.strip() for o in outs]
