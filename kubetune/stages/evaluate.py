@@ -148,20 +148,34 @@ def generate(model, tok, prompts: list[list[dict]], max_new_tokens: int, batch_s
 
     tok.padding_side = "left"
     device = next(model.parameters()).device
-    # Prompt and prefix tuning (PEFT prompt learning) decode garbage with the KV cache under
-    # transformers 5 (measured: '{"productProduct,' where the same model without the cache
-    # answers '{"product": "printer", ...}'); their virtual tokens are recomputed each step instead.
+    # PEFT prompt learning decodes wrongly with the KV cache under transformers 5 (measured: a
+    # prompt-tuned SmolLM2 answered '{"productProduct,' where full forward passes give
+    # '{"product": "printer", ...}'; the cached steps do not count the virtual tokens). Prompt
+    # tuning: the virtual tokens go in as input embeddings of the base model, whose own cached
+    # generate is right. Prefix tuning (its prefix is the cache): no cache, slow but correct.
     peft_config = getattr(model, "active_peft_config", None)
+    prompt_tuning = getattr(getattr(peft_config, "peft_type", None), "value", "") == "PROMPT_TUNING"
     use_cache = not getattr(peft_config, "is_prompt_learning", False)
     outs = []
     for i in progress(range(0, len(prompts), batch_size), desc="generate", unit="batch"):
         texts = [tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True)
                  for m in prompts[i:i + batch_size]]
         enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+        kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id,
+                      eos_token_id=tok.eos_token_id)
         with torch.no_grad():
-            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, use_cache=use_cache,
-                                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-        outs += tok.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+            if prompt_tuning:
+                n = enc["input_ids"].shape[0]
+                virtual = model.get_prompt(batch_size=n).to(model.get_input_embeddings().weight.dtype)
+                embeds = torch.cat([virtual, model.get_input_embeddings()(enc["input_ids"])], 1)
+                mask = torch.cat([torch.ones(n, virtual.shape[1], dtype=enc["attention_mask"].dtype,
+                                             device=device), enc["attention_mask"]], 1)
+                # With inputs_embeds only, generate returns just the new tokens.
+                gen = model.get_base_model().generate(inputs_embeds=embeds, attention_mask=mask, **kwargs)
+            else:
+                gen = model.generate(**enc, use_cache=use_cache, **kwargs)
+                gen = gen[:, enc["input_ids"].shape[1]:]
+        outs += tok.batch_decode(gen, skip_special_tokens=True)
     return [o.strip() for o in outs]
 
 
