@@ -150,7 +150,7 @@ def generate(model, tok, prompts: list[list[dict]], max_new_tokens: int, batch_s
     device = next(model.parameters()).device
     # PEFT prompt learning decodes wrongly with the KV cache under transformers 5 (measured: a
     # prompt-tuned SmolLM2 answered '{"productProduct,' where full forward passes give
-    # '{"product": "printer", ...}'; the cached steps do not count the virtual tokens). Prompt
+    # '{"product": "printer", ...}'; the first token agrees, the cached steps then diverge). Prompt
     # tuning: the virtual tokens go in as input embeddings of the base model, whose own cached
     # generate is right. Prefix tuning (its prefix is the cache): no cache, slow but correct.
     peft_config = getattr(model, "active_peft_config", None)
