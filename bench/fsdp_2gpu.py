@@ -111,9 +111,9 @@ def main() -> None:
                 results[f"{name}_max_step_rel_diff"] = max(rel)
                 # The tolerance a correct 2-GPU run meets: bf16 noise, what DDP shows (0.07% mean).
                 results[f"{name}_within_1pct"] = sum(rel) / len(rel) < 0.01
-        base = results.get("1gpu_mixed" if precision == "bf16-mixed" else "1gpu")
-        if base and name != ("1gpu_mixed" if precision == "bf16-mixed" else "1gpu"):
-            results[f"{name}_speedup"] = m["tokens_per_s"] / base["tokens_per_s"]
+        base = "1gpu_mixed" if precision == "bf16-mixed" else "1gpu"  # the 1-GPU run of this precision
+        if name != base and base in results:
+            results[f"{name}_speedup"] = m["tokens_per_s"] / results[base]["tokens_per_s"]
         Path(args.out).write_text(json.dumps(results, indent=2))  # partial results survive a timeout
     results["params"] = sum(p.numel() for p in LlamaForCausalLM(cfg).parameters())
     print(json.dumps(results, indent=2))

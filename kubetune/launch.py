@@ -186,7 +186,7 @@ def fsdp_precision(trainer) -> None:
     accelerate's bf16 policy for FSDP2 upcasts the trainable weights to fp32 and then runs
     every op on bf16 copies, reducing gradients and casting outputs in bf16. One GPU does
     something else in both regimes, so the 2-GPU loss curve drifted from the 1-GPU one
-    (measured: bench/fsdp_2gpu.py, docs/multi-gpu.md):
+    (measured: bench/fsdp_2gpu.py, docs/kubernetes.md):
 
     - ``precision=bf16`` (bf16 weights, no master copy): the training core passes
       ``bf16=False`` for the sharded run, so accelerate neither upcasts nor autocasts; FSDP's

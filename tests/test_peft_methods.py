@@ -267,7 +267,7 @@ def test_prompt_tuning_evaluation_generates_what_the_model_computes():
     Under transformers 5, PEFT prompt tuning decodes wrongly with the KV cache: on the packaged
     SmolLM2 (GQA) the cached continuation leaves the model's own after one token, and a trained
     run answered '{"productProduct,'. (The tiny test Llama does not show it, hence SmolLM2 here.)
-    evaluate therefore decodes prompt-learning models without the cache.
+    evaluate therefore feeds the virtual tokens to the base model as input embeddings.
     """
     from transformers import AutoTokenizer
 

@@ -181,8 +181,8 @@ def test_dpo_with_an_nll_term_raises_the_chosen_answers_likelihood_more(tiny_lla
     from kubetune.rl.dpo import DPOConfig, train_dpo
 
     train, val = pairs
-    runs = {w: train_dpo(tiny_llama, train[:32], val, DPOConfig(learning_rate=5e-3, max_steps=4, batch_size=8,
-                                                               sft_weight=w, max_eval_pairs=8), tmp_path / f"w{w}")
+    runs = {w: train_dpo(tiny_llama, train[:32], val[:8], DPOConfig(learning_rate=5e-3, max_steps=4, batch_size=8,
+                                                                   sft_weight=w), tmp_path / f"w{w}")
             for w in (0.0, 1.0)}
     assert runs[1.0]["chosen_reward_after"] > runs[0.0]["chosen_reward_after"], runs
     assert runs[1.0]["margin_after"] > 0, runs

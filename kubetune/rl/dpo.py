@@ -46,8 +46,6 @@ class DPOConfig:
     sft_weight: float = 0.0
     """Weight of a negative log-likelihood term on the chosen response added to the DPO loss
     (RPO, Pang et al. 2024; TRL's ``loss_type=["sigmoid", "sft"]``); 0 = plain DPO."""
-    max_eval_pairs: int = 0
-    """Held-out pairs scored before and after training (the first ones); 0 = all."""
     max_length: int = 512
     """Sequences are truncated to this many tokens."""
     seed: int = 0
@@ -57,9 +55,8 @@ class DPOConfig:
         for name in ("beta", "learning_rate", "epochs", "batch_size", "max_length"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"DPOConfig.{name} must be > 0, got {getattr(self, name)}")
-        for name in ("sft_weight", "max_eval_pairs"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"DPOConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if self.sft_weight < 0:
+            raise ValueError(f"DPOConfig.sft_weight must be >= 0, got {self.sft_weight}")
 
 
 def train_dpo(
@@ -114,7 +111,7 @@ def train_dpo(
         ref_model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
 
     train_ds = Dataset.from_list(_to_trl_rows(tokenizer, train_pairs))
-    val_ds = Dataset.from_list(_to_trl_rows(tokenizer, val_pairs[:cfg.max_eval_pairs or None]))
+    val_ds = Dataset.from_list(_to_trl_rows(tokenizer, val_pairs))
     # The NLL term is what moves sampled answers toward the chosen style when DPO starts from a
     # model that was never fine-tuned on them: DPO alone mostly pushes the rejected ones down.
     losses = {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, cfg.sft_weight]} if cfg.sft_weight else {}
