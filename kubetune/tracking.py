@@ -536,8 +536,7 @@ def alias_lock(model_name: str, alias: str, timeout: float = 60.0) -> Iterator[N
                                                               "held for a second while the alias moves")
             break
         except MlflowException as e:
-            if "already exists" not in str(e).lower() and "RESOURCE_ALREADY_EXISTS" not in str(e) \
-                    and "locked" not in str(e).lower():
+            if not _lock_contended(e):
                 raise
         try:
             held = client.get_registered_model(name)
@@ -552,8 +551,46 @@ def alias_lock(model_name: str, alias: str, timeout: float = 60.0) -> Iterator[N
     try:
         yield
     finally:
-        with contextlib.suppress(MlflowException):
+        _release_lock(client, name)
+
+
+def _lock_contended(e: Exception) -> bool:
+    """Whether a failed lock take means "someone else holds it" (retry) rather than a real error.
+
+    Three answers mean contention: RESOURCE_ALREADY_EXISTS; "database is locked" (SQLite's
+    writer lock); and RESOURCE_DOES_NOT_EXIST. The last is MLflow's SQL store on a unique-key
+    clash: it re-reads the existing model to word its error (sqlalchemy_store.create_registered_model,
+    mlflow 3.17), and when the holder released the lock between the clash and that read, the
+    read fails with "not found" (seen in CI on SQLite).
+    """
+    text = str(e)
+    code = getattr(e, "error_code", "") or ""
+    return (code in ("RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST")
+            or "RESOURCE_ALREADY_EXISTS" in text or "RESOURCE_DOES_NOT_EXIST" in text
+            or "already exists" in text.lower() or "locked" in text.lower())
+
+
+def _release_lock(client: Any, name: str, attempts: int = 20) -> None:
+    """Delete the lock model; retried, since a release lost to a busy SQLite writer would hold
+    everyone else off until the lock goes stale (``LOCK_STALE_S``, longer than their timeout)."""
+    import time
+
+    from mlflow.exceptions import MlflowException
+
+    for i in range(attempts):
+        try:
             client.delete_registered_model(name)
+            return
+        except MlflowException as e:
+            if "RESOURCE_DOES_NOT_EXIST" in str(e) or getattr(e, "error_code", "") == "RESOURCE_DOES_NOT_EXIST":
+                return  # already gone (broken as stale by another process)
+            if i == attempts - 1:
+                import warnings
+
+                warnings.warn(f"could not release registry lock {name} ({e}); it goes stale after "
+                              f"{LOCK_STALE_S:.0f} s", stacklevel=2)
+                return
+            time.sleep(0.05 * (i + 1))
 
 
 def alias_history(model_name: str, alias: str) -> list[str]:
