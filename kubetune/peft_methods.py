@@ -26,6 +26,12 @@ import torch
 METHODS = ("full", "lora", "dora", "qlora", "adapter", "prompt", "prefix", "ia3")
 MANIFEST_NAME = "kubetune_method.json"
 
+PREFIX_INITS = ("text", "random")
+# What a "text"-initialised prefix is computed from: general, task-free words, so the prefix
+# starts as the model's own state after reading a system prompt (repeated until long enough).
+PREFIX_INIT_TEXT = ("You are a careful assistant. Read the request, then answer exactly as it asks, "
+                    "in the format it asks for, and nothing else.")
+
 # Learning rates each method is known to train well at. They differ by three orders of
 # magnitude, so one shared default would leave prompt tuning flat or blow up full tuning.
 _DEFAULT_LEARNING_RATES = {
@@ -56,6 +62,13 @@ class PeftSettings:
             ``"all-linear"`` means the paper's placement (keys, values, MLP input).
         num_virtual_tokens: Length of the learned prompt (``prompt``) or of the learned
             key/value prefix per layer (``prefix``).
+        prefix_init: How the ``prefix`` keys/values start. ``"text"``: the base model's own
+            keys/values over the first ``num_virtual_tokens`` tokens of ``PREFIX_INIT_TEXT``
+            (a neutral system prompt in the model's chat template), the "activations of real
+            words" initialisation of Li & Liang (2021), done by PEFT's
+            ``initialize_kv_prefix_from_text``; needs the tokenizer. ``"random"``: PEFT's
+            N(0, 1) embedding, whose keys are far from the scale of real ones and which takes
+            the attention-sink position 0 away from the model's own first token.
     """
 
     rank: int = 16
@@ -63,6 +76,7 @@ class PeftSettings:
     dropout: float = 0.05
     target_modules: str = "all-linear"
     num_virtual_tokens: int = 20
+    prefix_init: str = "text"
 
     def __post_init__(self):
         if not isinstance(self.rank, int) or self.rank < 1:
@@ -75,6 +89,8 @@ class PeftSettings:
             raise ValueError(f"PeftSettings.target_modules must name at least one module, got {self.target_modules!r}")
         if not isinstance(self.num_virtual_tokens, int) or self.num_virtual_tokens < 1:
             raise ValueError(f"PeftSettings.num_virtual_tokens must be a positive integer, got {self.num_virtual_tokens!r}")
+        if self.prefix_init not in PREFIX_INITS:
+            raise ValueError(f"PeftSettings.prefix_init must be one of {', '.join(PREFIX_INITS)}, got {self.prefix_init!r}")
 
     def target_modules_list(self) -> list[str]:
         """``target_modules`` split on commas (``["all-linear"]`` for the default)."""
@@ -207,7 +223,7 @@ def load_base_model(model_path: str | Path, method: str = "full", *, dtype: torc
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
 
 
-def apply_method(model, method: str, settings: PeftSettings | None = None):
+def apply_method(model, method: str, settings: PeftSettings | None = None, tokenizer=None):
     """Make exactly ``method``'s parameters trainable on a loaded causal LM.
 
     Args:
@@ -215,6 +231,7 @@ def apply_method(model, method: str, settings: PeftSettings | None = None):
             ``load_base_model(path, "qlora")``).
         method: One of ``METHODS``.
         settings: PEFT knobs; None for the defaults.
+        tokenizer: The model's tokenizer; needed by ``prefix`` with ``prefix_init="text"``.
 
     Returns:
         The model to train: the same model for ``full``/``adapter``, a ``PeftModel``
@@ -245,10 +262,31 @@ def apply_method(model, method: str, settings: PeftSettings | None = None):
             # PEFT raises here; we turn it off instead (see training_flags_for).
             training_flags_for("prefix", gradient_checkpointing=True, packing=False)
             model.activation_checkpointing_disable()
+        if method == "prefix" and settings.prefix_init == "text" and tokenizer is None:
+            raise ValueError("prefix tuning with prefix_init='text' starts from the base model's keys/values over "
+                             "a system prompt and needs the tokenizer: apply_method(..., tokenizer=tok), "
+                             "or PeftSettings(prefix_init='random')")
         adapted = get_peft_model(model, _peft_config(method, settings, model))
+        if method == "prefix" and settings.prefix_init == "text":
+            init_prefix_from_text(adapted, tokenizer, settings.num_virtual_tokens)
 
     adapted.kubetune_method = {"method": method, "settings": asdict(settings)}
     return adapted
+
+
+def init_prefix_from_text(model, tokenizer, num_virtual_tokens: int, text: str = PREFIX_INIT_TEXT) -> None:
+    """Start a prefix-tuning adapter from the base model's keys/values over real text.
+
+    PEFT's ``initialize_kv_prefix_from_text`` does the prefill and the repacking (the text is
+    wrapped as a system turn of the chat template, so position 0 holds the model's usual first
+    token, the attention sink); the text is repeated until it covers ``num_virtual_tokens``.
+    """
+    from peft import initialize_kv_prefix_from_text
+
+    n = len(tokenizer(text, add_special_tokens=False)["input_ids"]) or 1
+    reps = -(-num_virtual_tokens // n)  # ceil: the chat template only adds tokens
+    initialize_kv_prefix_from_text(model, tokenizer, text=" ".join([text] * reps),
+                                   num_virtual_tokens=num_virtual_tokens)
 
 
 def _peft_config(method: str, settings: PeftSettings, model):

@@ -45,6 +45,9 @@ class TrainConfig:
     lora_dropout: float = setting(0.05, "Dropout on LoRA inputs and inside adapters.")
     target_modules: str = setting("all-linear", "Layers that get LoRA: 'all-linear' or 'q_proj,v_proj,...'.")
     num_virtual_tokens: int = setting(20, "Learned tokens for prompt/prefix tuning.")
+    prefix_init: Literal["text", "random"] = setting(
+        "text", "Prefix tuning's start: 'text' = the base model's keys/values over a neutral system prompt "
+                "(Li & Liang 2021's init from real words), 'random' = PEFT's N(0, 1) embedding.")
     gradient_checkpointing: bool = setting(False, "Recompute activations in backward (less memory, ~30% slower).")
     optimizer: str = setting("adamw_torch", "transformers optim name: adamw_torch, adamw_torch_fused, adamw_8bit, ...")
     precision: Literal["auto", "fp32", "bf16", "bf16-mixed"] = setting(
@@ -211,7 +214,7 @@ def _callbacks(collator: PackedCollator, max_train_seconds: float = 0.0):
     return [Throughput()]
 
 
-def load_for_training(cfg: TrainConfig, device: str):
+def load_for_training(cfg: TrainConfig, device: str, tokenizer=None):
     """Load the base model as the method needs it and make the right weights trainable."""
     import torch
 
@@ -227,8 +230,9 @@ def load_for_training(cfg: TrainConfig, device: str):
         model = models.load_causal_lm(cfg.base_model, dtype=torch.bfloat16 if pure_bf16 else torch.float32,
                                       trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle)
     settings = PeftSettings(rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-                            target_modules=cfg.target_modules, num_virtual_tokens=cfg.num_virtual_tokens)
-    return apply_method(model, cfg.method, settings)
+                            target_modules=cfg.target_modules, num_virtual_tokens=cfg.num_virtual_tokens,
+                            prefix_init=cfg.prefix_init)
+    return apply_method(model, cfg.method, settings, tokenizer=tokenizer)
 
 
 def _use_bf16(cfg: TrainConfig, device: str) -> bool:
@@ -283,7 +287,7 @@ def train(cfg: TrainConfig, tokenized_dir: str | Path, output_dir: str | Path, c
         raise StageError(f"method '{cfg.method}' cannot train on packed rows (virtual tokens are added once per "
                          "row, so packed examples would see each other); tokenize with packing=false")
     if model is None:
-        model = load_for_training(cfg, device)
+        model = load_for_training(cfg, device, tokenizer)
     params = trainable_summary(model)
     collator = PackedCollator(meta.get("pad_token_id") or tokenizer.pad_token_id)
     bf16 = _use_bf16(cfg, device)

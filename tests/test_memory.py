@@ -50,7 +50,9 @@ def _tiny_model(method: str, dtype: torch.dtype, config: dict = TINY, dropout: f
     torch.manual_seed(0)
     cfg = LlamaConfig(**config)
     cfg._attn_implementation = "sdpa"
-    model = apply_method(LlamaForCausalLM(cfg).to(dtype), method, PeftSettings(rank=16, dropout=dropout))
+    # prefix_init="random": no tokenizer here, and where the prefix starts changes no memory
+    model = apply_method(LlamaForCausalLM(cfg).to(dtype), method,
+                         PeftSettings(rank=16, dropout=dropout, prefix_init="random"))
     return model.train()
 
 

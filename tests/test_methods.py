@@ -59,8 +59,8 @@ def test_method_trains_exactly_its_parameters(method, tiny_llama, tiny_tickets, 
     # Keep the model the training core builds, and a copy of its weights before training.
     made, load = {}, kubetune.train.load_for_training
 
-    def spy(c, device):
-        model = load(c, device)
+    def spy(c, device, tokenizer=None):
+        model = load(c, device, tokenizer)
         made["model"] = model
         made["before"] = {n: p.detach().clone() for n, p in model.named_parameters()}
         made["trainable"] = {n for n, p in model.named_parameters() if p.requires_grad}

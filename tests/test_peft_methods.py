@@ -69,11 +69,18 @@ def _logits(model) -> torch.Tensor:
     return model(input_ids=_batch()).logits
 
 
+@pytest.fixture(scope="module")
+def tiny_tokenizer(tiny_llama):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_llama)
+
+
 @pytest.mark.parametrize("method", CPU_METHODS)
-def test_method_trains_exactly_its_parameters_and_reloads(method, tiny_llama, tmp_path):
+def test_method_trains_exactly_its_parameters_and_reloads(method, tiny_llama, tiny_tokenizer, tmp_path):
     torch.manual_seed(0)
     base_logits = _logits(load_base_model(tiny_llama))
-    model = apply_method(load_base_model(tiny_llama), method, SETTINGS)
+    model = apply_method(load_base_model(tiny_llama), method, SETTINGS, tokenizer=tiny_tokenizer)
 
     named = dict(model.named_parameters())
     is_intended, expected_count = INTENDED[method]
@@ -133,10 +140,10 @@ def test_gradient_checkpointing_keeps_gradients(method, tiny_llama):
     assert sum(g.abs().sum().item() for g in grads.values()) > 0
 
 
-def test_prefix_tuning_breaks_under_checkpointing_and_is_handled(tiny_llama):
+def test_prefix_tuning_breaks_under_checkpointing_and_is_handled(tiny_llama, tiny_tokenizer):
     ids = _batch()
     # The failure being handled: checkpointed layers drop the prefix's KV cache.
-    broken = apply_method(load_base_model(tiny_llama), "prefix", SETTINGS)
+    broken = apply_method(load_base_model(tiny_llama), "prefix", SETTINGS, tokenizer=tiny_tokenizer)
     broken.activation_checkpointing_enable()
     broken.train()
     with pytest.raises(RuntimeError):
@@ -149,11 +156,40 @@ def test_prefix_tuning_breaks_under_checkpointing_and_is_handled(tiny_llama):
     base = load_base_model(tiny_llama)
     base.activation_checkpointing_enable()
     with pytest.warns(UserWarning, match="gradient checkpointing"):
-        model = apply_method(base, "prefix", SETTINGS)
+        model = apply_method(base, "prefix", SETTINGS, tokenizer=tiny_tokenizer)
     assert not model.get_base_model().is_activation_checkpointing
     model.train()
     model(input_ids=ids, labels=ids).loss.backward()
     assert model.prompt_encoder["default"].embedding.weight.grad.abs().sum() > 0
+
+
+def test_prefix_from_text_starts_as_the_base_model_reading_that_text(tiny_llama, tiny_tokenizer):
+    """prefix_init="text": before training, the prefixed model is the base model that has read the
+    first num_virtual_tokens tokens of the (chat-templated) init text: same next-token logits on
+    any input. prefix_init="random" is PEFT's N(0, 1) init, which is not."""
+    from kubetune.peft_methods import PREFIX_INIT_TEXT
+
+    n = 6
+    settings = PeftSettings(num_virtual_tokens=n)
+    model = apply_method(load_base_model(tiny_llama), "prefix", settings, tokenizer=tiny_tokenizer).eval()
+    head = tiny_tokenizer.apply_chat_template([{"role": "system", "content": PREFIX_INIT_TEXT}], tokenize=True,
+                                              return_dict=False, return_tensors="pt")[:, :n]
+    assert head.shape[1] == n
+    ids = _batch()
+    base = load_base_model(tiny_llama).eval()
+    with torch.no_grad():
+        prefixed = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+        reading = base(input_ids=torch.cat([head.expand(ids.shape[0], -1), ids], dim=1)).logits[:, n:]
+    torch.testing.assert_close(prefixed, reading, atol=1e-4, rtol=1e-4)
+
+    random_init = apply_method(load_base_model(tiny_llama), "prefix", PeftSettings(num_virtual_tokens=n,
+                                                                                    prefix_init="random")).eval()
+    with torch.no_grad():
+        assert not torch.allclose(random_init(input_ids=ids).logits, reading, atol=1e-2)
+    with pytest.raises(ValueError, match="needs the tokenizer"):
+        apply_method(load_base_model(tiny_llama), "prefix", settings)
+    with pytest.raises(ValueError, match="prefix_init must be one of text, random"):
+        PeftSettings(prefix_init="zeros")
 
 
 def test_training_flags_leave_other_methods_alone():
@@ -284,3 +320,37 @@ def test_prompt_tuning_evaluation_generates_what_the_model_computes():
     assert tok.eos_token_id not in expected  # a plain decode below compares all 8 tokens
     assert generate(model, tok, messages, max_new_tokens=8, batch_size=1)[0] == \
         tok.decode(expected, skip_special_tokens=True).strip()
+
+
+def test_prefix_tuning_evaluation_generates_what_the_model_computes():
+    """evaluate.generate on a prefix-tuned SmolLM2, in one left-padded batch of prompts of
+    different lengths = greedy decoding of each prompt alone by full forward passes.
+
+    PEFT's generate without the cache (what evaluate did before) broke this: a trained prefix
+    answered '{"product:' on every row of a padded batch, and other tokens than its own forward
+    passes even alone. evaluate now hands the prefix to the base model as its KV cache. (The tiny
+    test Llama answers only special tokens, which decode to nothing, hence SmolLM2 here.)"""
+    from transformers import AutoTokenizer
+
+    from kubetune import models
+    from kubetune.stages.evaluate import generate
+
+    path = models.resolve("smollm2-135m-instruct")
+    tok = AutoTokenizer.from_pretrained(path)
+    model = apply_method(load_base_model(path), "prefix", PeftSettings(num_virtual_tokens=20), tokenizer=tok).eval()
+    with torch.no_grad():  # move the prefix away from its start, as training does
+        w = model.prompt_encoder["default"].embedding.weight
+        w.add_(0.3 * w.std() * torch.randn(w.shape, generator=torch.Generator().manual_seed(0)))
+    messages = [[{"role": "user", "content": c}] for c in
+                ("Hi!", "My printer is broken and the screen shows error E-42 since this morning.",
+                 "Where is my parcel?")]
+    expected = []
+    for m in messages:
+        text = tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True)
+        ids = tok(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+        toks = _greedy_by_full_forwards(model, ids, 8)
+        if tok.eos_token_id in toks:
+            toks = toks[:toks.index(tok.eos_token_id)]
+        expected.append(tok.decode(toks, skip_special_tokens=True).strip())
+    assert all(expected), expected
+    assert generate(model, tok, messages, max_new_tokens=8, batch_size=3) == expected

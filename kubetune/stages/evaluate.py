@@ -148,14 +148,17 @@ def generate(model, tok, prompts: list[list[dict]], max_new_tokens: int, batch_s
 
     tok.padding_side = "left"
     device = next(model.parameters()).device
-    # PEFT prompt learning decodes wrongly with the KV cache under transformers 5 (measured: a
-    # prompt-tuned SmolLM2 answered '{"productProduct,' where full forward passes give
-    # '{"product": "printer", ...}'; the first token agrees, the cached steps then diverge). Prompt
-    # tuning: the virtual tokens go in as input embeddings of the base model, whose own cached
-    # generate is right. Prefix tuning (its prefix is the cache): no cache, slow but correct.
-    peft_config = getattr(model, "active_peft_config", None)
-    prompt_tuning = getattr(getattr(peft_config, "peft_type", None), "value", "") == "PROMPT_TUNING"
-    use_cache = not getattr(peft_config, "is_prompt_learning", False)
+    # PEFT's own generate is wrong for both prompt-learning methods under transformers 5, so both
+    # decode through the base model, whose own cached generate is right (each checked against
+    # greedy decoding by full forward passes, tests/test_peft_methods.py):
+    # - prompt tuning with the cache: a prompt-tuned SmolLM2 answered '{"productProduct,' where
+    #   full forward passes give '{"product": "printer", ...}'. Here the virtual tokens go in as
+    #   the base model's input embeddings.
+    # - prefix tuning without the cache (what evaluate did before): a trained prefix answered
+    #   '{"product:' on every left-padded batch row, and other tokens than its own forward passes
+    #   even alone. Here the prefix is the base model's KV cache, behind n placeholder ids that
+    #   the attention mask counts (so generate starts after the cache and positions follow it).
+    peft_type = getattr(getattr(getattr(model, "active_peft_config", None), "peft_type", None), "value", "")
     outs = []
     for i in progress(range(0, len(prompts), batch_size), desc="generate", unit="batch"):
         texts = [tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True)
@@ -163,17 +166,26 @@ def generate(model, tok, prompts: list[list[dict]], max_new_tokens: int, batch_s
         enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
         kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id,
                       eos_token_id=tok.eos_token_id)
+        n = enc["input_ids"].shape[0]
         with torch.no_grad():
-            if prompt_tuning:
-                n = enc["input_ids"].shape[0]
+            if peft_type == "PROMPT_TUNING":
                 virtual = model.get_prompt(batch_size=n).to(model.get_input_embeddings().weight.dtype)
                 embeds = torch.cat([virtual, model.get_input_embeddings()(enc["input_ids"])], 1)
                 mask = torch.cat([torch.ones(n, virtual.shape[1], dtype=enc["attention_mask"].dtype,
                                              device=device), enc["attention_mask"]], 1)
                 # With inputs_embeds only, generate returns just the new tokens.
                 gen = model.get_base_model().generate(inputs_embeds=embeds, attention_mask=mask, **kwargs)
+            elif peft_type == "PREFIX_TUNING":
+                k = model.active_peft_config.num_virtual_tokens
+                ids = torch.cat([torch.full((n, k), tok.pad_token_id, dtype=enc["input_ids"].dtype, device=device),
+                                 enc["input_ids"]], 1)
+                mask = torch.cat([torch.ones(n, k, dtype=enc["attention_mask"].dtype, device=device),
+                                  enc["attention_mask"]], 1)
+                gen = model.get_base_model().generate(input_ids=ids, attention_mask=mask,
+                                                      past_key_values=model.get_prompt(batch_size=n), **kwargs)
+                gen = gen[:, ids.shape[1]:]
             else:
-                gen = model.generate(**enc, use_cache=use_cache, **kwargs)
+                gen = model.generate(**enc, **kwargs)
                 gen = gen[:, enc["input_ids"].shape[1]:]
         outs += tok.batch_decode(gen, skip_special_tokens=True)
     return [o.strip() for o in outs]
