@@ -110,7 +110,7 @@ def peft_learning_rate(method: str) -> float:
 
     The peft pipeline's default (1e-3, a short-run rate for the LoRA family) for LoRA, DoRA and
     adapters; IA3 and the virtual-token methods keep their own, higher defaults
-    (``kubetune.peft_methods``: 3e-3, 1e-2, 3e-2). A shared 1e-3 left prompt tuning at 0% exact
+    (``kubetune.peft_methods``: 3e-3, 3e-2, 3e-2). A shared 1e-3 left prompt tuning at 0% exact
     match in the first comparison: too low by an order of magnitude for it, not a weak method.
     """
     from kubetune.peft_methods import default_learning_rate

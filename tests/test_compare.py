@@ -51,7 +51,7 @@ def test_every_method_gets_the_same_budget_and_its_own_registered_name():
     assert "max_train_seconds" not in method_params("lora", budget=Budget(steps=7), **common)["train_settings"]
     # Each PEFT method its own learning rate: the virtual-token methods need far higher ones.
     lrs = {m: steps[m]["learning_rate"] for m in ("lora", "dora", "adapter", "ia3", "prefix", "prompt")}
-    assert lrs == {"lora": 1e-3, "dora": 1e-3, "adapter": 1e-3, "ia3": 3e-3, "prefix": 1e-2, "prompt": 3e-2}
+    assert lrs == {"lora": 1e-3, "dora": 1e-3, "adapter": 1e-3, "ia3": 3e-3, "prefix": 3e-2, "prompt": 3e-2}
     assert "learning_rate" not in steps["full"] and "learning_rate" not in steps["moe"]
 
 
