@@ -205,6 +205,22 @@ RACER = textwrap.dedent("""
 """)
 
 
+def start_together(scripts: list[list[str]]) -> list[subprocess.Popen]:
+    """Start one Python process per ``[script, *args]``; once all print READY, send each the same
+    start instant (a second ahead) on stdin."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-c", *argv], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=env) for argv in scripts]
+    for p in procs:
+        line = p.stdout.readline()
+        assert line.strip() == "READY", (line, p.stderr.read() if p.poll() is not None else "")
+    t0 = time.time() + 1.0
+    for p in procs:
+        p.stdin.write(f"{t0}\n")
+        p.stdin.flush()
+    return procs
+
+
 def test_concurrent_promotions_leave_one_champion(backend, tmp_path):
     """Two processes promote different versions at the same instant, twice over:
     each time exactly one wins, the alias holds the winner, the loser is told why."""
@@ -213,17 +229,7 @@ def test_concurrent_promotions_leave_one_champion(backend, tmp_path):
         make_version(tmp_path, name, 0.4)  # v1 champion
         make_version(tmp_path, name, 0.3, champion={"exact_match": 0.4}, champion_version="1")  # v2
         make_version(tmp_path, name, 0.3, champion={"exact_match": 0.4}, champion_version="1")  # v3
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, "-c", RACER, json.dumps([[n, v, 2.0 * i] for i, n in enumerate(names)])],
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-             for v in ("2", "3")]
-    for p in procs:
-        line = p.stdout.readline()
-        assert line.strip() == "READY", (line, p.stderr.read() if p.poll() is not None else "")
-    t0 = time.time() + 1.0
-    for p in procs:
-        p.stdin.write(f"{t0}\n")
-        p.stdin.flush()
+    procs = start_together([[RACER, json.dumps([[n, v, 2.0 * i] for i, n in enumerate(names)])] for v in ("2", "3")])
     results = []
     for p in procs:
         out, err = p.communicate(timeout=180)
@@ -272,17 +278,7 @@ def test_alias_lock_under_contention_excludes_and_never_errors(backend, tmp_path
     name = f"{backend}-lock"
     make_version(tmp_path, name, 0.4)
     log = tmp_path / "lock.log"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, "-c", LOCKER, name, str(log), "25"], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-             for _ in range(3)]
-    for p in procs:
-        line = p.stdout.readline()
-        assert line.strip() == "READY", (line, p.stderr.read() if p.poll() is not None else "")
-    t0 = time.time() + 1.0
-    for p in procs:
-        p.stdin.write(f"{t0}\n")
-        p.stdin.flush()
+    procs = start_together([[LOCKER, name, str(log), "25"]] * 3)
     for p in procs:
         out, err = p.communicate(timeout=240)
         assert p.returncode == 0 and "DONE" in out, err[-3000:]
