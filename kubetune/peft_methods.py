@@ -264,12 +264,13 @@ def apply_method(model, method: str, settings: PeftSettings | None = None, token
             # PEFT raises here; we turn it off instead (see training_flags_for).
             training_flags_for("prefix", gradient_checkpointing=True, packing=False)
             model.activation_checkpointing_disable()
-        if method == "prefix" and settings.prefix_init == "text" and tokenizer is None:
+        text_init = method == "prefix" and settings.prefix_init == "text"
+        if text_init and tokenizer is None:
             raise ValueError("prefix tuning with prefix_init='text' starts from the base model's keys/values over "
                              "a system prompt and needs the tokenizer: apply_method(..., tokenizer=tok), "
                              "or PeftSettings(prefix_init='random')")
         adapted = get_peft_model(model, _peft_config(method, settings, model))
-        if method == "prefix" and settings.prefix_init == "text":
+        if text_init:
             init_prefix_from_text(adapted, tokenizer, settings.num_virtual_tokens)
 
     adapted.kubetune_method = {"method": method, "settings": asdict(settings)}

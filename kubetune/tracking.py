@@ -108,7 +108,7 @@ def _experiment_id(client, experiment: str) -> str:
     try:
         return client.create_experiment(experiment)
     except MlflowException as e:
-        if "RESOURCE_ALREADY_EXISTS" not in str(e) and "already exists" not in str(e).lower():
+        if not already_exists(e):
             raise
         return client.get_experiment_by_name(experiment).experiment_id
 
@@ -450,7 +450,7 @@ def create_version(model_name: str, model_dir: str | Path, tags: dict[str, str],
     try:
         client.create_registered_model(model_name, description="Registered by kubetune.")
     except MlflowException as e:
-        if "already exists" not in str(e).lower() and "RESOURCE_ALREADY_EXISTS" not in str(e):
+        if not already_exists(e):
             raise
     run_id = mlflow.active_run().info.run_id
     mv = client.create_model_version(model_name, source=source, run_id=run_id,
@@ -554,6 +554,17 @@ def alias_lock(model_name: str, alias: str, timeout: float = 60.0) -> Iterator[N
         _release_lock(client, name)
 
 
+def has_error_code(e: Exception, code: str) -> bool:
+    """Whether an MLflow error carries ``code``: as its ``error_code`` (a store's exception) or in
+    its text (a REST answer relayed by a server: 'RESOURCE_DOES_NOT_EXIST: ...')."""
+    return getattr(e, "error_code", None) == code or code in str(e)
+
+
+def already_exists(e: Exception) -> bool:
+    """Whether an MLflow error says that the thing being created exists already."""
+    return has_error_code(e, "RESOURCE_ALREADY_EXISTS") or "already exists" in str(e).lower()
+
+
 def _lock_contended(e: Exception) -> bool:
     """Whether a failed lock take means "someone else holds it" (retry) rather than a real error.
 
@@ -563,11 +574,7 @@ def _lock_contended(e: Exception) -> bool:
     mlflow 3.17), and when the holder released the lock between the clash and that read, the
     read fails with "not found" (seen in CI on SQLite).
     """
-    text = str(e)
-    code = getattr(e, "error_code", "") or ""
-    return (code in ("RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST")
-            or "RESOURCE_ALREADY_EXISTS" in text or "RESOURCE_DOES_NOT_EXIST" in text
-            or "already exists" in text.lower() or "locked" in text.lower())
+    return already_exists(e) or has_error_code(e, "RESOURCE_DOES_NOT_EXIST") or "locked" in str(e).lower()
 
 
 def _release_lock(client: Any, name: str, attempts: int = 20) -> None:
@@ -582,7 +589,7 @@ def _release_lock(client: Any, name: str, attempts: int = 20) -> None:
             client.delete_registered_model(name)
             return
         except MlflowException as e:
-            if "RESOURCE_DOES_NOT_EXIST" in str(e) or getattr(e, "error_code", "") == "RESOURCE_DOES_NOT_EXIST":
+            if has_error_code(e, "RESOURCE_DOES_NOT_EXIST"):
                 return  # already gone (broken as stale by another process)
             if i == attempts - 1:
                 import warnings

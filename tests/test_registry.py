@@ -247,7 +247,7 @@ def test_concurrent_promotions_leave_one_champion(backend, tmp_path):
 
 
 LOCKER = textwrap.dedent("""
-    import json, os, sys, time
+    import os, sys, time
     from kubetune import tracking
     tracking.configure()
     name, log, rounds = sys.argv[1], sys.argv[2], int(sys.argv[3])

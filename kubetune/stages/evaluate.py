@@ -167,20 +167,20 @@ def generate(model, tok, prompts: list[list[dict]], max_new_tokens: int, batch_s
         kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id,
                       eos_token_id=tok.eos_token_id)
         n = enc["input_ids"].shape[0]
+        if peft_type in ("PROMPT_TUNING", "PREFIX_TUNING"):
+            # both put k virtual positions in front of the prompt, which the mask must count
+            k = model.active_peft_config.num_virtual_tokens
+            mask = torch.cat([torch.ones(n, k, dtype=enc["attention_mask"].dtype, device=device),
+                              enc["attention_mask"]], 1)
         with torch.no_grad():
             if peft_type == "PROMPT_TUNING":
                 virtual = model.get_prompt(batch_size=n).to(model.get_input_embeddings().weight.dtype)
                 embeds = torch.cat([virtual, model.get_input_embeddings()(enc["input_ids"])], 1)
-                mask = torch.cat([torch.ones(n, virtual.shape[1], dtype=enc["attention_mask"].dtype,
-                                             device=device), enc["attention_mask"]], 1)
                 # With inputs_embeds only, generate returns just the new tokens.
                 gen = model.get_base_model().generate(inputs_embeds=embeds, attention_mask=mask, **kwargs)
             elif peft_type == "PREFIX_TUNING":
-                k = model.active_peft_config.num_virtual_tokens
                 ids = torch.cat([torch.full((n, k), tok.pad_token_id, dtype=enc["input_ids"].dtype, device=device),
                                  enc["input_ids"]], 1)
-                mask = torch.cat([torch.ones(n, k, dtype=enc["attention_mask"].dtype, device=device),
-                                  enc["attention_mask"]], 1)
                 gen = model.get_base_model().generate(input_ids=ids, attention_mask=mask,
                                                       past_key_values=model.get_prompt(batch_size=n), **kwargs)
                 gen = gen[:, ids.shape[1]:]
