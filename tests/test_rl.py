@@ -215,3 +215,56 @@ def test_full_finetuning_paths_keep_the_reference_frozen(tiny_llama, pairs, roll
                         DPOConfig(use_peft=False, learning_rate=1e-3, max_steps=2, batch_size=8), tmp_path / "dpo")
     assert metrics["margin_before"] == pytest.approx(0.0, abs=1e-4)
     assert metrics["margin_after"] > metrics["margin_before"]
+
+
+def _independent_logprobs(model, ro, temperature: float = 1.0):
+    """Per-token log-probs of the rollout's responses under ``model``, computed from scratch."""
+    import torch.nn.functional as F
+
+    am = ro.attention_mask
+    P = ro.prompt_length
+    with torch.no_grad():
+        logits = model(input_ids=ro.query_responses, attention_mask=am,
+                       position_ids=(am.cumsum(-1) - 1).clamp(min=0)).logits.float()
+    logp = F.log_softmax(logits[:, P - 1:-1] / temperature, dim=-1)
+    return logp.gather(-1, ro.query_responses[:, P:, None]).squeeze(-1) * ro.response_mask
+
+
+def test_ppo_reference_is_the_base_model_and_kl_matches_an_independent_computation(tiny_llama, rollout_prompts,
+                                                                                   tmp_path):
+    """After updates the reference must still be the untouched base (not the moving policy), the
+    KL in the reward must be positive and equal to log pi - log pi_ref computed by separate models,
+    and the value of the first response token must be read at the last prompt position."""
+    from transformers import AutoModelForCausalLM
+
+    from kubetune.rl import ppo_core as core
+    from kubetune.rl.ppo import PPOConfig, PPOTrainer
+
+    cfg = PPOConfig(batch_size=8, mini_batch_size=4, ppo_epochs=2, learning_rate=5e-3, max_new_tokens=6,
+                    temperature=0.7, lora_target_modules=["q_proj", "v_proj", "lm_head"], seed=0)
+    trainer = PPOTrainer(tiny_llama, space_reward, cfg)
+    for _ in range(2):
+        trainer.step(rollout_prompts[:8])
+    ro = trainer.rollout(rollout_prompts[8:16])
+    mask = ro.response_mask.float()
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    torch.testing.assert_close(ro.ref_logprobs, _independent_logprobs(base, ro, cfg.temperature), atol=1e-4, rtol=0)
+    # The policy as a plain model (saved merged and untied, loaded back), evaluated separately.
+    trainer.save(tmp_path / "policy")
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "policy", dtype=torch.float32).eval()
+    policy_lp = _independent_logprobs(merged, ro, cfg.temperature)
+    torch.testing.assert_close(ro.logprobs, policy_lp, atol=1e-4, rtol=0)
+
+    kl = (core.kl_penalty(ro.logprobs, ro.ref_logprobs, "k1") * mask).sum(1).mean()
+    independent_kl = ((policy_lp - _independent_logprobs(base, ro, cfg.temperature)) * mask).sum(1).mean()
+    assert float(kl) > 1e-3, "two updates at lr 5e-3 must move the policy away from the reference"
+    assert float(kl) == pytest.approx(float(independent_kl), abs=1e-4)
+
+    # V(s) for response token t is the value head at the position that predicts it: P-1+t.
+    P = ro.prompt_length
+    with torch.no_grad():
+        _, values = trainer.policy(ro.query_responses, ro.attention_mask,
+                                   (ro.attention_mask.cumsum(-1) - 1).clamp(min=0))
+    torch.testing.assert_close(ro.values[:, 0], values[:, P - 1] * mask[:, 0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(ro.values, values[:, P - 1:-1] * mask, atol=1e-5, rtol=0)
