@@ -6,12 +6,13 @@ from kubetune.image import TRAIN_IMAGE
 @dsl.component(base_image=TRAIN_IMAGE)
 def evaluate_policy(model: dsl.Input[dsl.Model], reward_model: dsl.Input[dsl.Model], dataset: dsl.Input[dsl.Dataset],
                     base_model: str, model_name: str, pipeline: str, run_id: str, metrics: dsl.Output[dsl.Metrics],
-                    report: dsl.Output[dsl.Artifact], settings: dict = {}, reference: dsl.Input[dsl.Model] = None):
+                    report: dsl.Output[dsl.Artifact], settings: dict = {}, reference: dsl.Input[dsl.Model] = None,
+                    train_reward_model: dsl.Input[dsl.Model] = None):
     """Tuned policy vs reference vs champion: reward, win rate, KL, task metric, forgetting.
 
     Args:
         model: Output of ppo or dpo.
-        reward_model: Output of reward_model (the judge).
+        reward_model: Output of reward_model: the judge, never the reward model the policy optimised.
         dataset: Output of ingest on the preference data (held-out prompts and pairs).
         base_model: The reference policy when ``reference`` is not given (DPO starts from it).
         model_name: Registered model whose champion to compare with.
@@ -21,6 +22,7 @@ def evaluate_policy(model: dsl.Input[dsl.Model], reward_model: dsl.Input[dsl.Mod
         report: eval.json with every number and the verdict.
         settings: Further EvaluatePolicyConfig settings by name (validated).
         reference: The SFT policy the candidate started from (RLHF), if any.
+        train_reward_model: The reward model the policy optimised (RLHF), if any: reported, never deciding.
     """
     from kubetune.config import from_dict
 
@@ -32,7 +34,8 @@ def evaluate_policy(model: dsl.Input[dsl.Model], reward_model: dsl.Input[dsl.Mod
 
     cfg = from_dict(EvaluatePolicyConfig, {**settings, "model_name": model_name}, "evaluate_policy settings")
     result = stage(cfg, model.path, reference.path if reference is not None else base_model, reward_model.path,
-                   dataset.path, report.path, ctx=RunContext(model_name, run_id, pipeline))
+                   dataset.path, report.path, ctx=RunContext(model_name, run_id, pipeline),
+                   train_reward_model_dir=train_reward_model.path if train_reward_model is not None else None)
     for who in ("candidate", "base"):
         for k, v in result.report[who].items():
             metrics.log_metric(f"{who}_{k}", v)

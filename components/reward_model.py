@@ -6,7 +6,7 @@ from kubetune.image import TRAIN_IMAGE
 @dsl.component(base_image=TRAIN_IMAGE)
 def reward_model(dataset: dsl.Input[dsl.Dataset], base_model: str, max_steps: int, reward_model_name: str,
                  model_name: str, pipeline: str, run_id: str, model: dsl.Output[dsl.Model],
-                 report: dsl.Output[dsl.Artifact], settings: dict = {}) -> dict:
+                 report: dsl.Output[dsl.Artifact], settings: dict = {}, pairs: str = "all") -> dict:
     """Train a pairwise (Bradley-Terry) reward model; held-out accuracy vs chance vs champion.
 
     Args:
@@ -20,6 +20,7 @@ def reward_model(dataset: dsl.Input[dsl.Dataset], base_model: str, max_steps: in
         model: Output folder: reward model (safetensors), tokenizer, manifest.
         report: eval.json (pairwise accuracy) for register.
         settings: Further RewardModelConfig settings by name (validated).
+        pairs: Training pairs: all, or the prompt-disjoint half 'policy' (optimised) or 'judge' (evaluates).
     """
     from kubetune.config import from_dict
 
@@ -30,7 +31,8 @@ def reward_model(dataset: dsl.Input[dsl.Dataset], base_model: str, max_steps: in
     from kubetune.tracking import RunContext
 
     cfg = from_dict(RewardModelConfig, {**settings, "base_model": base_model, "max_steps": max_steps,
-                                        "model_name": reward_model_name}, "reward_model settings")
+                                        "model_name": reward_model_name, "pairs": pairs},
+                    "reward_model settings")
     result = stage(cfg, dataset.path, model.path, report.path, ctx=RunContext(model_name, run_id, pipeline))
     model.metadata.update(method="reward_model", base_model=base_model, **result.metrics)
     return result.metrics

@@ -6,6 +6,11 @@ SFT (train_peft, LoRA merged) -> [reward modeling: reward_model -> register the 
 (``@dsl.pipeline`` functions used as sub-DAGs), so a variant (another RL algorithm, an
 existing reward model) swaps one block.
 
+The policy is judged by an independent reward model, trained on the other half of the
+training prompts (``pairs=judge``) than the one PPO optimises (``pairs=policy``): judged by
+its own reward model, reward hacking would be promoted. A programmatic check, where the task
+has one, is stronger still: ``eval_settings={"judge_pattern": "<regex>"}`` makes it decide.
+
 Run it locally:   kubetune run rlhf [--set ppo_steps=20]
 Compile it:       kubetune compile --out build/ [--profile profiles/h200x2.yaml]
 """
@@ -31,8 +36,8 @@ def build(profile: "kube.Profile | None" = None):
                         reward_model_name: str, model_name: str, pipeline: str, run_id: str,
                         settings: dict) -> dsl.Model:
         trained = reward_model(dataset=preferences, base_model=base_model, max_steps=max_steps,
-                               reward_model_name=reward_model_name, settings=settings, model_name=model_name,
-                               pipeline=pipeline, run_id=run_id)
+                               reward_model_name=reward_model_name, settings=settings, pairs="policy",
+                               model_name=model_name, pipeline=pipeline, run_id=run_id)
         registered = register(model=trained.outputs["model"], report=trained.outputs["report"],
                               model_name=reward_model_name, pipeline=pipeline, run_id=run_id)
         kube.on_cluster(profile, cpu=[registered], gpu=[trained])
@@ -43,16 +48,20 @@ def build(profile: "kube.Profile | None" = None):
     Tuned = NamedTuple("Tuned", model=dsl.Model, report=dsl.Artifact)
 
     @dsl.pipeline(name="rl-tuning", description="PPO of the SFT policy against the reward model, then evaluation.")
-    def rl_tuning(policy: dsl.Input[dsl.Model], judge: dsl.Input[dsl.Model], preferences: dsl.Input[dsl.Dataset],
-                  base_model: str, steps: int, learning_rate: float, model_name: str, pipeline: str, run_id: str,
-                  ppo_settings: dict, eval_settings: dict) -> Tuned:
-        tuned = ppo(policy=policy, reward_model=judge, steps=steps, learning_rate=learning_rate,
+    def rl_tuning(policy: dsl.Input[dsl.Model], rewards: dsl.Input[dsl.Model], preferences: dsl.Input[dsl.Dataset],
+                  base_model: str, steps: int, learning_rate: float, judge_max_steps: int, model_name: str,
+                  pipeline: str, run_id: str, ppo_settings: dict, judge_settings: dict, eval_settings: dict) -> Tuned:
+        tuned = ppo(policy=policy, reward_model=rewards, steps=steps, learning_rate=learning_rate,
                     settings=ppo_settings, model_name=model_name, pipeline=pipeline, run_id=run_id)
-        scored = evaluate_policy(model=tuned.outputs["model"], reference=policy, reward_model=judge,
-                                 dataset=preferences, base_model=base_model, settings=eval_settings,
-                                 model_name=model_name, pipeline=pipeline, run_id=run_id)
-        kube.on_cluster(profile, gpu=[tuned, scored])
-        for task in (tuned, scored):
+        # The judge is not registered: it exists to score this run's evaluation.
+        judge = reward_model(dataset=preferences, base_model=base_model, max_steps=judge_max_steps,
+                             reward_model_name="", settings=judge_settings, pairs="judge",
+                             model_name=model_name, pipeline=pipeline, run_id=run_id).set_display_name("judge")
+        scored = evaluate_policy(model=tuned.outputs["model"], reference=policy, reward_model=judge.outputs["model"],
+                                 train_reward_model=rewards, dataset=preferences, base_model=base_model,
+                                 settings=eval_settings, model_name=model_name, pipeline=pipeline, run_id=run_id)
+        kube.on_cluster(profile, gpu=[tuned, judge, scored])
+        for task in (tuned, judge, scored):
             kube.no_cache(task)
         return Tuned(model=tuned.outputs["model"], report=scored.outputs["report"])
 
@@ -86,12 +95,13 @@ def build(profile: "kube.Profile | None" = None):
             sft = train_peft(tokenized=tokens.outputs["tokenized"], base_model=base_model, method="lora",
                              max_steps=sft_max_steps, learning_rate=0.0, lora_rank=16, settings=sft_settings,
                              **lineage).set_display_name("instruction-sft")
-            judge = reward_modeling(preferences=prefs.outputs["dataset"], base_model=base_model,
+            rewards = reward_modeling(preferences=prefs.outputs["dataset"], base_model=base_model,
                                     max_steps=reward_max_steps, reward_model_name=reward_model_name,
                                     settings=reward_settings, **lineage)
-            tuned = rl_tuning(policy=sft.outputs["model"], judge=judge.output, preferences=prefs.outputs["dataset"],
+            tuned = rl_tuning(policy=sft.outputs["model"], rewards=rewards.output, preferences=prefs.outputs["dataset"],
                               base_model=base_model, steps=ppo_steps, learning_rate=learning_rate,
-                              ppo_settings=ppo_settings, eval_settings=eval_settings, **lineage)
+                              judge_max_steps=reward_max_steps, ppo_settings=ppo_settings,
+                              judge_settings=reward_settings, eval_settings=eval_settings, **lineage)
             registered = register(model=tuned.outputs["model"], report=tuned.outputs["report"],
                                   max_forgetting=max_forgetting, settings=register_settings, **lineage)
         with dsl.Else(name="data-unchanged"):

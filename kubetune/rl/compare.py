@@ -81,6 +81,7 @@ def compare_policies(
     batch_size: int = 16,
     samples: int = 0,
     temperature: float = 1.0,
+    also: dict[str, Callable[[list[str], list[str]], Sequence[float]]] | None = None,
 ) -> dict:
     """Head-to-head of a tuned policy against its reference (the SFT policy).
 
@@ -96,10 +97,15 @@ def compare_policies(
             ``samples``, rows for an MLflow table.
         temperature: Sampling temperature of both policies (the KL is of the tempered
             distributions, as PPO's penalty is).
+        also: Further scorers of the same samples, reported but not deciding the win rate
+            (e.g. the reward model the policy was trained against, or a programmatic check).
 
     Returns:
-        ``reward_policy``, ``reward_reference``, ``win_rate`` and ``kl`` (nats per response).
+        ``reward_policy``, ``reward_reference``, ``win_rate`` and ``kl`` (nats per response), and
+        ``<name>_policy`` / ``<name>_reference`` (mean scores) for each scorer in ``also``.
     """
+    also = also or {}
+    extra_sums = {f"{name}_{who}": 0.0 for name in also for who in ("policy", "reference")}
     policy, tok = _load(policy_path)
     reference, _ = _load(reference_path)
     wins, kls, r_pol, r_ref, rows = [], [], [], [], []
@@ -113,6 +119,9 @@ def compare_policies(
         sr = [float(s) for s in reward_fn(batch, ref_texts)]
         r_pol += sp
         r_ref += sr
+        for name, fn in also.items():
+            extra_sums[f"{name}_policy"] += sum(float(x) for x in fn(batch, pol_texts))
+            extra_sums[f"{name}_reference"] += sum(float(x) for x in fn(batch, ref_texts))
         wins += [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(sp, sr)]
         rows += [{"prompt": p, "policy": a, "reference": b, "policy_score": x, "reference_score": y}
                  for p, a, b, x, y in zip(batch, pol_texts, ref_texts, sp, sr)]
@@ -120,6 +129,7 @@ def compare_policies(
     extra = {"samples": rows[:samples]} if samples else {}
     return {
         **extra,
+        **{k: v / n for k, v in extra_sums.items()},
         "reward_policy": sum(r_pol) / n,
         "reward_reference": sum(r_ref) / n,
         "win_rate": sum(wins) / n,

@@ -41,6 +41,24 @@ def load_pairs(dataset_dir: str | Path) -> tuple[dict, list[dict], list[dict]]:
     return meta, train, val
 
 
+def prompt_half(pairs: list[dict], half: str) -> list[dict]:
+    """The pairs whose prompt falls in one of two disjoint halves: "policy", "judge" or "all".
+
+    A policy optimised against a reward model learns that model's blind spots, so the model that
+    judges it must not have seen the same pairs. The halves are cut by a stable hash of the
+    prompt (not by position), so every pair of one prompt lands on the same side whatever the
+    row order, and the same prompt always lands on the same side.
+    """
+    import hashlib
+
+    if half == "all":
+        return pairs
+    if half not in ("policy", "judge"):
+        raise ValueError(f"half must be 'all', 'policy' or 'judge', got {half!r}")
+    want = 0 if half == "policy" else 1
+    return [p for p in pairs if hashlib.sha256(p["prompt"].encode()).digest()[0] % 2 == want]
+
+
 def spread(rows: list[dict], n: int) -> list[dict]:
     """At most ``n`` of ``rows``, evenly spaced (so a capped evaluation still covers many prompts); 0 = all."""
     if n <= 0 or len(rows) <= n:

@@ -4,7 +4,15 @@ On held-out prompts (the validation side of the preference data, whose prompts n
 stage saw), for the candidate, the reference (the SFT policy, or the base model DPO started
 from) and the registered champion:
 
-- ``reward``: mean reward-model score of sampled responses;
+- ``reward``: mean score of sampled responses under the judge reward model, which must not be
+  the reward model the policy was optimised against (a policy learns its reward model's blind
+  spots: judged by it, reward hacking looks like progress); the ``rlhf`` pipeline trains the
+  judge on prompts disjoint from the PPO reward model's;
+- ``train_reward``: the same samples scored by the reward model the policy optimised, when
+  given: reported beside the judge's score (a gap between them is a sign of reward hacking),
+  never deciding anything;
+- ``pattern_rate``: with ``judge_pattern`` set, the share of sampled responses that match
+  it entirely: a programmatic check, the most independent judge where the task has one;
 - ``win_rate``: share of prompts where the policy's response outscores the reference's
   (ties count one half; the reference's own is 0.5 by definition);
 - ``kl``: KL(π ‖ π_ref) in nats per response, over the policy's own samples;
@@ -19,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,8 +41,13 @@ from kubetune.tracking import RunContext, log_metrics, maybe_stage
 @dataclass
 class EvaluatePolicyConfig:
     model_name: str = setting("", "Registered model whose 'champion' to compare with ('' = no comparison).")
-    primary_metric: Literal["reward", "win_rate"] = setting(
-        "reward", "Metric that decides promotion (higher is better): reward-model score or win rate vs reference.")
+    primary_metric: Literal["auto", "reward", "win_rate", "pattern_rate"] = setting(
+        "auto", "Metric that decides promotion (higher is better): the judge reward model's score, the win "
+                "rate vs the reference, or the share of responses matching judge_pattern; auto = pattern_rate "
+                "when judge_pattern is set, else reward.")
+    judge_pattern: str = setting(
+        "", "A regular expression a good response matches entirely (Python re.fullmatch, DOTALL): the "
+            "programmatic judge, where the task has one ('' = none).")
     min_improvement: float = setting(0.0, "Margin the candidate must beat the reference and champion by.")
     max_new_tokens: int = setting(48, "Longest sampled response, in tokens.")
     temperature: float = setting(1.0, "Sampling temperature of both policies (rlhf passes PPO's rollout temperature).")
@@ -43,11 +57,30 @@ class EvaluatePolicyConfig:
     seed: int = setting(0, "Sampling seed (the same for every policy compared).")
 
     def __post_init__(self):
+        if self.judge_pattern:
+            try:
+                re.compile(self.judge_pattern)
+            except re.error as e:
+                raise ConfigError(f"'judge_pattern' is not a regular expression: {e}") from None
+        elif self.primary_metric == "pattern_rate":
+            raise ConfigError("'primary_metric' pattern_rate needs 'judge_pattern' (the check to count)")
         if self.temperature <= 0:
             raise ConfigError(f"'temperature' must be > 0, got {self.temperature}")
         for name in ("max_new_tokens", "max_prompts", "batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"'{name}' must be >= 1, got {getattr(self, name)}")
+
+
+    def metric(self) -> str:
+        """The primary metric, with auto resolved."""
+        if self.primary_metric != "auto":
+            return self.primary_metric
+        return "pattern_rate" if self.judge_pattern else "reward"
+
+    def pattern_score(self, prompts: list[str], responses: list[str]) -> list[float]:
+        """1 for each response that matches ``judge_pattern`` entirely, else 0."""
+        rx = re.compile(self.judge_pattern, re.DOTALL)
+        return [1.0 if rx.fullmatch(r.strip()) else 0.0 for r in responses]
 
 
 @dataclass
@@ -109,7 +142,8 @@ def _model_scores(path: str, pairs: list[dict], general: list[str], cfg: Evaluat
 
 def evaluate_policy(cfg: EvaluatePolicyConfig, model_dir: str | Path, reference: str | Path,
                     reward_model_dir: str | Path, dataset_dir: str | Path, output_path: str | Path,
-                    ctx: RunContext | None = None) -> EvaluatePolicyResult:
+                    ctx: RunContext | None = None,
+                    train_reward_model_dir: str | Path | None = None) -> EvaluatePolicyResult:
     """Evaluate a tuned policy against its reference and the current champion.
 
     Args:
@@ -117,10 +151,13 @@ def evaluate_policy(cfg: EvaluatePolicyConfig, model_dir: str | Path, reference:
         model_dir: Output of ``ppo`` or ``dpo`` (a plain causal-LM folder).
         reference: The policy it started from: a training stage's output folder (its ``merged/``
             model), a model folder or a model reference.
-        reward_model_dir: Output of ``reward_model``: the judge of rewards and win rates.
+        reward_model_dir: Output of ``reward_model``: the judge of rewards and win rates. It must
+            not be the reward model the policy was trained against (see ``train_reward_model_dir``).
         dataset_dir: Output of ``ingest`` on the preference data (held-out prompts and pairs).
         output_path: Where ``eval.json`` is written.
         ctx: When given, logs to an MLflow child run named ``evaluate-policy``.
+        train_reward_model_dir: The reward model the policy was optimised against, if any: its
+            scores of the same samples are reported as ``train_reward``, never used to decide.
 
     Returns:
         The report: per-policy metrics, forgetting, primary metric and the verdict.
@@ -137,19 +174,28 @@ def evaluate_policy(cfg: EvaluatePolicyConfig, model_dir: str | Path, reference:
     pairs = [p for p in val if p["prompt"] in chosen_prompts]
     general = [line.strip() for line in GENERAL_TEXT.read_text().splitlines() if line.strip()]
     ref_path = policy_folder(reference)
-    metric = cfg.primary_metric
+    metric = cfg.metric()
 
     def head_to_head(path, samples=0):
         return compare_policies(path, ref_path, prompts, scorer, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed,
-                                batch_size=cfg.batch_size, samples=samples, temperature=cfg.temperature)
+                                batch_size=cfg.batch_size, samples=samples, temperature=cfg.temperature, also=also)
+
+    def scores(h2h: dict, who: str) -> dict:
+        """Judge reward, win rate and KL of one side of a head-to-head, plus the reported-only scores."""
+        own = {"reward": h2h[f"reward_{who}"], "win_rate": h2h["win_rate"] if who == "policy" else 0.5,
+               "kl": h2h["kl"] if who == "policy" else 0.0}
+        return {**own, **{name: h2h[f"{name}_{who}"] for name in also}}
 
     with maybe_stage(ctx, "evaluate-policy", params={**asdict(cfg), "reference": str(reference)}) as run:
         scorer = RewardModelScorer(reward_model_dir)
+        also = {}
+        if train_reward_model_dir is not None:
+            also["train_reward"] = RewardModelScorer(train_reward_model_dir)
+        if cfg.judge_pattern:
+            also["pattern_rate"] = cfg.pattern_score
         h2h = head_to_head(str(model_dir), samples=8)
-        candidate = {"reward": h2h["reward_policy"], "win_rate": h2h["win_rate"], "kl": h2h["kl"],
-                     **_model_scores(str(model_dir), pairs, general, cfg)}
-        base = {"reward": h2h["reward_reference"], "win_rate": 0.5, "kl": 0.0,
-                **_model_scores(ref_path, pairs, general, cfg)}
+        candidate = {**scores(h2h, "policy"), **_model_scores(str(model_dir), pairs, general, cfg)}
+        base = {**scores(h2h, "reference"), **_model_scores(ref_path, pairs, general, cfg)}
         champion, champion_version = None, None
         if cfg.model_name:
             tracking.configure()
@@ -161,7 +207,7 @@ def evaluate_policy(cfg: EvaluatePolicyConfig, model_dir: str | Path, reference:
                 with tempfile.TemporaryDirectory() as tmp:
                     path = tracking.download_version(cfg.model_name, holder.version, tmp)
                     c = head_to_head(str(path))
-                champion = {"reward": c["reward_policy"], "win_rate": c["win_rate"], "kl": c["kl"]}
+                champion = scores(c, "policy")
         forgetting = None
         if "general_perplexity" in candidate:
             forgetting = candidate["general_perplexity"] / base["general_perplexity"] - 1.0

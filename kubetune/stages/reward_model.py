@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Literal
 
 from kubetune.config import setting
-from kubetune.errors import ConfigError
+from kubetune.errors import ConfigError, DataError
 from kubetune.models import DEFAULT_BASE_MODEL
 from kubetune.tracking import RunContext, log_metrics, maybe_stage
 
@@ -37,6 +37,9 @@ class RewardModelConfig:
     max_length: int = setting(512, "Pairs with a sequence longer than this many tokens are dropped.")
     lora_rank: int = setting(16, "LoRA rank when method is lora.")
     seed: int = setting(0, "Seed of the head initialisation and the data order.")
+    pairs: Literal["all", "policy", "judge"] = setting(
+        "all", "Training pairs used: all, or one of two prompt-disjoint halves ('policy' for the reward "
+               "model RL optimises, 'judge' for the independent one that evaluates the result).")
     model_name: str = setting("", "Registered reward model whose 'champion' to compare with ('' = none).")
     min_improvement: float = setting(0.0, "Accuracy margin needed to beat the base (chance) and champion.")
 
@@ -102,11 +105,14 @@ def reward_model(cfg: RewardModelConfig, dataset_dir: str | Path, output_dir: st
         Metrics (accuracy, accuracy_before, margins, loss), the evaluation report, the folder.
     """
     from kubetune import models
-    from kubetune.rl.data import load_pairs, spread
+    from kubetune.rl.data import load_pairs, prompt_half, spread
     from kubetune.rl.reward import RewardModelConfig as TrainSettings
     from kubetune.rl.reward import train_reward_model
 
     meta, train, val = load_pairs(dataset_dir)
+    train = prompt_half(train, cfg.pairs)
+    if not train:
+        raise DataError(f"'pairs': the '{cfg.pairs}' half of {dataset_dir}'s training pairs is empty")
     val = spread(val, cfg.max_eval_pairs)
     output_dir = Path(output_dir)
     report_path = Path(report_path) if report_path else output_dir.with_name(output_dir.name + ".eval.json")
