@@ -331,3 +331,52 @@ def test_kill_9_and_the_same_command_again_resumes(tmp_path):
                           compile=False)["losses"]
     assert len(resumed) == 30
     assert resumed[-1] == pytest.approx(whole[-1], rel=1e-2)
+
+
+# --------------------------------------------------------------------------- several processes
+
+
+def _two_rank_worker(rank: int, init_file: str, out: str):
+    import json
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    result = {}
+    kw = dict(max_steps=6, lr=1e-2, tokens_per_step=64, grad_accum=1, compile=False)
+    for name, make in (("full", _tiny_llama), ("lora", lambda: _lora(dropout=0.0))):
+        model = make()
+        result[name] = fp.fast_train(model, _motif_rows(), checkpoint_dir=f"{out}-{name}", save_steps=3, **kw)["losses"]
+        if name == "full":  # sharded by FSDP2: gathered for saving
+            fp.save_sharded_model(model, f"{out}-model")
+        # a rerun of the same command resumes from the sharded checkpoint of step 3 and ends the same
+        again = fp.fast_train(make(), _motif_rows(), checkpoint_dir=f"{out}-{name}", save_steps=3, **kw)
+        result[name + "_resumed"] = [again["resumed_from"], again["losses"]]
+    if rank == 0:
+        with open(out, "w") as f:
+            json.dump(result, f)
+    dist.destroy_process_group()
+
+
+def test_two_gloo_processes_follow_the_one_process_run_step_for_step(tmp_path):
+    """2 processes × 1 row per step (FSDP2 for full, DDP for LoRA) = 1 process × 2 rows per step."""
+    import json
+
+    import torch.multiprocessing as mp
+    from transformers import LlamaForCausalLM
+
+    out = str(tmp_path / "two.json")
+    mp.spawn(_two_rank_worker, args=(str(tmp_path / "init"), out), nprocs=2)
+    two = json.loads((tmp_path / "two.json").read_text())
+    kw = dict(max_steps=6, lr=1e-2, tokens_per_step=64, grad_accum=2, compile=False)
+    one_full = _tiny_llama()
+    for name, model in (("full", one_full), ("lora", _lora(dropout=0.0))):
+        one = fp.fast_train(model, _motif_rows(), **kw)["losses"]
+        assert one[-1] < one[0] - 0.05, one  # it trains: the comparison is not between two flat lines
+        np.testing.assert_allclose(two[name], one, atol=1e-3, rtol=0)
+        assert two[name + "_resumed"][0] == 3
+        np.testing.assert_allclose(two[name + "_resumed"][1], one, atol=1e-3, rtol=0)
+    saved = LlamaForCausalLM.from_pretrained(tmp_path / "two.json-model")
+    for (n, a), b in zip(one_full.state_dict().items(), saved.state_dict().values()):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3, msg=n)
