@@ -380,3 +380,47 @@ def test_two_gloo_processes_follow_the_one_process_run_step_for_step(tmp_path):
     saved = LlamaForCausalLM.from_pretrained(tmp_path / "two.json-model")
     for (n, a), b in zip(one_full.state_dict().items(), saved.state_dict().values()):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3, msg=n)
+
+
+# --------------------------------------------------------------------------- settings
+
+
+def test_every_train_config_field_is_honoured_or_sends_the_run_to_the_trainer():
+    """A TrainConfig field the fast path's table does not list fails here: say what the fast path
+    does with it in fastpath.SETTINGS (until then fast_path_blocker sends every run to the Trainer)."""
+    from dataclasses import fields
+
+    from kubetune.train import TrainConfig
+
+    assert {f.name for f in fields(TrainConfig)} == set(fp.SETTINGS)
+
+
+def test_a_setting_the_fast_path_does_not_know_sends_the_run_to_the_trainer():
+    from dataclasses import field, make_dataclass
+
+    from kubetune.train import TrainConfig
+
+    Later = make_dataclass("Later", [("eval_steps", int, field(default=0))], bases=(TrainConfig,))
+    model = _tiny_llama()
+    assert fp.fast_path_blocker(TrainConfig(), model, "cuda") is None
+    assert "eval_steps" in fp.fast_path_blocker(Later(), model, "cuda")
+
+
+@pytest.mark.parametrize("change, reason", [
+    ({}, None),
+    ({"lr_scheduler": "cosine", "gradient_checkpointing": True, "precision": "bf16-mixed",
+      "gradient_accumulation_steps": 4, "optimizer": "adamw_torch_fused"}, None),
+    ({"method": "qlora"}, "qlora"),
+    ({"method": "prefix"}, "prefix"),
+    ({"precision": "fp32"}, "precision=fp32"),
+    ({"optimizer": "adafactor"}, "optimizer=adafactor"),
+    ({"lr_scheduler": "no_such_schedule"}, "lr_scheduler 'no_such_schedule'"),
+    ({"fast_path": "off"}, "fast_path=off"),
+])
+def test_fast_path_blocker_names_the_setting(change, reason):
+    from kubetune.train import TrainConfig
+
+    got = fp.fast_path_blocker(TrainConfig(**change), _tiny_llama(), "cuda")
+    assert got is None if reason is None else reason in got
+    if "fast_path" not in change:
+        assert "CUDA" in fp.fast_path_blocker(TrainConfig(**change), _tiny_llama(), "cpu")
