@@ -5,6 +5,11 @@ the peer script copied to bench/peer/peer_sft_bench.py):
 
     python bench/bench_train.py all --out bench/results
 
+A case under torchrun trains on every GPU of the host (FSDP2 for full, DDP for LoRA), each GPU
+with the one-GPU row size, and reports the tokens/s of all of them:
+
+    torchrun --nproc-per-node 2 bench/bench_train.py case ours llama1b full 12288 50 1 10
+
 Every case runs in its own subprocess (clean peak-memory figures, a timeout each) and prints
 one JSON line; `all` then prints the table and writes `bench/results/<date>-train-h200.json`.
 
@@ -417,6 +422,18 @@ PLANS = {
 }
 
 
+def _init_torchrun() -> tuple[int, int]:
+    """Under torchrun (several GPUs): one NCCL process group, one GPU per process."""
+    if "LOCAL_RANK" not in os.environ:
+        return 1, 0
+    import torch
+    import torch.distributed as dist
+
+    torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    dist.init_process_group("nccl")
+    return dist.get_world_size(), dist.get_rank()
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("what", help="a plan name (all), 'plan' with --cases, or 'case'")
@@ -427,6 +444,7 @@ def main(argv=None):
     a = ap.parse_args(argv)
     if a.what == "case":
         kind, *args = a.rest
+        world, rank = _init_torchrun()
         if kind == "ours":
             shape, mode, tps, steps, comp, warm, *more = args
             res = case_ours(shape, mode, int(tps), int(steps), comp == "1", int(warm), *more[:1],
@@ -441,7 +459,10 @@ def main(argv=None):
             res = case_peer(*args)
         else:
             raise SystemExit(f"unknown case {kind}")
-        print(json.dumps(res), flush=True)
+        if world > 1 and "mfu" in res:
+            res.update(gpus=world, mfu=round(res["mfu"] / world, 4))  # tokens/s is of all GPUs
+        if rank == 0:
+            print(json.dumps(res), flush=True)
         return
     plan = [tuple(x) for x in json.loads(a.cases)] if a.cases else PLANS[a.what]
     t0 = time.perf_counter()
