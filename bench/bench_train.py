@@ -245,17 +245,10 @@ def case_loss(shape: str, mode: str, steps: int = 50, tokens_per_step: int = 819
 
 
 def _same_bins(examples, capacity):
-    """The bin sequence `fast_train` draws (packed_rows with seed 0), as index lists."""
-    import numpy as np
+    """The bin sequence `fast_train` draws (`packed_bins` with seed 0), as index lists."""
+    from kubetune.fastpath import packed_bins
 
-    from kubetune.fastpath import pack_bins
-
-    lengths = [min(len(x), capacity) for x, _ in examples]
-    rng = np.random.default_rng(0)
-    bins = pack_bins(lengths, capacity)
-    while True:
-        for b in rng.permutation(len(bins)):
-            yield bins[b]
+    return packed_bins([min(len(x), capacity) for x, _ in examples], capacity, 0)
 
 
 def _micro(idxs, lengths, budget):

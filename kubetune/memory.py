@@ -23,7 +23,7 @@ optimizer states, activations, the loss's logits and the transients at the peak,
 (gradients are freed after every step: both training paths zero them with set_to_none.)
 
 **Activations** are counted tensor by tensor, as the model's code saves them. Which tensors
-that is depends on the path the training core takes (`kubetune.train.use_fast_path`):
+that is depends on the path the training core takes (`kubetune.fastpath.fast_path_blocker`):
 
 - *Trainer path* (the CPU; on a GPU: QLoRA, prompt and prefix tuning, fast_path=off):
   eager PyTorch, SDPA attention with the block-diagonal mask transformers builds for packed rows.
