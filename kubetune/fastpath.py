@@ -419,9 +419,12 @@ def build_scheduler(name: str, opt, warmup_steps: int, max_steps: int):
     from transformers import get_scheduler
 
     try:
-        return get_scheduler(name, optimizer=opt, num_warmup_steps=warmup_steps, num_training_steps=max_steps)
+        sched = get_scheduler(name, optimizer=opt, num_warmup_steps=warmup_steps, num_training_steps=max_steps)
     except (ValueError, TypeError) as e:  # unknown name, or one that needs arguments we do not have
         raise ValueError(f"lr_scheduler '{name}' cannot run on the fast path: {e}") from None
+    if isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        raise ValueError(f"lr_scheduler '{name}' cannot run on the fast path: it steps on an evaluation metric")
+    return sched
 
 
 class _LossModule(torch.nn.Module):

@@ -415,6 +415,8 @@ def test_a_setting_the_fast_path_does_not_know_sends_the_run_to_the_trainer():
     ({"precision": "fp32"}, "precision=fp32"),
     ({"optimizer": "adafactor"}, "optimizer=adafactor"),
     ({"lr_scheduler": "no_such_schedule"}, "lr_scheduler 'no_such_schedule'"),
+    ({"lr_scheduler": "reduce_lr_on_plateau"}, "lr_scheduler 'reduce_lr_on_plateau'"),
+    ({"lr_scheduler": "constant_with_warmup", "optimizer": "adamw_torch"}, None),
     ({"fast_path": "off"}, "fast_path=off"),
 ])
 def test_fast_path_blocker_names_the_setting(change, reason):
