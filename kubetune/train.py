@@ -301,10 +301,11 @@ def train(cfg: TrainConfig, tokenized_dir: str | Path, output_dir: str | Path, c
     fast = reason is None
     if not fast:
         print(f"train: Trainer path: {reason}", flush=True)
-        if report_to_mlflow:
-            from kubetune.tracking import log_params
+    if report_to_mlflow:
+        from kubetune.tracking import log_params
 
-            log_params({"kubetune.train_path": "trainer", "kubetune.train_path_reason": reason[:500]})
+        log_params({"kubetune.train_path": "fast" if fast else "trainer",
+                    **({} if fast else {"kubetune.train_path_reason": reason[:500]})})
     trainer = None if fast else _trainer(cfg, model, data["train"], collator, tokenizer, device, checkpoint_dir,
                                          report_to_mlflow, callbacks, flags)
     resume = None if fast else last_complete_checkpoint(checkpoint_dir)
