@@ -5,6 +5,11 @@ the peer script copied to bench/peer/peer_sft_bench.py):
 
     python bench/bench_train.py all --out bench/results
 
+A case under torchrun trains on every GPU of the host (FSDP2 for full, DDP for LoRA), each GPU
+with the one-GPU row size, and reports the tokens/s of all of them:
+
+    torchrun --nproc-per-node 2 bench/bench_train.py case ours llama1b full 12288 50 1 10
+
 Every case runs in its own subprocess (clean peak-memory figures, a timeout each) and prints
 one JSON line; `all` then prints the table and writes `bench/results/<date>-train-h200.json`.
 
@@ -39,6 +44,10 @@ SHAPES = {
     # Llama-3.2-1B: the peer's model
     "llama1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                     num_key_value_heads=8, vocab_size=128256, max_position_embeddings=4096, tie_word_embeddings=True),
+    # Llama-3.1-8B: the peer's PEER_SHAPE=llama8b (untied head, so the head's FLOPs count)
+    "llama8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                    num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192,
+                    tie_word_embeddings=False, rope_theta=500000.0),
     # SmolLM2-135M: kubetune's default base model
     "smol135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                      num_key_value_heads=3, vocab_size=49152, max_position_embeddings=8192, tie_word_embeddings=True),
@@ -104,7 +113,9 @@ def mfu(tps: float, shape: str, n_params: int, lora: bool, context: float) -> fl
 # --------------------------------------------------------------------------- cases
 
 
-def case_ours(shape: str, mode: str, tokens_per_step: int, steps: int, compile: bool, warm: int):
+def case_ours(shape: str, mode: str, tokens_per_step: int, steps: int, compile: bool, warm: int,
+              optimizer: str = "adamw_torch", recompute: float = 0.0):
+    """Our fast path; `recompute` = share of decoder layers under activation checkpointing."""
     import torch
 
     from kubetune.fastpath import fast_train, mean_context
@@ -112,15 +123,18 @@ def case_ours(shape: str, mode: str, tokens_per_step: int, steps: int, compile: 
     lora = mode == "lora"
     model, cfg, n_params = build_model(shape, lora)
     seqs = peer_data(cfg.vocab_size)
+    n_ac = round(recompute * cfg.num_hidden_layers)
     r = fast_train(model, rows_of(seqs), max_steps=steps, lr=1e-5 if not lora else 1e-4,
-                   tokens_per_step=tokens_per_step, compile=compile, timing_warmup=warm)
+                   tokens_per_step=tokens_per_step, compile=compile, timing_warmup=warm, optimizer=optimizer,
+                   activation_checkpointing=list(range(n_ac)))
     ctx = mean_context([len(s) for s in seqs])
     return {"who": "kubetune", "shape": shape, "mode": mode, "tokens_per_step": tokens_per_step,
             "compile": compile, "params": n_params, "tokens_per_s": round(r["tokens_per_s"]),
             "mfu": round(mfu(r["tokens_per_s"], shape, n_params, lora, ctx), 4),
             "peak_gib": round(r["peak_mem_gib"], 2), "step_s": round(r["step_s"], 4),
             "loss_at_end": round(r["final_loss"], 4), "steps": steps, "compile_s": round(r["compile_s"], 1),
-            "context_S": round(ctx, 1), "torch": torch.__version__}
+            "context_S": round(ctx, 1), "optimizer": optimizer, "recompute_layers": n_ac,
+            "timed_steps": steps - warm, "torch": torch.__version__}
 
 
 def case_check():
@@ -197,6 +211,7 @@ def case_loss(shape: str, mode: str, steps: int = 50, tokens_per_step: int = 819
     opt = torch.optim.AdamW([{"params": [p for p in params if p.ndim >= 2], "weight_decay": 0.0},
                              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],
                             lr=lr, betas=(0.9, 0.999), eps=1e-8, fused=True)
+    sched = fp.build_scheduler("linear", opt, 5, steps)  # fast_train's default schedule
     ref = []
     for step in range(steps):
         idxs = next(bins_iter)
@@ -216,9 +231,8 @@ def case_loss(shape: str, mode: str, steps: int = 50, tokens_per_step: int = 819
             loss.backward()
             total += loss.detach()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
-        for g in opt.param_groups:
-            g["lr"] = fp._lr_at(step, lr, 5, steps)
         opt.step()
+        sched.step()
         opt.zero_grad(set_to_none=True)
         ref.append(float(total))
     last = min(10, steps)
@@ -231,17 +245,10 @@ def case_loss(shape: str, mode: str, steps: int = 50, tokens_per_step: int = 819
 
 
 def _same_bins(examples, capacity):
-    """The bin sequence `fast_train` draws (packed_rows with seed 0), as index lists."""
-    import numpy as np
+    """The bin sequence `fast_train` draws (`packed_bins` with seed 0), as index lists."""
+    from kubetune.fastpath import packed_bins
 
-    from kubetune.fastpath import pack_bins
-
-    lengths = [min(len(x), capacity) for x, _ in examples]
-    rng = np.random.default_rng(0)
-    bins = pack_bins(lengths, capacity)
-    while True:
-        for b in rng.permutation(len(bins)):
-            yield bins[b]
+    return packed_bins([min(len(x), capacity) for x, _ in examples], capacity, 0)
 
 
 def _micro(idxs, lengths, budget):
@@ -316,7 +323,9 @@ def case_peer(shape: str, config: str):
         assert "hidden_size=576" in text, "peer script changed: cannot swap in the SmolLM2 shape"
         script = src.with_name("peer_sft_bench_smol135m.py")
         script.write_text(text)
-    r = subprocess.run([sys.executable, str(script), "one", config], capture_output=True, text=True, timeout=300)
+    env = os.environ | ({"PEER_SHAPE": "llama8b"} if shape == "llama8b" else {})
+    r = subprocess.run([sys.executable, str(script), "one", config], capture_output=True, text=True, timeout=400,
+                       env=env)
     lines = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
     if not lines:
         return {"who": "trl", "shape": shape, "config": config, "error": r.stderr[-1500:]}
@@ -397,7 +406,25 @@ PLANS = {
     ],
     # the loss check (50 steps, fast path vs padded batches + eager attention)
     "loss": [(["loss", "llama1b", "full"], 200), (["loss", "llama1b", "lora"], 200)],
+    # the 8B shape on one H200 (~9 min): LoRA against TRL's best that fits, and full fine-tuning
+    "llama8b": [
+        (["ours", "llama8b", "lora", "8192", "30", "1", "8"], 150),
+        (["peer", "llama8b", "lora_packed_liger"], 330),
+        (["ours", "llama8b", "full", "8192", "30", "1", "8"], 170),
+    ],
 }
+
+
+def _init_torchrun() -> tuple[int, int]:
+    """Under torchrun (several GPUs): one NCCL process group, one GPU per process."""
+    if "LOCAL_RANK" not in os.environ:
+        return 1, 0
+    import torch
+    import torch.distributed as dist
+
+    torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    dist.init_process_group("nccl")
+    return dist.get_world_size(), dist.get_rank()
 
 
 def main(argv=None):
@@ -410,9 +437,11 @@ def main(argv=None):
     a = ap.parse_args(argv)
     if a.what == "case":
         kind, *args = a.rest
+        world, rank = _init_torchrun()
         if kind == "ours":
-            shape, mode, tps, steps, comp, warm = args
-            res = case_ours(shape, mode, int(tps), int(steps), comp == "1", int(warm))
+            shape, mode, tps, steps, comp, warm, *more = args
+            res = case_ours(shape, mode, int(tps), int(steps), comp == "1", int(warm), *more[:1],
+                            *[float(x) for x in more[1:2]])
         elif kind == "check":
             res = case_check()
         elif kind == "loss":
@@ -423,7 +452,10 @@ def main(argv=None):
             res = case_peer(*args)
         else:
             raise SystemExit(f"unknown case {kind}")
-        print(json.dumps(res), flush=True)
+        if world > 1 and "mfu" in res:
+            res.update(gpus=world, mfu=round(res["mfu"] / world, 4))  # tokens/s is of all GPUs
+        if rank == 0:
+            print(json.dumps(res), flush=True)
         return
     plan = [tuple(x) for x in json.loads(a.cases)] if a.cases else PLANS[a.what]
     t0 = time.perf_counter()

@@ -24,6 +24,7 @@ which is what the tests check. What makes it fast (measured in docs/performance.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import time
 from dataclasses import dataclass
@@ -153,14 +154,24 @@ def build_row(examples, idxs, capacity: int, pad_token_id: int = 0) -> PackedRow
     )
 
 
-def packed_rows(examples, capacity: int, seed: int, pad_token_id: int = 0):
-    """Endless stream of packed rows: each epoch re-packs and shuffles the row order."""
-    lengths = [min(len(x), capacity) for x, _ in examples]
+def packed_bins(lengths: list[int], capacity: int, seed: int):
+    """Endless stream of rows as example-index lists: one packing, its row order shuffled per epoch.
+
+    A function of (lengths, capacity, seed) alone, so a resumed run finds its data position by
+    drawing the rows it has already trained on, and every process of a group sees one sequence.
+    """
     rng = np.random.default_rng(seed)
     bins = pack_bins(lengths, capacity)
     while True:
         for b in rng.permutation(len(bins)):
-            yield build_row(examples, bins[b], capacity, pad_token_id)
+            yield bins[b]
+
+
+def packed_rows(examples, capacity: int, seed: int, pad_token_id: int = 0):
+    """Endless stream of packed rows (`packed_bins`, built)."""
+    lengths = [min(len(x), capacity) for x, _ in examples]
+    for b in packed_bins(lengths, capacity, seed):
+        yield build_row(examples, b, capacity, pad_token_id)
 
 
 # --------------------------------------------------------------------------- attention
@@ -374,11 +385,205 @@ def supports_fast_path(model) -> bool:
     )
 
 
-def _lr_at(step: int, lr: float, warmup: int, total: int) -> float:
-    """Linear warm-up, then linear decay to 0 (transformers' default `linear` schedule)."""
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    return lr * max(0.0, (total - step) / max(1, total - warmup))
+OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adamw_8bit", "adamw_bnb_8bit")
+"""`TrainConfig.optimizer` names the fast path builds itself (the rest train on the Trainer path)."""
+
+CHECKPOINT_PREFIX = "fast-checkpoint-"
+
+
+def build_optimizer(name: str, params: list, lr: float, weight_decay: float, is_cuda: bool):
+    """AdamW as transformers builds it for `name`: betas (0.9, 0.999), eps 1e-8, decay on matrices.
+
+    Raises:
+        ValueError: a name outside `OPTIMIZERS`, or 8-bit AdamW without bitsandbytes/CUDA.
+    """
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
+    if name in ("adamw_torch", "adamw_torch_fused"):
+        # fused on CUDA for both names: the same arithmetic as the foreach kernel, one launch
+        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8, fused=is_cuda)
+    if name in ("adamw_8bit", "adamw_bnb_8bit"):
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise ValueError(f"optimizer '{name}' needs bitsandbytes, which is not installed") from None
+        if not is_cuda:
+            raise ValueError(f"optimizer '{name}' needs a CUDA device (bitsandbytes' 8-bit states)")
+        return bnb.optim.AdamW8bit(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8)
+    raise ValueError(f"optimizer '{name}' is not built by the fast path (it builds {', '.join(OPTIMIZERS)})")
+
+
+def build_scheduler(name: str, opt, warmup_steps: int, max_steps: int):
+    """transformers' own scheduler of that name, so the fast path and the Trainer follow one curve."""
+    from transformers import get_scheduler
+
+    try:
+        sched = get_scheduler(name, optimizer=opt, num_warmup_steps=warmup_steps, num_training_steps=max_steps)
+    except (ValueError, TypeError) as e:  # unknown name, or one that needs arguments we do not have
+        raise ValueError(f"lr_scheduler '{name}' cannot run on the fast path: {e}") from None
+    if isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        raise ValueError(f"lr_scheduler '{name}' cannot run on the fast path: it steps on an evaluation metric")
+    return sched
+
+
+class _LossModule(torch.nn.Module):
+    """Decoder + chunked loss as one module: the unit DDP and FSDP wrap.
+
+    Their hooks run around a module's forward; the fast path never calls the causal LM's own
+    forward (that would build the logits), so the loss is made part of this module's.
+    """
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, ids, pos, tgt, cu, max_seqlen, scale, compute_dtype, autocast: bool):
+        decoder, head = self.lm.get_decoder(), self.lm.get_output_embeddings()
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            hidden = decoder(
+                input_ids=ids[None], position_ids=pos[None], use_cache=False, kt_cu_seqlens=cu,
+                # a CPU tensor, not an int: compiled layers would specialise on an int
+                kt_max_seqlen=max_seqlen,
+            ).last_hidden_state[0]
+        return linear_cross_entropy(hidden, head.weight, tgt, scale, compute_dtype=compute_dtype)
+
+
+def _dist():
+    """(world size, rank) of the running process group; (1, 0) without one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
+def _wrap(module: _LossModule, layers, full: bool, world: int, is_cuda: bool):
+    """One process: as is. Several: FSDP2 per decoder layer and at the root when all weights
+    train (weights, gradients and AdamW states sharded), DDP for adapters (a few MB to all-reduce)."""
+    if world == 1:
+        return module
+    if full:
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in layers:
+            fully_shard(layer)
+        fully_shard(module)
+        return module
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    return DDP(module, device_ids=[torch.cuda.current_device()] if is_cuda else None)
+
+
+def _checkpointed(forward):
+    """A decoder layer's forward that keeps only its inputs and recomputes the rest in backward."""
+    import functools
+
+    from torch.utils.checkpoint import checkpoint
+
+    return functools.partial(checkpoint, forward, use_reentrant=False)
+
+
+def last_checkpoint(root) -> "Path | None":
+    """The newest complete fast-path checkpoint under `root` (renamed into place and marked)."""
+    from pathlib import Path
+
+    from kubetune.train import COMPLETE_MARKER
+
+    root = Path(root)
+    if not root.exists():
+        return None
+    done = [p for p in root.glob(CHECKPOINT_PREFIX + "*")
+            if p.name[len(CHECKPOINT_PREFIX):].isdigit() and (p / COMPLETE_MARKER).exists()]
+    return max(done, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]), default=None)
+
+
+def _state_options():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    # adapters: only the trained weights go into the checkpoint (the base loads from the model)
+    return StateDictOptions(ignore_frozen_params=True, strict=False)
+
+
+def _save_checkpoint(root, step: int, wrapped, opt, extra: dict, keep: int = 2) -> None:
+    """Write checkpoint `step` atomically: every rank writes into `<name>.tmp` (model and optimizer
+    through torch.distributed.checkpoint, sharded as trained; RNG and data position per rank),
+    then rank 0 fsyncs, marks and renames it into place. A crash before the rename leaves only a
+    `.tmp` folder, which `last_checkpoint` never picks."""
+    import os
+    import shutil
+    from pathlib import Path
+
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    from kubetune.train import commit_checkpoint
+
+    world, rank = _dist()
+    root = Path(root)
+    final, tmp = root / f"{CHECKPOINT_PREFIX}{step}", root / f"{CHECKPOINT_PREFIX}{step}.tmp"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    if world > 1:
+        dist.barrier()
+    msd, osd = get_state_dict(wrapped, opt, options=_state_options())
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp), no_dist=world == 1)
+    torch.save(extra, tmp / f"rank{rank}.pt")
+    if world > 1:
+        dist.barrier()
+    if rank == 0:
+        commit_checkpoint(tmp, step)
+        os.replace(tmp, final)
+        older = sorted((p for p in root.glob(CHECKPOINT_PREFIX + "*") if p.name[len(CHECKPOINT_PREFIX):].isdigit()),
+                       key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+        for p in older[:-keep]:
+            shutil.rmtree(p, ignore_errors=True)
+    if world > 1:
+        dist.barrier()
+
+
+def _load_checkpoint(path, wrapped, opt) -> dict:
+    """Load model, optimizer and this rank's extra state (RNG, schedule, data position) from `path`."""
+    from pathlib import Path
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    world, rank = _dist()
+    msd, osd = get_state_dict(wrapped, opt, options=_state_options())
+    state = {"model": msd, "optim": osd}
+    dcp.load(state, checkpoint_id=str(path), no_dist=world == 1)
+    set_state_dict(wrapped, opt, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                   options=_state_options())
+    own = Path(path) / f"rank{rank}.pt"
+    return torch.load(own if own.exists() else Path(path) / "rank0.pt", weights_only=True)
+
+
+def _agree_on_checkpoint(root):
+    """Rank 0's choice of checkpoint, for every rank (they could list the folder at different times)."""
+    world, rank = _dist()
+    found = last_checkpoint(root) if rank == 0 else None
+    if world > 1:
+        import torch.distributed as dist
+
+        box = [str(found) if found else None]
+        dist.broadcast_object_list(box, src=0)
+        found = box[0]
+    return found
+
+
+def save_sharded_model(model, out_dir) -> None:
+    """Gather a model trained sharded (FSDP2) and save it whole on rank 0; every rank calls this."""
+    import shutil
+
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if _dist()[1] == 0:
+        shutil.rmtree(out_dir, ignore_errors=True)
+        model.save_pretrained(out_dir, state_dict=state)
 
 
 def fast_train(
@@ -390,10 +595,15 @@ def fast_train(
     tokens_per_step: int = 12288,
     grad_accum: int = 1,
     warmup_steps: int = 0,
+    lr_scheduler: str = "linear",
+    optimizer: str = "adamw_torch",
     weight_decay: float = 0.0,
     grad_clip: float | None = 1.0,
     seed: int = 0,
     compile: bool | None = None,
+    activation_checkpointing: bool | list[int] = False,
+    checkpoint_dir=None,
+    save_steps: int = 0,
     pad_token_id: int = 0,
     timing_warmup: int | None = None,
     on_step: Callable[[int, float, float, int], None] | None = None,
@@ -401,10 +611,14 @@ def fast_train(
 ) -> dict:
     """Train `model` in place on packed rows; the fast core under `train_full`/`train_peft`.
 
-    Every optimizer step sees `grad_accum` rows of exactly `tokens_per_step` tokens, each
-    holding whole examples (longer ones are cut to `tokens_per_step`). The loss is the mean
-    next-token CE over the labelled tokens of the step, as transformers computes it for the
-    same examples in a padded batch.
+    Every optimizer step sees `grad_accum` rows of exactly `tokens_per_step` tokens per process,
+    each holding whole examples (longer ones are cut to `tokens_per_step`). The loss is the mean
+    next-token CE over the labelled tokens of the whole step (all micro-rows, all processes), as
+    transformers computes it for the same examples in a padded batch.
+
+    Under a process group (torchrun) every process draws the same row sequence and trains its
+    own `grad_accum` rows of each step's `world × grad_accum`: the run follows the one-process run
+    with `grad_accum × world` rows per step. Full fine-tuning shards with FSDP2, adapters use DDP.
 
     Args:
         model: a transformers causal LM, plain or PEFT-wrapped, on the device to train on;
@@ -417,30 +631,40 @@ def fast_train(
         tokens_per_step: tokens in one packed row (one forward/backward). 12288 keeps a
             1.2B full fine-tune at 24 GiB on an H200 (docs/performance.md); a multiple of
             the loss chunk (1024 rows for a 128k vocabulary, 4096 for 49k) keeps one shape.
-        grad_accum: rows per optimizer step.
-        warmup_steps: linear warm-up steps (then linear decay to 0).
+        grad_accum: rows per optimizer step and process.
+        warmup_steps: warm-up steps of the schedule.
+        lr_scheduler: a transformers scheduler name (`get_scheduler`): linear, cosine, constant, ...
+        optimizer: one of `OPTIMIZERS`.
         weight_decay: AdamW decoupled weight decay on matrices (not on norms or biases).
         grad_clip: clip the global gradient norm to this (None: no clipping).
         seed: seeds the row order.
         compile: compile each decoder layer; default: on CUDA only.
+        activation_checkpointing: recompute decoder layers in backward instead of keeping their
+            activations: True = every layer, a list = those layer indices.
+        checkpoint_dir: where checkpoints go; training resumes from the newest complete one.
+        save_steps: checkpoint every this many steps (0 = never).
         pad_token_id: token that fills the end of a row (never attended to by real tokens,
             never in the loss).
-        timing_warmup: steps left out of the throughput figure (compilation, allocator
-            warm-up); default min(5, max_steps // 4).
+        timing_warmup: steps left out of the throughput figure, tokens and time both
+            (compilation, allocator warm-up); default min(5, max_steps // 4).
         max_seconds: stop after the step that crosses this wall-clock budget (0 = none); the
             learning-rate schedule stays laid out over max_steps.
         on_step: called as on_step(step, loss, lr, tokens) after each step (one step late on
             the device, so that reading the loss never stalls the queue).
 
     Returns:
-        Metrics: `tokens_per_s` (real tokens, padding excluded), `step_s`, `peak_mem_gib`,
-        `final_loss`, `losses`, `tokens`, `steps`, `compile_s` (first step's time).
+        Metrics: `tokens_per_s` (real tokens of all processes, padding and warm-up steps
+        excluded), `step_s`, `peak_mem_gib`, `final_loss`, `losses` (every step, also those
+        before a resume), `tokens`, `steps`, `compile_s` (the first step's time, compilation
+        included), `resumed_from` (step, 0 = fresh).
     """
+    import torch.distributed as dist
     from transformers import AttentionInterface  # noqa: F401  (fails early if transformers is absent)
 
     if not supports_fast_path(model):
         raise ValueError("this model needs the reference training path (see supports_fast_path)")
     register_attention()
+    world, rank = _dist()
     device = next(model.parameters()).device
     is_cuda = device.type == "cuda"
     compile = is_cuda if compile is None else compile
@@ -448,97 +672,141 @@ def fast_train(
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("model has no trainable parameters")
+    full = all(p.requires_grad for p in model.parameters())
     master_fp32 = params[0].dtype == torch.float32
     autocast = is_cuda and master_fp32
     compute_dtype = torch.bfloat16 if is_cuda else head.weight.dtype
 
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=lr, betas=(0.9, 0.999), eps=1e-8, fused=is_cuda,
-    )
     examples = split_examples(rows)
     if not examples:
         raise ValueError("no examples in rows")
-    stream = packed_rows(examples, tokens_per_step, seed, pad_token_id)
+    lengths = [min(len(x), tokens_per_step) for x, _ in examples]
+    n_targets_of = [int((y[1:n] != IGNORE_INDEX).sum()) for (_, y), n in zip(examples, lengths)]
+    bins = packed_bins(lengths, tokens_per_step, seed)
     timing_warmup = min(5, max_steps // 4) if timing_warmup is None else timing_warmup
 
     old_attn = model.config._attn_implementation
     old_training = model.training
     layers = list(getattr(decoder, "layers", []))
+    recompute = (set(range(len(layers))) if activation_checkpointing is True
+                 else set(activation_checkpointing or ()))
+    if any(not 0 <= i < len(layers) for i in recompute):
+        raise ValueError(f"activation_checkpointing: layer indices must be in 0..{len(layers) - 1}")
     model.config._attn_implementation = ATTN_IMPLEMENTATION
     model.train()
+    for i in recompute:
+        layers[i].forward = _checkpointed(layers[i].forward)  # an instance attribute, deleted below
     if compile:
         for layer in layers:
             layer.compile()
+    wrapped = _wrap(_LossModule(model), layers, full, world, is_cuda)
+    train_params = [p for p in wrapped.parameters() if p.requires_grad]  # sharded ones under FSDP
+    opt = build_optimizer(optimizer, train_params, lr, weight_decay, is_cuda)
+    sched = build_scheduler(lr_scheduler, opt, warmup_steps, max_steps)
+
+    start_step, losses, rows0 = 0, [], 0
+    found = _agree_on_checkpoint(checkpoint_dir) if checkpoint_dir else None
+    if found:
+        extra = _load_checkpoint(found, wrapped, opt)
+        sched.load_state_dict(extra["scheduler"])
+        torch.set_rng_state(extra["rng_cpu"])
+        if is_cuda and "rng_cuda" in extra:
+            torch.cuda.set_rng_state(extra["rng_cuda"], device)
+        start_step, losses, rows0 = int(extra["step"]), list(extra["losses"]), int(extra["rows"])
+        for _ in range(rows0):  # the data position: the row sequence is a function of the seed
+            next(bins)
 
     def to_dev(*tensors):
         # pinned + non_blocking: the copy queues behind the running step instead of waiting for it
         return [x.pin_memory().to(device, non_blocking=True) if is_cuda else x for x in tensors]
 
-    losses: list[float] = []
+    def sync_grads(on: bool):
+        if world == 1:
+            return contextlib.nullcontext()
+        if full:
+            wrapped.set_requires_gradient_sync(on)
+            return contextlib.nullcontext()
+        return contextlib.nullcontext() if on else wrapped.no_sync()
+
     pending = None  # (step, loss tensor, lr, tokens) reported once the next step is queued
-    tokens_timed, t_start, compile_s = 0, None, 0.0
+    tokens_timed, t_start, compile_s, t_end = 0, None, 0.0, None
+    timed_from = start_step + timing_warmup
     if is_cuda:
         torch.cuda.reset_peak_memory_stats(device)
     t_first = time.perf_counter()
     steps_done = max_steps
+    rows_done = 0
     try:
-        for step in range(max_steps):
-            if max_seconds and step > timing_warmup and time.perf_counter() - t_first > max_seconds:
+        for step in range(start_step, max_steps):
+            if max_seconds and step > timed_from and time.perf_counter() - t_first > max_seconds:
                 steps_done = step
                 break
-            if step == timing_warmup:
+            if step == timed_from:
                 if is_cuda:
                     torch.cuda.synchronize(device)
                 t_start = time.perf_counter()
-            micro = [next(stream) for _ in range(grad_accum)]
-            n_targets = sum(r.n_targets for r in micro)
-            # built on the host and copied like the batch: torch.tensor(x, device="cuda") would
-            # wait for the queue to drain
-            (scale,) = to_dev(torch.tensor(1.0 / max(1, n_targets)))
+            step_bins = [next(bins) for _ in range(world * grad_accum)]
+            rows_done += len(step_bins)
+            n_targets = sum(n_targets_of[i] for b in step_bins for i in b)
+            micro = [build_row(examples, b, tokens_per_step, pad_token_id)
+                     for b in step_bins[rank * grad_accum:(rank + 1) * grad_accum]]
+            # DDP and FSDP average the gradients over processes: world/N makes their mean the
+            # gradient of the step's mean loss over all N target tokens.
+            # Built on the host and copied like the batch: torch.tensor(x, device="cuda") would
+            # wait for the queue to drain.
+            (scale,) = to_dev(torch.tensor(world / max(1, n_targets)))
             step_loss = torch.zeros((), device=device)
-            for row in micro:
+            for k, row in enumerate(micro):
                 ids, pos, tgt, cu = to_dev(row.input_ids, row.position_ids, row.targets, row.cu_seqlens)
                 if compile:  # the number of examples varies per row: no recompilation for it
                     torch._dynamo.mark_dynamic(cu, 0)
-                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-                    hidden = decoder(
-                        input_ids=ids[None], position_ids=pos[None], use_cache=False,
-                        kt_cu_seqlens=cu,
-                        # a CPU tensor, not an int: compiled layers would specialise on an int
-                        kt_max_seqlen=torch.tensor(row.max_seqlen),
-                    ).last_hidden_state[0]
-                loss = linear_cross_entropy(hidden, head.weight, tgt, scale, compute_dtype=compute_dtype)
-                loss.backward()
+                with sync_grads(k == len(micro) - 1):
+                    loss = wrapped(ids, pos, tgt, cu, torch.tensor(row.max_seqlen), scale, compute_dtype, autocast)
+                    loss.backward()
                 step_loss += loss.detach()
+            if world > 1:
+                dist.all_reduce(step_loss)
+                step_loss /= world
             if grad_clip:
-                torch.nn.utils.clip_grad_norm_(params, grad_clip, foreach=is_cuda)
-            cur_lr = _lr_at(step, lr, warmup_steps, max_steps)
-            for g in opt.param_groups:
-                g["lr"] = cur_lr
+                torch.nn.utils.clip_grad_norm_(train_params, grad_clip, foreach=is_cuda)
+            cur_lr = sched.get_last_lr()[0]
             opt.step()
+            sched.step()
             opt.zero_grad(set_to_none=True)
             if pending is not None:  # the previous step's loss is ready by now
                 losses.append(_report(pending, on_step))
             pending = (step, step_loss, cur_lr, sum(r.n_tokens for r in micro))
-            if step >= timing_warmup:
+            if step >= timed_from:
                 tokens_timed += pending[3]
-            if step == 0:
+            if step == start_step:
                 if is_cuda:
                     torch.cuda.synchronize(device)
                 compile_s = time.perf_counter() - t_first
-        losses.append(_report(pending, on_step))
+            if checkpoint_dir and save_steps and (step + 1) % save_steps == 0 and step + 1 < max_steps:
+                losses.append(_report(pending, on_step))
+                pending = None
+                extra = {"step": step + 1, "rows": rows0 + rows_done, "losses": losses,
+                         "scheduler": sched.state_dict(), "rng_cpu": torch.get_rng_state()}
+                if is_cuda:
+                    extra["rng_cuda"] = torch.cuda.get_rng_state(device)
+                _save_checkpoint(checkpoint_dir, step + 1, wrapped, opt, extra)
+        if pending is not None:
+            losses.append(_report(pending, on_step))
         if is_cuda:
             torch.cuda.synchronize(device)
         t_end = time.perf_counter()
     finally:
         model.config._attn_implementation = old_attn
         model.train(old_training)
-        for layer in layers:
+        for i, layer in enumerate(layers):
             layer._compiled_call_impl = None  # undo layer.compile()
-    timed_steps = steps_done - timing_warmup
+            if i in recompute:
+                del layer.forward
+    if world > 1:
+        t = torch.tensor([float(tokens_timed)], device=device)
+        dist.all_reduce(t)
+        tokens_timed = int(t.item())
+    timed_steps = steps_done - timed_from
     elapsed = (t_end - t_start) if t_start is not None else float("nan")
     return {
         "steps": steps_done,
@@ -546,10 +814,11 @@ def fast_train(
         "tokens_per_s": tokens_timed / elapsed if timed_steps > 0 else float("nan"),
         "step_s": elapsed / timed_steps if timed_steps > 0 else float("nan"),
         "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if is_cuda else float("nan"),
-        "final_loss": losses[-1],
+        "final_loss": losses[-1] if losses else float("nan"),
         "losses": losses,
         "compile_s": compile_s,
-        "tokens_per_step": tokens_per_step * grad_accum,
+        "tokens_per_step": tokens_per_step * grad_accum * world,
+        "resumed_from": start_step,
     }
 
 
@@ -559,6 +828,86 @@ def _report(pending, on_step) -> float:
     if on_step is not None:
         on_step(step, loss, lr, tokens)
     return loss
+
+
+# --------------------------------------------------------------------------- settings
+
+
+SETTINGS = {
+    # how the fast path honours each TrainConfig field; a field missing here sends the run to
+    # the Trainer path (fast_path_blocker), so a setting added later is never silently ignored
+    "base_model": "loaded by the training core, as on the Trainer path",
+    "method": "full, lora, dora, adapter, ia3 (trainable = requires_grad); qlora, prompt, prefix: Trainer path",
+    "max_steps": "optimizer steps; the schedule is laid out over them",
+    "learning_rate": "peak learning rate of the schedule",
+    "batch_size": "rows per micro-step: one packed row of batch_size x the data's row length tokens",
+    "gradient_accumulation_steps": "packed rows per optimizer step and process, loss normalised over all of them",
+    "warmup_ratio": "ceil(warmup_ratio x max_steps) warm-up steps of the schedule",
+    "lr_scheduler": "transformers.get_scheduler(name), the Trainer's own curve",
+    "weight_decay": "AdamW decoupled decay on matrices",
+    "max_grad_norm": "global gradient-norm clipping (0: none)",
+    "lora_rank": "applied by apply_method before training (both paths)",
+    "lora_alpha": "applied by apply_method before training (both paths)",
+    "lora_dropout": "applied by apply_method; its RNG is part of every checkpoint",
+    "target_modules": "applied by apply_method before training (both paths)",
+    "num_virtual_tokens": "prompt/prefix only, which take the Trainer path",
+    "prefix_init": "prefix only, which takes the Trainer path",
+    "gradient_checkpointing": "activation checkpointing of every decoder layer",
+    "optimizer": f"{', '.join(OPTIMIZERS)}; any other: Trainer path",
+    "precision": "bf16/auto: bf16 weights, gradients, states; bf16-mixed: fp32 master weights, bf16 autocast; "
+                 "fp32: Trainer path (the fast path computes in bf16)",
+    "save_steps": "atomic checkpoint every save_steps steps; a rerun resumes from the newest",
+    "max_train_seconds": "stop after the step that crosses the budget",
+    "seed": "seeds the model's init (train.py) and the row order",
+    "merge": "applied when the trained model is saved (both paths)",
+    "fast_path": "off: Trainer path",
+    "trust_remote_code": "applied when the model loads (both paths)",
+    "allow_pickle": "applied when the model loads (both paths)",
+}
+"""Every `kubetune.train.TrainConfig` field and what the fast path does with it."""
+
+
+def fast_path_blocker(cfg, model, device: str) -> str | None:
+    """Why `cfg` must train on the Trainer path, or None when the fast path runs it faithfully.
+
+    Args:
+        cfg: a `kubetune.train.TrainConfig` (or a dataclass with its fields and more).
+        model: the prepared model (`supports_fast_path` decides on its shape).
+        device: "cuda" or "cpu".
+
+    Raises:
+        ValueError: a setting the fast path would take but cannot honour here (8-bit AdamW
+            without bitsandbytes), naming the setting.
+    """
+    from dataclasses import fields
+
+    unknown = [f.name for f in fields(cfg) if f.name not in SETTINGS]
+    if unknown:
+        return f"setting(s) {', '.join(unknown)} not implemented by the GPU fast path"
+    if cfg.fast_path == "off":
+        return "fast_path=off"
+    if device != "cuda":
+        return "no CUDA device (the fast path is the GPU engine)"
+    if cfg.method in ("prompt", "prefix"):
+        return f"method={cfg.method} adds virtual tokens per row, which packed rows cannot carry"
+    if cfg.method == "qlora":
+        return "method=qlora: its 4-bit matmuls are bitsandbytes' own"
+    if cfg.precision == "fp32":
+        return "precision=fp32: the fast path computes in bf16"
+    if cfg.optimizer not in OPTIMIZERS:
+        return f"optimizer={cfg.optimizer} is not built by the fast path ({', '.join(OPTIMIZERS)})"
+    if cfg.optimizer in ("adamw_8bit", "adamw_bnb_8bit"):
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise ValueError(f"optimizer '{cfg.optimizer}' needs bitsandbytes, which is not installed") from None
+    try:
+        build_scheduler(cfg.lr_scheduler, torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0), 1, 10)
+    except ValueError as e:
+        return str(e)
+    if not supports_fast_path(model):
+        return "the model's output layer is not a plain linear map (soft-capped, scaled, biased or adapted)"
+    return None
 
 
 def mean_context(examples_or_lengths) -> float:
@@ -581,6 +930,6 @@ def flops_per_token(n_params: int, n_embedding: int, n_layers: int, d_model: int
 
 __all__ = [
     "ATTN_IMPLEMENTATION", "split_examples", "pack_bins", "build_row", "packed_rows", "PackedRow",
-    "packed_attention", "register_attention", "linear_cross_entropy", "supports_fast_path",
-    "fast_train", "mean_context", "flops_per_token",
+    "packed_bins", "packed_attention", "register_attention", "linear_cross_entropy", "supports_fast_path",
+    "OPTIMIZERS", "SETTINGS", "fast_path_blocker", "build_optimizer", "build_scheduler", "last_checkpoint", "save_sharded_model", "fast_train", "mean_context", "flops_per_token",
 ]

@@ -23,9 +23,9 @@ optimizer states, activations, the loss's logits and the transients at the peak,
 (gradients are freed after every step: both training paths zero them with set_to_none.)
 
 **Activations** are counted tensor by tensor, as the model's code saves them. Which tensors
-that is depends on the path the training core takes (`kubetune.train.use_fast_path`):
+that is depends on the path the training core takes (`kubetune.fastpath.fast_path_blocker`):
 
-- *Trainer path* (the CPU; on a GPU: QLoRA, prompt and prefix tuning, gradient checkpointing):
+- *Trainer path* (the CPU; on a GPU: QLoRA, prompt and prefix tuning, fast_path=off):
   eager PyTorch, SDPA attention with the block-diagonal mask transformers builds for packed rows.
   Per Llama-style layer and token, in bytes, with b the weights' dtype size (4 fp32, 2 bf16),
   d the width, q = heads x head_dim, I the MLP width, T the row length:
@@ -52,8 +52,9 @@ that is depends on the path the training core takes (`kubetune.train.use_fast_pa
 - *GPU fast path* (`kubetune.fastpath`: compiled decoder layers, varlen FlashAttention, chunked
   linear cross-entropy, fused AdamW): see `_fast_layer_bytes`.
 
-Gradient checkpointing (Trainer path) keeps each layer's input (b x d per token) and recomputes
-one layer at a time in backward: one layer's activations come on top.
+Gradient checkpointing keeps each recomputed layer's input (b x d per token) and recomputes one
+layer at a time in backward: one layer's activations come on top. The fast path can recompute a
+chosen set of layers (``checkpoint_layers``: that many of them, the rest keep their activations).
 """
 
 from __future__ import annotations
@@ -341,16 +342,16 @@ def default_dtype(device: str) -> str:
     return "bf16" if device == "cuda" else "fp32"
 
 
-def path_for(method: str, device: str, gradient_checkpointing: bool, fast_path: str = "auto", gpus: int = 1) -> str:
-    """The training path kubetune.train takes (mirrors ``kubetune.train.use_fast_path``).
+def path_for(method: str, device: str, gradient_checkpointing: bool = False, fast_path: str = "auto",
+             gpus: int = 1) -> str:
+    """The training path kubetune.train takes (mirrors ``kubetune.fastpath.fast_path_blocker``).
 
-    The fast path runs on one CUDA GPU, not for prompt/prefix/QLoRA, not with gradient
-    checkpointing; several GPUs in one pod run the Trainer under torchrun (FSDP or DDP).
+    The fast path is the GPU engine, on one GPU or several (FSDP2 for full fine-tuning, DDP for
+    adapters), with or without gradient checkpointing; prompt/prefix/QLoRA take the Trainer.
     """
     if method == "feature-extraction":
         return "inference"
-    if (fast_path == "off" or device != "cuda" or gpus > 1 or gradient_checkpointing
-            or method in ("prompt", "prefix", "qlora")):
+    if fast_path == "off" or device != "cuda" or method in ("prompt", "prefix", "qlora"):
         return "trainer"
     return "fast"
 
@@ -359,7 +360,7 @@ def estimate(model, method: str = "lora", *, device: str = "cuda", dtype: str | 
              seq_len: int = 512, gradient_checkpointing: bool = False, optimizer: str = "adamw",
              lora_rank: int = 16, target_modules="all-linear", lora_dropout: float = 0.05,
              num_virtual_tokens: int = 20, fast_path: str = "auto", gpus: int = 1, num_experts: int = 4,
-             top_k: int = 2, every_k_layers: int = 2) -> MemoryEstimate:
+             top_k: int = 2, every_k_layers: int = 2, checkpoint_layers: int | None = None) -> MemoryEstimate:
     """Estimate the peak training memory of ``method`` on ``model``, per device.
 
     Args:
@@ -371,7 +372,7 @@ def estimate(model, method: str = "lora", *, device: str = "cuda", dtype: str | 
         batch_size: Rows per micro-batch per device. On the fast path a step is one packed row
             of batch_size x seq_len tokens, as kubetune.train sizes it.
         seq_len: Tokens per row (tokenize_data's max_length; packed rows are full).
-        gradient_checkpointing: Recompute activations in backward (Trainer path).
+        gradient_checkpointing: Recompute activations in backward.
         optimizer: ``adamw`` (torch's AdamW: states in the parameter's dtype) or ``adamw_8bit``.
         lora_rank: LoRA/DoRA/QLoRA rank, and the bottleneck width of ``adapter``.
         target_modules: LoRA targets: ``all-linear`` or names among q_proj ... down_proj.
@@ -381,6 +382,8 @@ def estimate(model, method: str = "lora", *, device: str = "cuda", dtype: str | 
         gpus: GPUs in the pod: full fine-tuning shards weights, gradients and optimizer states
             over them (FSDP); the other methods replicate the model (DDP).
         num_experts, top_k, every_k_layers: The ``moe`` upcycling (train_moe's defaults).
+        checkpoint_layers: With gradient checkpointing on the fast path, how many decoder layers
+            recompute (None = all, as TrainConfig.gradient_checkpointing does).
 
     Returns:
         A `MemoryEstimate` for one device.
@@ -451,7 +454,13 @@ def estimate(model, method: str = "lora", *, device: str = "cuda", dtype: str | 
             # layer 0: nothing before its attention adapter needs a gradient: its input, norm
             # and attention keep nothing
             first = -(2 * (work.d_model + 4 * work.q_dim) + 4 * work.heads + 4)
-        acts = tokens * (work.layers * layer + first + _fast_fixed_bytes(work, method))
+        k = (work.layers if checkpoint_layers is None else min(checkpoint_layers, work.layers)) \
+            if gradient_checkpointing else 0
+        # recomputed layers keep their bf16 input; one of them is rebuilt at a time in backward
+        kept = (work.layers - k) * layer + k * 2 * work.d_model + (layer if k else 0)
+        acts = tokens * (kept + first + _fast_fixed_bytes(work, method))
+        if k:
+            notes.append(f"activation checkpointing: {k} of {work.layers} layers keep only their input")
         logits = _fast_loss_bytes(work, method, tokens)
     else:
         seq = seq_len + (num_virtual_tokens if method == "prompt" else 0)

@@ -1,10 +1,12 @@
 """The one training core. `train_full`, `train_peft` (and the stages built on them) differ by
 configuration only: which weights train (``kubetune.peft_methods.apply_method``) and a few
-flags. The loop itself is transformers' ``Trainer``: checkpoints, resume, gradient
-accumulation, schedulers, fused/8-bit optimizers and MLflow reporting come from it.
+flags.
 
-On a CUDA machine the GPU fast path (``kubetune.fastpath``) is chosen automatically when it is
-available for the configuration; everywhere else the Trainer path runs.
+On a CUDA machine the loop is the GPU fast path (``kubetune.fastpath.fast_train``: one GPU or
+several under torchrun, checkpoints and resume included). The Trainer path (transformers'
+``Trainer``) runs only where the fast path cannot honour the configuration (the CPU, QLoRA,
+prompt/prefix tuning, a setting it does not implement): ``fastpath.fast_path_blocker`` says
+why, and the reason is printed and logged to MLflow.
 """
 
 from __future__ import annotations
@@ -267,8 +269,9 @@ def train(cfg: TrainConfig, tokenized_dir: str | Path, output_dir: str | Path, c
     """
     import datasets
     import torch
-    from transformers import AutoTokenizer, Trainer, TrainingArguments, set_seed
+    from transformers import AutoTokenizer, set_seed
 
+    from kubetune.fastpath import fast_path_blocker
     from kubetune.models import pick_device
     from kubetune.peft_methods import save_trained, trainable_summary, training_flags_for
 
@@ -290,6 +293,129 @@ def train(cfg: TrainConfig, tokenized_dir: str | Path, output_dir: str | Path, c
         model = load_for_training(cfg, device, tokenizer)
     params = trainable_summary(model)
     collator = PackedCollator(meta.get("pad_token_id") or tokenizer.pad_token_id)
+    checkpoint_dir = Path(checkpoint_dir)
+    try:
+        reason = fast_path_blocker(cfg, model, device)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    fast = reason is None
+    if not fast:
+        print(f"train: Trainer path: {reason}", flush=True)
+    if report_to_mlflow:
+        from kubetune.tracking import log_params
+
+        log_params({"kubetune.train_path": "fast" if fast else "trainer",
+                    **({} if fast else {"kubetune.train_path_reason": reason[:500]})})
+    trainer = None if fast else _trainer(cfg, model, data["train"], collator, tokenizer, device, checkpoint_dir,
+                                         report_to_mlflow, callbacks, flags)
+    resume = None if fast else last_complete_checkpoint(checkpoint_dir)
+    t0 = time.perf_counter()
+    try:
+        if fast:
+            out = _train_fast(cfg, model, data["train"], collator.pad, report_to_mlflow, checkpoint_dir)
+            losses, tokens = out["losses"], out["tokens"]
+        else:
+            tokens0 = trainer.state.num_input_tokens_seen
+            trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+            losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+            tokens = trainer.state.num_input_tokens_seen - tokens0
+    except torch.OutOfMemoryError as e:
+        raise StageError(f"train: out of memory at batch_size={cfg.batch_size}; lower batch_size, raise "
+                         "gradient_accumulation_steps, turn on gradient_checkpointing or use a PEFT method "
+                         f"({e})") from None
+    except Exception as e:  # checkpoints are written during training
+        if _disk_full(e):
+            raise _disk_full_error(checkpoint_dir, e) from None
+        raise
+    wall = time.perf_counter() - t0
+
+    output_dir = Path(output_dir)
+    tmp = output_dir.with_name(output_dir.name + ".tmp")
+    trained = model if fast else trainer.model
+    sharded = getattr(trainer, "is_fsdp_enabled", False) or (fast and world > 1 and cfg.method == "full")
+    if getattr(trainer, "is_fsdp_enabled", False):
+        launch.save_full_model(trainer, str(tmp))  # every rank takes part in gathering the shards
+    elif sharded:
+        from kubetune.fastpath import save_sharded_model
+
+        save_sharded_model(model, tmp)
+    if rank != 0:
+        return TrainResult(metrics={}, output_dir=str(output_dir))
+    if not sharded:
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_trained(trained, tmp, tokenizer=tokenizer)
+    else:
+        tokenizer.save_pretrained(tmp)
+        (tmp / "kubetune_method.json").write_text(json.dumps({**trained.kubetune_method,
+                                                             "parameters": params}))
+    manifest_path = tmp / "kubetune_method.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest.update(base_model=cfg.base_model, train=asdict(cfg), data_fingerprint=meta.get("fingerprint"),
+                    shape=meta.get("shape"))
+    manifest_path.write_text(json.dumps(manifest, indent=2))
+    if cfg.merge and cfg.method in ("lora", "dora"):
+        merged = trained.merge_and_unload()
+        merged.save_pretrained(tmp / "merged", safe_serialization=True)
+        tokenizer.save_pretrained(tmp / "merged")
+    if output_dir.exists():
+        shutil.rmtree(output_dir)
+    os.replace(tmp, output_dir)
+    metrics = {
+        "train_loss_first": losses[0] if losses else float("nan"),
+        "train_loss_last": sum(losses[-5:]) / len(losses[-5:]) if losses else float("nan"),
+        "train_wall_s": round(wall, 1),
+        # the fast path times its steps after warm-up (compilation apart, in compile_s)
+        "tokens_per_s": round(out["tokens_per_s"] if fast else tokens / wall, 1) if wall > 0 else 0.0,
+        "tokens": int(tokens),
+        **({"compile_s": round(out["compile_s"], 1)} if fast else {}),
+        "peak_memory_gb": round(peak_memory_gb(), 3),
+        "trainable_params": params["trainable"],
+        "total_params": params["total"],
+        "trainable_share": params["share"],
+        "steps": len(losses) if fast else trainer.state.global_step,
+        "resumed_from_step": out["resumed_from"] if fast else int(resume.name.split("-")[-1]) if resume else 0,
+        "fast_path": int(fast),
+    }
+    return TrainResult(metrics=metrics, output_dir=str(output_dir), losses=[float(x) for x in losses])
+
+
+def _train_fast(cfg: TrainConfig, model, rows, pad_id: int, report_to_mlflow: bool, checkpoint_dir: Path) -> dict:
+    import torch
+
+    from kubetune import launch
+    from kubetune.fastpath import fast_train
+
+    if launch.world_size() > 1 and not torch.distributed.is_initialized():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.distributed.init_process_group("nccl")
+
+    def on_step(step, loss, lr, tokens):
+        if report_to_mlflow:
+            from kubetune.tracking import log_metrics
+
+            log_metrics({"loss": loss, "learning_rate": lr}, step=step)
+
+    model.to("cuda")
+    # Rows of the tokenized dataset are re-packed into a fixed token budget per step:
+    # batch_size rows x the longest row = the same number of tokens the Trainer path sees.
+    width = max(len(r["input_ids"]) for r in rows.select(range(min(len(rows), 64))))
+    return fast_train(model, list(rows), max_steps=cfg.max_steps, lr=cfg.lr(), tokens_per_step=cfg.batch_size * width,
+                      grad_accum=cfg.gradient_accumulation_steps,
+                      warmup_steps=math.ceil(cfg.warmup_ratio * cfg.max_steps), lr_scheduler=cfg.lr_scheduler,
+                      optimizer=cfg.optimizer, weight_decay=cfg.weight_decay, grad_clip=cfg.max_grad_norm or None,
+                      seed=cfg.seed, activation_checkpointing=cfg.gradient_checkpointing,
+                      checkpoint_dir=checkpoint_dir, save_steps=cfg.save_steps, pad_token_id=pad_id,
+                      on_step=on_step, max_seconds=cfg.max_train_seconds)
+
+
+def _trainer(cfg: TrainConfig, model, data, collator: PackedCollator, tokenizer, device: str, checkpoint_dir: Path,
+             report_to_mlflow: bool, callbacks: tuple, flags: dict):
+    """transformers' Trainer for the runs the fast path does not take (the CPU, QLoRA, prompt/prefix)."""
+    import torch
+    from transformers import Trainer, TrainingArguments
+
+    from kubetune import launch
+
     bf16 = _use_bf16(cfg, device)
     # Several GPUs in one pod (torchrun): full fine-tuning shards with FSDP; adapters are
     # small, so PEFT methods replicate the model (DDP) and all-reduce the adapter grads.
@@ -297,7 +423,6 @@ def train(cfg: TrainConfig, tokenized_dir: str | Path, output_dir: str | Path, c
     # wrapping misbehaves, and the baseline bench/fsdp_2gpu.py compares against).
     fsdp = (launch.fsdp_training_args() if cfg.method == "full" and device == "cuda"
             and os.environ.get("KUBETUNE_FSDP", "on") != "off" else {})
-    checkpoint_dir = Path(checkpoint_dir)
     args = TrainingArguments(
         output_dir=str(checkpoint_dir),
         max_steps=cfg.max_steps,
@@ -329,7 +454,7 @@ def train(cfg: TrainConfig, tokenized_dir: str | Path, output_dir: str | Path, c
         include_num_input_tokens_seen="non_padding",
         **fsdp,
     )
-    trainer = Trainer(model=model, args=args, train_dataset=data["train"], data_collator=collator,
+    trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=collator,
                       processing_class=tokenizer,
                       callbacks=list(callbacks))
     if getattr(trainer, "is_fsdp_enabled", False):
@@ -338,107 +463,7 @@ def train(cfg: TrainConfig, tokenized_dir: str | Path, output_dir: str | Path, c
     # MLflow callback, which transformers registers before any user callback.
     for cb in reversed(_callbacks(collator, cfg.max_train_seconds)):
         trainer.callback_handler.callbacks.insert(0, cb)
-    resume = last_complete_checkpoint(checkpoint_dir)
-    t0 = time.perf_counter()
-    fast = world == 1 and use_fast_path(cfg, model, device)
-    try:
-        if fast:
-            losses, tokens = _train_fast(cfg, model, data["train"], collator.pad, report_to_mlflow)
-        else:
-            tokens0 = trainer.state.num_input_tokens_seen
-            trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-            losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-            tokens = trainer.state.num_input_tokens_seen - tokens0
-    except torch.OutOfMemoryError as e:
-        raise StageError(f"train: out of memory at batch_size={cfg.batch_size}; lower batch_size, raise "
-                         "gradient_accumulation_steps, turn on gradient_checkpointing or use a PEFT method "
-                         f"({e})") from None
-    except Exception as e:  # checkpoints are written during training
-        if _disk_full(e):
-            raise _disk_full_error(checkpoint_dir, e) from None
-        raise
-    wall = time.perf_counter() - t0
-
-    output_dir = Path(output_dir)
-    tmp = output_dir.with_name(output_dir.name + ".tmp")
-    if getattr(trainer, "is_fsdp_enabled", False):
-        launch.save_full_model(trainer, str(tmp))  # every rank takes part in gathering the shards
-    if rank != 0:
-        return TrainResult(metrics={}, output_dir=str(output_dir))
-    if not getattr(trainer, "is_fsdp_enabled", False):
-        shutil.rmtree(tmp, ignore_errors=True)
-        save_trained(trainer.model, tmp, tokenizer=tokenizer)
-    else:
-        tokenizer.save_pretrained(tmp)
-        (tmp / "kubetune_method.json").write_text(json.dumps({**trainer.model.kubetune_method,
-                                                             "parameters": params}))
-    manifest_path = tmp / "kubetune_method.json"
-    manifest = json.loads(manifest_path.read_text())
-    manifest.update(base_model=cfg.base_model, train=asdict(cfg), data_fingerprint=meta.get("fingerprint"),
-                    shape=meta.get("shape"))
-    manifest_path.write_text(json.dumps(manifest, indent=2))
-    if cfg.merge and cfg.method in ("lora", "dora"):
-        merged = trainer.model.merge_and_unload()
-        merged.save_pretrained(tmp / "merged", safe_serialization=True)
-        tokenizer.save_pretrained(tmp / "merged")
-    if output_dir.exists():
-        shutil.rmtree(output_dir)
-    os.replace(tmp, output_dir)
-    metrics = {
-        "train_loss_first": losses[0] if losses else float("nan"),
-        "train_loss_last": sum(losses[-5:]) / len(losses[-5:]) if losses else float("nan"),
-        "train_wall_s": round(wall, 1),
-        "tokens_per_s": round(tokens / wall, 1) if wall > 0 else 0.0,
-        "tokens": int(tokens),
-        "peak_memory_gb": round(peak_memory_gb(), 3),
-        "trainable_params": params["trainable"],
-        "total_params": params["total"],
-        "trainable_share": params["share"],
-        "steps": len(losses) if fast else trainer.state.global_step,
-        "resumed_from_step": int(resume.name.split("-")[-1]) if resume and not fast else 0,
-        "fast_path": int(fast),
-    }
-    return TrainResult(metrics=metrics, output_dir=str(output_dir), losses=[float(x) for x in losses])
-
-
-def use_fast_path(cfg: TrainConfig, model, device: str) -> bool:
-    """The GPU fast path (kubetune.fastpath) runs when on CUDA and it supports the model/method.
-
-    Prompt and prefix tuning add virtual tokens per row (no packing), QLoRA's 4-bit matmuls are
-    bitsandbytes' own, and gradient checkpointing is not implemented there: those stay on the
-    Trainer path. The fast path does not write checkpoints (runs on one GPU are minutes).
-    """
-    if cfg.fast_path == "off" or device != "cuda":
-        return False
-    if cfg.method in ("prompt", "prefix", "qlora") or cfg.gradient_checkpointing:
-        return False
-    from kubetune.fastpath import supports_fast_path
-
-    return supports_fast_path(model)
-
-
-def _train_fast(cfg: TrainConfig, model, rows, pad_id: int, report_to_mlflow: bool) -> tuple[list[float], int]:
-    from kubetune.fastpath import fast_train
-
-    losses: list[float] = []
-
-    def on_step(step, loss, lr, tokens):
-        losses.append(float(loss))
-        if report_to_mlflow:
-            from kubetune.tracking import log_metrics
-
-            log_metrics({"loss": loss, "learning_rate": lr}, step=step)
-
-    model.to("cuda")
-    # Rows of the tokenized dataset are re-packed into a fixed token budget per step:
-    # batch_size rows x the longest row = the same number of tokens the Trainer path sees.
-    width = max(len(r["input_ids"]) for r in rows.select(range(min(len(rows), 64))))
-    out = fast_train(model, list(rows), max_steps=cfg.max_steps, lr=cfg.lr(), tokens_per_step=cfg.batch_size * width,
-                     grad_accum=cfg.gradient_accumulation_steps,
-                     warmup_steps=math.ceil(cfg.warmup_ratio * cfg.max_steps), weight_decay=cfg.weight_decay,
-                     grad_clip=cfg.max_grad_norm, seed=cfg.seed, pad_token_id=pad_id, on_step=on_step,
-                     max_seconds=cfg.max_train_seconds)
-    return losses or list(out.get("losses", [])), int(out.get("tokens", 0))
+    return trainer
 
 
 def checkpoint_dir_for(workspace: str | Path, cfg: TrainConfig, data_fingerprint: str) -> Path:

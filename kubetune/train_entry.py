@@ -21,6 +21,10 @@ def main(config_path: str) -> dict:
     cfg = from_dict(TrainConfig, spec["cfg"], config_path)
     ctx = RunContext(**spec["ctx"]) if spec.get("ctx") else None
     result = run_training(spec["stage"], cfg, spec["tokenized_dir"], spec["output_dir"], spec["workspace"], ctx)
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():  # the fast path's process group (the Trainer's is its own)
+        dist.destroy_process_group()
     if int(os.environ.get("RANK", "0")) == 0 and spec.get("result"):
         Path(spec["result"]).write_text(json.dumps(asdict(result)))
     return asdict(result)

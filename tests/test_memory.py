@@ -272,4 +272,9 @@ def test_estimates_move_the_right_way():
     four = estimate("8b", "full", gpus=4, **big)
     one = estimate("8b", "full", **big)
     assert four.optimizer_states == pytest.approx(one.optimizer_states / 4)
-    assert four.path == "trainer" and one.path == "fast"
+    assert four.path == "fast" and one.path == "fast"  # FSDP2 inside the fast path
+    # activation checkpointing on the fast path: the recomputed layers keep only their input
+    ac = estimate("8b", "full", gradient_checkpointing=True, **big)
+    half = estimate("8b", "full", gradient_checkpointing=True, checkpoint_layers=16, **big)
+    assert ac.path == "fast" and ac.activations < half.activations < one.activations
+    assert one.activations - ac.activations > 0.8 * one.activations

@@ -64,6 +64,8 @@ def test_lora_trains_adapters_only_and_reloads(tiny_llama, tiny_tickets, tmp_pat
     for key in ("tokens_per_s", "peak_memory_gb", "trainable_params", "trainable_share"):
         assert key in run.data.metrics
     assert run.data.params["kubetune.method"] == "lora"
+    assert run.data.params["kubetune.train_path"] == "trainer"  # the CPU: the reason is logged with it
+    assert "no CUDA device" in run.data.params["kubetune.train_path_reason"]
     assert run.data.tags["mlflow.parentRunId"]
 
 
