@@ -18,7 +18,6 @@ from __future__ import annotations
 import os
 import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from kubetune.errors import ConfigError
@@ -80,6 +79,10 @@ def schedule(pipeline: str, cron: str, host: str | None = None, params: dict | N
              namespace: str | None = None, catchup: bool = False) -> Schedule:
     """Create a recurring run of ``pipeline`` on a KFP backend.
 
+    The pipeline is compiled with the profile and uploaded as a new version of
+    ``kubetune-PIPELINE`` (see ``kubetune.submit``); the recurring run references that
+    version and carries the profile's service account and pipeline root.
+
     Args:
         pipeline: Pipeline name (``kubetune pipelines``).
         cron: Cron expression, 5 fields (or KFP's 6, seconds first).
@@ -88,26 +91,28 @@ def schedule(pipeline: str, cron: str, host: str | None = None, params: dict | N
         profile_path: Cluster profile YAML used to compile (GPUs, resources, volumes, secrets).
         name: Recurring run name (default ``kubetune-<pipeline>``).
         experiment: KFP experiment to put it in (created if missing).
-        namespace: Kubernetes namespace (multi-user KFP).
+        namespace: Kubernetes namespace (multi-user KFP); overrides the profile's.
         catchup: Backfill missed intervals after a pause (off by default).
 
     Returns:
         The created schedule.
     """
-    from kubetune.runner import check_params, compile_all, get_pipeline
+    from kubetune.runner import check_params, get_pipeline
+    from kubetune.submit import compiled, target, upload_version
 
     module = get_pipeline(pipeline)
     params = check_params(module, params or {}, "schedule parameters")
     cron = kfp_cron(cron)
-    c = client(host, namespace)
+    tgt = target(profile_path, namespace)
+    c = client(host, tgt.namespace)
     with tempfile.TemporaryDirectory() as tmp:
-        (path,) = compile_all(tmp, profile_path, [pipeline])
-        exp = c.create_experiment(name=experiment, namespace=namespace)
-        rr = c.create_recurring_run(
-            experiment_id=exp.experiment_id, job_name=name or f"kubetune-{pipeline}",
-            description=f"kubetune {pipeline}: scheduled retraining ({cron})", cron_expression=cron,
-            max_concurrency=1, no_catchup=not catchup, params=params, pipeline_package_path=str(Path(path)),
-            enabled=True)
+        pipeline_id, version_id = upload_version(c, pipeline, compiled(pipeline, profile_path, tmp), tgt)
+    exp = c.create_experiment(name=experiment, namespace=tgt.namespace)
+    rr = c.create_recurring_run(
+        experiment_id=exp.experiment_id, job_name=name or f"kubetune-{pipeline}",
+        description=f"kubetune {pipeline}: scheduled retraining ({cron})", cron_expression=cron,
+        max_concurrency=1, no_catchup=not catchup, params=params, pipeline_id=pipeline_id, version_id=version_id,
+        pipeline_root=tgt.pipeline_root, service_account=tgt.service_account, enabled=True)
     return _schedule(rr)
 
 
