@@ -655,3 +655,14 @@ def test_git_commit_is_not_taken_from_a_repository_that_merely_encloses_the_pack
     # The package at the top of its own checkout (an editable install) still answers.
     monkeypatch.setattr(kubetune, "__file__", str(REPO / "kubetune" / "__init__.py"))
     assert len(tracking.git_commit()) == 40
+
+
+def test_the_compare_report_step_is_told_where_mlflow_is(tmp_path):
+    """It reads every method's numbers back from MLflow, so it needs the profile like any step."""
+    from kubetune.cli import main
+
+    out = tmp_path / "compare.yaml"
+    assert main(["compare", "--methods", "lora", "--compile", str(out), "--profile", "cpu"]) == 0
+    _, platform = yaml.safe_load_all(out.read_text())
+    report = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-compare-report"]
+    assert "MLFLOW_TRACKING_URI" in {m["envVar"] for s in report["secretAsEnv"] for m in s["keyToEnv"]}
