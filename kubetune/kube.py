@@ -299,6 +299,12 @@ class Profile:
             "(or allow_file_store: true for a throwaway smoke run)",
         )
         need(
+            "@" not in urlparse(self.tracking_uri).netloc,
+            "tracking_uri",
+            "must not carry credentials (it is written into the compiled pipeline); "
+            "put MLFLOW_TRACKING_USERNAME/PASSWORD in the mlflow_secret",
+        )
+        need(
             not self.tracking_uri or not is_file_store(self.tracking_uri) or self.allow_file_store,
             "tracking_uri",
             f"{self.tracking_uri!r} is a file store, lost with the pod; name an MLflow server "

@@ -219,6 +219,7 @@ def test_tracking_uri_in_the_profile_is_written_into_every_task(tmp_path):
         ({"name": "x", "mlflow_secret": ""}, "'tracking_uri'"),
         ({"name": "x", "tracking_uri": "sqlite:///mlflow.db"}, "'tracking_uri'"),
         ({"name": "x", "tracking_uri": "/tmp/mlruns"}, "'tracking_uri'"),
+        ({"name": "x", "tracking_uri": "https://bob:hunter2@mlflow.example"}, "'tracking_uri': must not carry"),
         ({"name": "x", "namespace": "Team_A"}, "'namespace'"),
         ({"name": "x", "queue": "gpu queue"}, "'queue'"),
         ({"name": "x", "shm_size": "lots"}, "'shm_size'"),
