@@ -26,13 +26,17 @@ def cmd_run(args) -> int:
     return 0
 
 
-def cmd_compile(args) -> int:
-    from kubetune.runner import compile_all
-
+def _note_without_profile(args) -> None:
     if not args.profile:
         print("kubetune: note: no --profile: the pipelines carry no MLflow tracking URI, secrets or volumes; "
               "in a pod their stages stop rather than track to a file (docs/kubernetes.md, Profiles)",
               file=sys.stderr)
+
+
+def cmd_compile(args) -> int:
+    from kubetune.runner import compile_all
+
+    _note_without_profile(args)
     for path in compile_all(args.out, args.profile, args.pipeline or None):
         print(f"wrote {path}")
     return 0
@@ -41,6 +45,7 @@ def cmd_compile(args) -> int:
 def cmd_submit(args) -> int:
     from kubetune.submit import submit
 
+    _note_without_profile(args)
     s = submit(args.pipeline, host=args.host, params=_params(args), profile_path=args.profile,
                experiment=args.experiment, namespace=args.namespace, run_name=args.name, wait=args.wait,
                timeout_s=args.timeout, poll_s=args.poll)
@@ -101,6 +106,7 @@ def cmd_models(args) -> int:
 def cmd_schedule(args) -> int:
     from kubetune.schedule import format_schedules, schedule
 
+    _note_without_profile(args)
     s = schedule(args.pipeline, args.cron, host=args.host, params=_params(args), profile_path=args.profile,
                  name=args.name, experiment=args.experiment, namespace=args.namespace, catchup=args.catchup)
     print(format_schedules([s]))
