@@ -98,13 +98,13 @@ def schedule(pipeline: str, cron: str, host: str | None = None, params: dict | N
         The created schedule.
     """
     from kubetune.runner import check_params, get_pipeline
-    from kubetune.submit import compiled, target, upload_version
+    from kubetune.submit import compiled, connect, target, upload_version
 
     module = get_pipeline(pipeline)
     params = check_params(module, params or {}, "schedule parameters")
     cron = kfp_cron(cron)
     tgt = target(profile_path, namespace)
-    c = client(host, tgt.namespace)
+    c = connect(host, tgt)
     with tempfile.TemporaryDirectory() as tmp:
         pipeline_id, version_id = upload_version(c, pipeline, compiled(pipeline, profile_path, tmp), tgt)
     exp = c.create_experiment(name=experiment, namespace=tgt.namespace)

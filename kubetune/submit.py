@@ -63,6 +63,21 @@ def target(profile_path: str | None, namespace: str | None = None) -> Target:
     )
 
 
+def connect(host: str | None, tgt: Target):
+    """A ``kfp.Client`` for the target, refusing a namespace that a standalone KFP would reject.
+
+    A standalone (single-user) KFP runs every pod in its own namespace and answers a
+    namespaced experiment request with HTTP 400; say so before anything is uploaded.
+    """
+    from kubetune.schedule import client
+
+    c = client(host, tgt.namespace)
+    if tgt.namespace and not c.get_kfp_healthz().multi_user:
+        raise ConfigError(f"namespace {tgt.namespace!r}: this KFP is standalone (single-user) and runs every pod "
+                          "in its own namespace; remove 'namespace' from the profile (or --namespace)")
+    return c
+
+
 def kfp_pipeline_name(pipeline: str) -> str:
     """The KFP pipeline a kubetune pipeline's versions are uploaded under."""
     return f"kubetune-{pipeline}"
@@ -171,14 +186,13 @@ def submit(pipeline: str, host: str | None = None, params: dict | None = None, p
         KubetuneError: the run ended in any state but SUCCEEDED, or the wait timed out.
     """
     from kubetune.runner import check_params, get_pipeline
-    from kubetune.schedule import client
 
     if wait and (timeout_s <= 0 or poll_s <= 0):
         raise ConfigError(f"'--timeout' and '--poll' must be positive seconds, got {timeout_s} and {poll_s}")
     module = get_pipeline(pipeline)
     params = check_params(module, params or {}, "submit parameters")
     tgt = target(profile_path, namespace)
-    c = client(host, tgt.namespace)
+    c = connect(host, tgt)
     with tempfile.TemporaryDirectory() as tmp:
         path = compiled(pipeline, profile_path, tmp)
         pipeline_id, version_id = upload_version(c, pipeline, path, tgt)

@@ -5,7 +5,8 @@ and ``kubetune schedule`` make through the real client (healthz, experiments, pi
 pipeline-version upload and listing, runs, recurring runs), with the field names of the
 ``kfp_server_api`` models (their ``attribute_map``), and checks what the real backend checks
 where a test depends on it: unique pipeline names per namespace and version names per
-pipeline, a run's pipeline version exists, an upload is a pipeline spec. Every request is
+pipeline, a run's pipeline version exists, an upload is a pipeline spec, and a standalone
+(single-user) server refuses namespaced experiment requests. Every request is
 recorded, so a test asserts on what a real backend would have received.
 """
 
@@ -123,6 +124,9 @@ class FakeKFP:
     def route(self, method, path, query, body):  # noqa: C901 - one branch per endpoint, as a router is
         if path == f"{API}/healthz":
             return 200, {"multi_user": self.multi_user}
+        if path == f"{API}/experiments" and not self.multi_user and (_one(query, "namespace") or
+                                                                     (body or {}).get("namespace")):
+            return 400, {"error": "In single-user mode, experiment requests cannot carry a namespace.", "code": 3}
         if path == f"{API}/experiments" and method == "GET":
             names = self._filter_names(query)
             ns = _one(query, "namespace")

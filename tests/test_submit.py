@@ -39,7 +39,7 @@ def kfp_env(tmp_path, monkeypatch):
 
 @pytest.fixture
 def kfp_server(kfp_env):
-    fake = FakeKFP().start()
+    fake = FakeKFP(multi_user=True).start()
     yield fake
     fake.stop()
 
@@ -90,7 +90,7 @@ def test_submit_uploads_a_version_and_runs_it_where_the_profile_says(kfp_server,
 
 
 def test_submit_wait_exits_1_with_the_url_when_the_run_fails(kfp_env, capsys):
-    fake = FakeKFP(run_states=("RUNNING", "FAILED")).start()
+    fake = FakeKFP(run_states=("RUNNING", "FAILED"), multi_user=True).start()
     try:
         assert main(["submit", "full", "--profile", str(kfp_env), "--host", fake.url, "--wait", "--poll", "0.01",
                      "--namespace", "other-team"]) == 1
@@ -127,6 +127,16 @@ def test_submit_profile_error_names_the_file_and_field(kfp_server, tmp_path, cap
     err = capsys.readouterr().err
     assert "bad.yaml" in err and "'tracking_uri'" in err
     assert kfp_server.calls == []
+
+
+def test_a_namespace_on_a_standalone_kfp_is_refused_before_anything_is_uploaded(kfp_env, capsys):
+    fake = FakeKFP(multi_user=False).start()
+    try:
+        assert main(["submit", "peft", "--profile", str(kfp_env), "--host", fake.url]) == 1
+    finally:
+        fake.stop()
+    assert "standalone (single-user)" in capsys.readouterr().err
+    assert [c["path"] for c in fake.calls] == [f"{API}/healthz"]
 
 
 def test_schedule_carries_service_account_and_pipeline_root(kfp_server, kfp_env):
