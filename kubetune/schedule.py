@@ -98,21 +98,23 @@ def schedule(pipeline: str, cron: str, host: str | None = None, params: dict | N
         The created schedule.
     """
     from kubetune.runner import check_params, get_pipeline
-    from kubetune.submit import compiled, connect, target, upload_version
+    from kubetune.submit import compiled, connect, kfp_errors, target, upload_version
 
     module = get_pipeline(pipeline)
     params = check_params(module, params or {}, "schedule parameters")
     cron = kfp_cron(cron)
     tgt = target(profile_path, namespace)
-    c = connect(host, tgt)
-    with tempfile.TemporaryDirectory() as tmp:
-        pipeline_id, version_id = upload_version(c, pipeline, compiled(pipeline, profile_path, tmp), tgt)
-    exp = c.create_experiment(name=experiment, namespace=tgt.namespace)
-    rr = c.create_recurring_run(
-        experiment_id=exp.experiment_id, job_name=name or f"kubetune-{pipeline}",
-        description=f"kubetune {pipeline}: scheduled retraining ({cron})", cron_expression=cron,
-        max_concurrency=1, no_catchup=not catchup, params=params, pipeline_id=pipeline_id, version_id=version_id,
-        pipeline_root=tgt.pipeline_root, service_account=tgt.service_account, enabled=True)
+    with kfp_errors(host), tempfile.TemporaryDirectory() as tmp:
+        path = compiled(pipeline, profile_path, tmp)
+        c = connect(host, tgt)
+        pipeline_id, version_id = upload_version(c, pipeline, path, tgt)
+        exp = c.create_experiment(name=experiment, namespace=tgt.namespace)
+        rr = c.create_recurring_run(
+            experiment_id=exp.experiment_id, job_name=name or f"kubetune-{pipeline}",
+            description=f"kubetune {pipeline}: scheduled retraining ({cron})", cron_expression=cron,
+            max_concurrency=1, no_catchup=not catchup, params=params, pipeline_id=pipeline_id,
+            version_id=version_id, pipeline_root=tgt.pipeline_root, service_account=tgt.service_account,
+            enabled=True)
     return _schedule(rr)
 
 

@@ -15,13 +15,16 @@ Authentication is the KFP client's own (see ``kubetune.schedule.client``).
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Iterator
 
 from kubetune.errors import ConfigError, KubetuneError
 
@@ -61,6 +64,25 @@ def target(profile_path: str | None, namespace: str | None = None) -> Target:
         pipeline_root=(profile.pipeline_root if profile else "") or None,
         profile=profile.name if profile else "none",
     )
+
+
+@contextlib.contextmanager
+def kfp_errors(host: str | None) -> Iterator[None]:
+    """Turn the KFP client's HTTP and connection errors into one-line errors naming the server."""
+    import urllib3
+    from kfp_server_api.exceptions import ApiException
+
+    where = host or os.environ.get("KF_PIPELINES_ENDPOINT") or "the KFP API"
+    try:
+        yield
+    except ApiException as e:
+        try:
+            detail = json.loads(e.body or "{}").get("error") or e.reason
+        except ValueError:
+            detail = e.reason
+        raise KubetuneError(f"{where}: HTTP {e.status}: {detail}") from None
+    except (urllib3.exceptions.HTTPError, OSError) as e:
+        raise KubetuneError(f"cannot reach {where}: {type(e).__name__}: {e}") from None
 
 
 def connect(host: str | None, tgt: Target):
@@ -192,19 +214,19 @@ def submit(pipeline: str, host: str | None = None, params: dict | None = None, p
     module = get_pipeline(pipeline)
     params = check_params(module, params or {}, "submit parameters")
     tgt = target(profile_path, namespace)
-    c = connect(host, tgt)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = compiled(pipeline, profile_path, tmp)
+    with kfp_errors(host), tempfile.TemporaryDirectory() as tmp:
+        path = compiled(pipeline, profile_path, tmp)  # a profile or compile error stops here, before any call
+        c = connect(host, tgt)
         pipeline_id, version_id = upload_version(c, pipeline, path, tgt)
-    exp = c.create_experiment(name=experiment, namespace=tgt.namespace)
-    name = run_name or f"kubetune-{pipeline}-{datetime.now(timezone.utc).strftime('%Y%m%d-%H%M%S')}"
-    run = c.run_pipeline(experiment_id=exp.experiment_id, job_name=name, params=params, pipeline_id=pipeline_id,
-                         version_id=version_id, pipeline_root=tgt.pipeline_root,
-                         service_account=tgt.service_account)
-    out = Submitted(run_id=run.run_id, url=run_url(c, run.run_id), pipeline_id=pipeline_id, version_id=version_id,
-                    experiment_id=exp.experiment_id, state=run.state)
-    if wait:
-        out.state = follow(c, out, timeout_s, poll_s)
+        exp = c.create_experiment(name=experiment, namespace=tgt.namespace)
+        name = run_name or f"kubetune-{pipeline}-{datetime.now(timezone.utc).strftime('%Y%m%d-%H%M%S')}"
+        run = c.run_pipeline(experiment_id=exp.experiment_id, job_name=name, params=params, pipeline_id=pipeline_id,
+                             version_id=version_id, pipeline_root=tgt.pipeline_root,
+                             service_account=tgt.service_account)
+        out = Submitted(run_id=run.run_id, url=run_url(c, run.run_id), pipeline_id=pipeline_id,
+                        version_id=version_id, experiment_id=exp.experiment_id, state=run.state)
+        if wait:
+            out.state = follow(c, out, timeout_s, poll_s)
     return out
 
 

@@ -150,3 +150,19 @@ def test_schedule_carries_service_account_and_pipeline_root(kfp_server, kfp_env)
     ref = rr["body"]["pipeline_version_reference"]
     assert ref["pipeline_version_id"] in kfp_server.versions
     assert all(c["path"].startswith(API) for c in kfp_server.calls)
+
+
+def test_kfp_api_errors_and_an_unreachable_server_are_one_line_errors(kfp_server, kfp_env, capsys):
+    from kubetune.testing import free_port
+
+    # Listed, but deleted before the version upload: the server answers HTTP 404.
+    kfp_server.pipelines["stale"] = {"pipeline_id": "pl-gone", "display_name": "kubetune-peft",
+                                     "namespace": "team-llm"}
+    assert main(["submit", "peft", "--profile", str(kfp_env), "--host", kfp_server.url]) == 1
+    err = capsys.readouterr().err
+    assert f"{kfp_server.url}: HTTP 404: no pipeline pl-gone" in err and "Traceback" not in err
+
+    dead = f"http://127.0.0.1:{free_port()}"
+    assert main(["submit", "peft", "--profile", str(kfp_env), "--host", dead]) == 1
+    err = capsys.readouterr().err
+    assert f"cannot reach {dead}" in err and "Traceback" not in err
