@@ -667,3 +667,22 @@ def test_the_compare_report_step_is_told_where_mlflow_is(tmp_path):
     _, platform = yaml.safe_load_all(out.read_text())
     report = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-compare-report"]
     assert "MLFLOW_TRACKING_URI" in {m["envVar"] for s in report["secretAsEnv"] for m in s["keyToEnv"]}
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "profiles").glob("*.yaml")), ids=lambda p: p.stem)
+def test_compiled_output_parses_strictly_as_kfp_pipeline_and_kubernetes_specs(path, tmp_path):
+    """The compiled YAML against the real protos KFP's backend reads: an unknown field fails."""
+    from google.protobuf import json_format
+    from kfp.kubernetes import kubernetes_executor_config_pb2
+    from kfp.pipeline_spec import pipeline_spec_pb2
+
+    from kubetune.runner import compile_all
+
+    (out,) = compile_all(tmp_path, str(path), ["peft"])
+    spec, platform = yaml.safe_load_all(out.read_text())
+    json_format.ParseDict(spec, pipeline_spec_pb2.PipelineSpec())
+    json_format.ParseDict(platform, pipeline_spec_pb2.PlatformSpec())
+    executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    assert set(executors) == set(spec["deploymentSpec"]["executors"])  # every step is placed
+    for config in executors.values():
+        json_format.ParseDict(config, kubernetes_executor_config_pb2.KubernetesExecutorConfig())
