@@ -291,7 +291,10 @@ def test_every_pipeline_evaluates_on_one_gpu_and_never_retries_register(name, tm
     from kubetune.runner import compile_all
 
     (path,) = compile_all(tmp_path, "a100x8", [name])
-    spec = next(yaml.safe_load_all(path.read_text()))
+    spec, platform = yaml.safe_load_all(path.read_text())
+    # Every step is placed: none runs without the tracking URI, the secrets and the volume.
+    assert set(platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]) == \
+        set(spec["deploymentSpec"]["executors"])
     gpus = {ex: e["container"]["resources"].get("accelerator", {}).get("resourceCount")
             for ex, e in spec["deploymentSpec"]["executors"].items()}
     evaluators = [ex for ex in gpus if ex.startswith(("exec-evaluate", "exec-embed"))
