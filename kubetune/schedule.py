@@ -104,10 +104,12 @@ def schedule(pipeline: str, cron: str, host: str | None = None, params: dict | N
     params = check_params(module, params or {}, "schedule parameters")
     cron = kfp_cron(cron)
     tgt = target(profile_path, namespace)
-    with kfp_errors(host), tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp:
         path = compiled(pipeline, profile_path, tmp)
-        c = connect(host, tgt)
-        pipeline_id, version_id = upload_version(c, pipeline, path, tgt)
+        with kfp_errors(host):
+            c = connect(host, tgt)
+            pipeline_id, version_id = upload_version(c, pipeline, path, tgt)
+    with kfp_errors(host):
         exp = c.create_experiment(name=experiment, namespace=tgt.namespace)
         rr = c.create_recurring_run(
             experiment_id=exp.experiment_id, job_name=name or f"kubetune-{pipeline}",
@@ -120,8 +122,10 @@ def schedule(pipeline: str, cron: str, host: str | None = None, params: dict | N
 
 def schedules(host: str | None = None, namespace: str | None = None) -> list[Schedule]:
     """Every recurring run the client can see (first 200)."""
-    c = client(host, namespace)
-    resp = c.list_recurring_runs(page_size=200, namespace=namespace)
+    from kubetune.submit import kfp_errors
+
+    with kfp_errors(host):
+        resp = client(host, namespace).list_recurring_runs(page_size=200, namespace=namespace)
     return [_schedule(rr) for rr in resp.recurring_runs or []]
 
 
@@ -133,7 +137,10 @@ def unschedule(id_or_name: str, host: str | None = None, namespace: str | None =
     if len(found) > 1:
         raise ConfigError(f"{len(found)} schedules are named {id_or_name!r}; pass the id: "
                           f"{', '.join(s.id for s in found)}")
-    client(host, namespace).delete_recurring_run(found[0].id)
+    from kubetune.submit import kfp_errors
+
+    with kfp_errors(host):
+        client(host, namespace).delete_recurring_run(found[0].id)
     return found[0]
 
 

@@ -21,6 +21,7 @@ import os
 import sys
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -105,12 +106,16 @@ def kfp_pipeline_name(pipeline: str) -> str:
     return f"kubetune-{pipeline}"
 
 
-def version_name(pipeline: str, profile: str, commit: str, now: datetime | None = None) -> str:
-    """A new, unique, readable version name: ``peft-0.1.0-h200x2-1a2b3c4d-20261206T041500Z``."""
+def version_name(pipeline: str, profile: str, commit: str) -> str:
+    """A new, unique, readable version name: ``peft-0.1.0-h200x2-1a2b3c4d-20261206T041500Z-9f2c``.
+
+    KFP refuses a second version of the same name; the random tail keeps two submits in the
+    same second apart.
+    """
     from kubetune import __version__
 
-    stamp = (now or datetime.now(timezone.utc)).strftime("%Y%m%dT%H%M%SZ")
-    return f"{pipeline}-{__version__}-{profile}-{commit[:8]}-{stamp}"
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    return f"{pipeline}-{__version__}-{profile}-{commit[:8]}-{stamp}-{uuid.uuid4().hex[:4]}"
 
 
 def _version_description(pipeline: str, profile: str, commit: str, spec_path: Path) -> str:
@@ -214,10 +219,12 @@ def submit(pipeline: str, host: str | None = None, params: dict | None = None, p
     module = get_pipeline(pipeline)
     params = check_params(module, params or {}, "submit parameters")
     tgt = target(profile_path, namespace)
-    with kfp_errors(host), tempfile.TemporaryDirectory() as tmp:
-        path = compiled(pipeline, profile_path, tmp)  # a profile or compile error stops here, before any call
-        c = connect(host, tgt)
-        pipeline_id, version_id = upload_version(c, pipeline, path, tgt)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = compiled(pipeline, profile_path, tmp)  # a compile error stops here, before any call to KFP
+        with kfp_errors(host):
+            c = connect(host, tgt)
+            pipeline_id, version_id = upload_version(c, pipeline, path, tgt)
+    with kfp_errors(host):
         exp = c.create_experiment(name=experiment, namespace=tgt.namespace)
         name = run_name or f"kubetune-{pipeline}-{datetime.now(timezone.utc).strftime('%Y%m%d-%H%M%S')}"
         run = c.run_pipeline(experiment_id=exp.experiment_id, job_name=name, params=params, pipeline_id=pipeline_id,
