@@ -628,9 +628,10 @@ def mount_shm(task, size: str = "8Gi"):
 def add_scratch(task, size: str, storage_class: str = ""):
     """Give a task scratch disk at ``/scratch`` (``TMPDIR``): a generic ephemeral volume of ``size``.
 
-    KFP 2.x cannot request ``ephemeral-storage`` for a task (kubeflow/pipelines#11137), so
-    large temporary files would fill the node's disk unaccounted and get the pod evicted; a
-    generic ephemeral volume is a real storage request the scheduler sees, deleted with the pod.
+    KFP 2.x cannot request ``ephemeral-storage`` for a task (its resource spec holds CPU,
+    memory and accelerators only), so large temporary files would fill the node's disk
+    unaccounted and get the pod evicted; a generic ephemeral volume is a real storage request
+    the scheduler sees, deleted with the pod.
 
     Args:
         task: The pipeline task.

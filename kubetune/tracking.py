@@ -55,7 +55,7 @@ def git_commit() -> str:
                              capture_output=True, text=True, timeout=5)
     except (OSError, subprocess.TimeoutExpired):
         return "unknown"
-    lines = out.stdout.split()
+    lines = out.stdout.splitlines()
     if out.returncode != 0 or len(lines) != 2 or Path(lines[0]).resolve() != source:
         return "unknown"
     return lines[1]
