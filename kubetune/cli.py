@@ -26,11 +26,30 @@ def cmd_run(args) -> int:
     return 0
 
 
+def _note_without_profile(args) -> None:
+    if not args.profile:
+        print("kubetune: note: no --profile: the pipelines carry no MLflow tracking URI, secrets or volumes; "
+              "in a pod their stages stop rather than track to a file (docs/kubernetes.md, Profiles)",
+              file=sys.stderr)
+
+
 def cmd_compile(args) -> int:
     from kubetune.runner import compile_all
 
+    _note_without_profile(args)
     for path in compile_all(args.out, args.profile, args.pipeline or None):
         print(f"wrote {path}")
+    return 0
+
+
+def cmd_submit(args) -> int:
+    from kubetune.submit import submit
+
+    _note_without_profile(args)
+    s = submit(args.pipeline, host=args.host, params=_params(args), profile_path=args.profile,
+               experiment=args.experiment, namespace=args.namespace, run_name=args.name, wait=args.wait,
+               timeout_s=args.timeout, poll_s=args.poll)
+    print(f"run {s.run_id}{' ' + s.state if s.state else ''}: {s.url}")
     return 0
 
 
@@ -87,6 +106,7 @@ def cmd_models(args) -> int:
 def cmd_schedule(args) -> int:
     from kubetune.schedule import format_schedules, schedule
 
+    _note_without_profile(args)
     s = schedule(args.pipeline, args.cron, host=args.host, params=_params(args), profile_path=args.profile,
                  name=args.name, experiment=args.experiment, namespace=args.namespace, catchup=args.catchup)
     print(format_schedules([s]))
@@ -149,7 +169,8 @@ def cmd_compare(args) -> int:
 def _kfp_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", help="KFP API endpoint (default: $KF_PIPELINES_ENDPOINT); a bearer token is read "
                                   "from $KF_PIPELINES_TOKEN, other auth as the KFP client does")
-    p.add_argument("--namespace", help="Kubernetes namespace (multi-user KFP)")
+    p.add_argument("--namespace", help="Kubernetes namespace of the runs (default: the profile's; multi-user KFP: "
+                                       "your Profile namespace)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -218,6 +239,19 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("models", help="a registered model's versions: aliases, metrics, decisions, lineage")
     m.add_argument("name", help="registered model name")
     m.set_defaults(func=cmd_models)
+
+    sm = sub.add_parser("submit", help="one run of a pipeline on a KFP cluster (a new pipeline version)")
+    sm.add_argument("pipeline")
+    sm.add_argument("--config", help="YAML file of pipeline parameters")
+    sm.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one parameter (repeatable)")
+    sm.add_argument("--profile", help="cluster profile to compile with (namespace, service account, GPUs, secrets)")
+    sm.add_argument("--name", help="run name (default: kubetune-PIPELINE-<UTC time>)")
+    sm.add_argument("--experiment", default="kubetune", help="KFP experiment (default: kubetune)")
+    sm.add_argument("--wait", action="store_true", help="follow the run to its end; exit 1 unless it succeeded")
+    sm.add_argument("--timeout", type=float, default=7 * 24 * 3600, help="with --wait: give up after SECONDS")
+    sm.add_argument("--poll", type=float, default=15.0, help="with --wait: seconds between state checks")
+    _kfp_options(sm)
+    sm.set_defaults(func=cmd_submit)
 
     s = sub.add_parser("schedule", help="retrain on a schedule: a KFP recurring run of a pipeline")
     s.add_argument("pipeline")

@@ -11,6 +11,10 @@ the module defining the component is imported):
 * ``KUBETUNE_REGISTRY``: registry and path prefix, e.g. ``registry.example.com/ml``.
 * ``KUBETUNE_IMAGE``: the whole training image reference (wins over the registry).
 * ``KUBETUNE_CPU_IMAGE``: the whole CPU image reference (wins over the registry).
+
+These are compile-time settings: a pod does not see them. Each compiled task carries the
+reference it was compiled with as ``KUBETUNE_IMAGE_REF`` (``kubetune.kube.stamp_lineage``),
+and that is what the stage records in MLflow (``kubetune.tracking.image_tag``).
 """
 
 from __future__ import annotations

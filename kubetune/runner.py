@@ -44,6 +44,8 @@ def local_env(workdir: Path) -> dict[str, str]:
         "KUBETUNE_WORKSPACE": os.environ.get("KUBETUNE_WORKSPACE") or str(workdir / ".kubetune" / "workspace"),
         "KUBETUNE_GIT_COMMIT": os.environ.get("KUBETUNE_GIT_COMMIT") or _git_commit(),
         "TOKENIZERS_PARALLELISM": "false",
+        # A local run means its file store (even when this machine is itself a pod, as CI may be).
+        "KUBETUNE_ALLOW_FILE_STORE": "1",
     }
     return env
 

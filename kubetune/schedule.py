@@ -18,7 +18,6 @@ from __future__ import annotations
 import os
 import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from kubetune.errors import ConfigError
@@ -80,6 +79,10 @@ def schedule(pipeline: str, cron: str, host: str | None = None, params: dict | N
              namespace: str | None = None, catchup: bool = False) -> Schedule:
     """Create a recurring run of ``pipeline`` on a KFP backend.
 
+    The pipeline is compiled with the profile and uploaded as a new version of
+    ``kubetune-PIPELINE`` (see ``kubetune.submit``); the recurring run references that
+    version and carries the profile's service account and pipeline root.
+
     Args:
         pipeline: Pipeline name (``kubetune pipelines``).
         cron: Cron expression, 5 fields (or KFP's 6, seconds first).
@@ -88,33 +91,41 @@ def schedule(pipeline: str, cron: str, host: str | None = None, params: dict | N
         profile_path: Cluster profile YAML used to compile (GPUs, resources, volumes, secrets).
         name: Recurring run name (default ``kubetune-<pipeline>``).
         experiment: KFP experiment to put it in (created if missing).
-        namespace: Kubernetes namespace (multi-user KFP).
+        namespace: Kubernetes namespace (multi-user KFP); overrides the profile's.
         catchup: Backfill missed intervals after a pause (off by default).
 
     Returns:
         The created schedule.
     """
-    from kubetune.runner import check_params, compile_all, get_pipeline
+    from kubetune.runner import check_params, get_pipeline
+    from kubetune.submit import compiled, connect, kfp_errors, target, upload_version
 
     module = get_pipeline(pipeline)
     params = check_params(module, params or {}, "schedule parameters")
     cron = kfp_cron(cron)
-    c = client(host, namespace)
+    tgt = target(profile_path, namespace)
     with tempfile.TemporaryDirectory() as tmp:
-        (path,) = compile_all(tmp, profile_path, [pipeline])
-        exp = c.create_experiment(name=experiment, namespace=namespace)
+        path = compiled(pipeline, profile_path, tmp)
+        with kfp_errors(host):
+            c = connect(host, tgt)
+            pipeline_id, version_id = upload_version(c, pipeline, path, tgt)
+    with kfp_errors(host):
+        exp = c.create_experiment(name=experiment, namespace=tgt.namespace)
         rr = c.create_recurring_run(
             experiment_id=exp.experiment_id, job_name=name or f"kubetune-{pipeline}",
             description=f"kubetune {pipeline}: scheduled retraining ({cron})", cron_expression=cron,
-            max_concurrency=1, no_catchup=not catchup, params=params, pipeline_package_path=str(Path(path)),
+            max_concurrency=1, no_catchup=not catchup, params=params, pipeline_id=pipeline_id,
+            version_id=version_id, pipeline_root=tgt.pipeline_root, service_account=tgt.service_account,
             enabled=True)
     return _schedule(rr)
 
 
 def schedules(host: str | None = None, namespace: str | None = None) -> list[Schedule]:
     """Every recurring run the client can see (first 200)."""
-    c = client(host, namespace)
-    resp = c.list_recurring_runs(page_size=200, namespace=namespace)
+    from kubetune.submit import kfp_errors
+
+    with kfp_errors(host):
+        resp = client(host, namespace).list_recurring_runs(page_size=200, namespace=namespace)
     return [_schedule(rr) for rr in resp.recurring_runs or []]
 
 
@@ -126,7 +137,10 @@ def unschedule(id_or_name: str, host: str | None = None, namespace: str | None =
     if len(found) > 1:
         raise ConfigError(f"{len(found)} schedules are named {id_or_name!r}; pass the id: "
                           f"{', '.join(s.id for s in found)}")
-    client(host, namespace).delete_recurring_run(found[0].id)
+    from kubetune.submit import kfp_errors
+
+    with kfp_errors(host):
+        client(host, namespace).delete_recurring_run(found[0].id)
     return found[0]
 
 

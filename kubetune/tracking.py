@@ -32,24 +32,39 @@ def configure() -> str:
     """Point MLflow at the tracking URI (and the registry at the same place unless set)."""
     import mlflow
 
+    from kubetune.kube import refuse_file_store_in_pod
+
     uri = tracking_uri()
+    refuse_file_store_in_pod(uri)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(os.environ.get("MLFLOW_REGISTRY_URI") or uri)
     return uri
 
 
 def git_commit() -> str:
+    """The commit of the code: baked in at compile or image build time, else the source checkout's.
+
+    git is asked only when the package sits at the top of a checkout (an editable install):
+    from site-packages it would answer for whatever repository happens to enclose it.
+    """
     if os.environ.get("KUBETUNE_GIT_COMMIT"):
         return os.environ["KUBETUNE_GIT_COMMIT"]
+    source = Path(kubetune.__file__).resolve().parent.parent
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(kubetune.__file__).parent,
+        out = subprocess.run(["git", "rev-parse", "--show-toplevel", "HEAD"], cwd=source,
                              capture_output=True, text=True, timeout=5)
-        return out.stdout.strip() if out.returncode == 0 else "unknown"
     except (OSError, subprocess.TimeoutExpired):
         return "unknown"
+    lines = out.stdout.splitlines()
+    if out.returncode != 0 or len(lines) != 2 or Path(lines[0]).resolve() != source:
+        return "unknown"
+    return lines[1]
 
 
 def image_tag() -> str:
+    """The image the stage runs in, as compiled (``KUBETUNE_IMAGE_REF``), else kubetune's default."""
+    if os.environ.get("KUBETUNE_IMAGE_REF"):
+        return os.environ["KUBETUNE_IMAGE_REF"]
     try:
         from kubetune.image import TRAIN_IMAGE
 

@@ -7,6 +7,7 @@ Compile it:   kubetune compare --methods full,lora,dora --compile build/compare.
 
 from kfp import dsl
 
+from kubetune import kube
 from kubetune.compare import METHODS, Budget, CompareConfig, method_params
 from kubetune.components import compare_report
 from kubetune.models import DEFAULT_BASE_MODEL
@@ -39,6 +40,8 @@ def build(methods: list[str], profile=None, budget: Budget | None = None, data_u
         report = compare_report(methods=methods, prefix=prefix, data_uri=data_uri, base_model=base_model,
                                 budget=budget.describe())
         report.after(*tasks)
+        # The report reads every method's numbers back from MLflow: it needs the tracking URI too.
+        kube.on_cluster(profile, cpu=[report])
         return report.outputs["Output"]
 
     return compare

@@ -57,7 +57,7 @@ def build(profile: "kube.Profile | None" = None):
         with dsl.Else(name="data-unchanged"):
             skipped = register_skipped(fingerprint=prefs.outputs["Output"], **lineage)
 
-        kube.on_cluster(profile, cpu=[prefs, registered, skipped], gpu=[trained, judge, scored])
+        kube.on_cluster(profile, cpu=[prefs, skipped], gpu=[trained, judge], eval=[scored], once=[registered])
         # No step is a pure function of its inputs (see pipelines/peft.py).
         for task in (prefs, trained, judge, scored, registered, skipped):
             kube.no_cache(task)

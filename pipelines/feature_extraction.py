@@ -53,7 +53,7 @@ def build(profile: "kube.Profile | None" = None):
             skipped = register_skipped(fingerprint=data.outputs["Output"], **lineage)
 
         # The head trains in seconds on the CPU; only the backbone pass wants an accelerator.
-        kube.on_cluster(profile, cpu=[data, trained, scored, registered, skipped], gpu=[features])
+        kube.on_cluster(profile, cpu=[data, trained, scored, skipped], eval=[features], once=[registered])
         # No step is a pure function of its inputs: the data behind a URI changes (retraining on
         # fresh data), evaluate reads the current champion, register writes the registry.
         for task in (data, features, trained, scored, registered, skipped):

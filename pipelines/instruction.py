@@ -70,8 +70,8 @@ def build(profile: "kube.Profile | None" = None):
                               settings=train_settings, **lineage)
             scored_peft, registered_peft = judge(peft, tokens_peft)
 
-        kube.on_cluster(profile, cpu=[data, skipped, tokens_full, registered_full, packing, tokens_peft,
-                                      registered_peft], gpu=[full, scored_full, peft, scored_peft])
+        kube.on_cluster(profile, cpu=[data, skipped, tokens_full, packing, tokens_peft], gpu=[full, peft],
+                        eval=[scored_full, scored_peft], once=[registered_full, registered_peft])
         # No step is a pure function of its inputs: the data behind a URI changes (retraining on
         # fresh data), evaluate reads the current champion, register writes the registry.
         for task in (data, skipped, tokens_full, full, scored_full, registered_full, packing, tokens_peft, peft,

@@ -65,7 +65,7 @@ def build(profile: "kube.Profile | None" = None):
                               settings=eval_settings, **lineage)
         registered = register(model=mixture.outputs["model"], report=scored.outputs["report"], **lineage)
 
-        kube.on_cluster(profile, cpu=[data, registered], gpu=[answered, mixture, scored])
+        kube.on_cluster(profile, cpu=[data], gpu=[answered, mixture], eval=[scored], once=[registered])
         # No step is a pure function of its inputs: the data behind a URI changes, a proposer
         # may be a live endpoint or a moving alias, evaluate reads the champion, register writes.
         for task in (data, answered, mixture, scored, registered):

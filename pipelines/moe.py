@@ -55,7 +55,7 @@ def build(profile: "kube.Profile | None" = None):
         with dsl.Else(name="data-unchanged"):
             skipped = register_skipped(fingerprint=data.outputs["Output"], **lineage)
 
-        kube.on_cluster(profile, cpu=[data, tokens, registered, skipped], gpu=[trained, scored])
+        kube.on_cluster(profile, cpu=[data, tokens, skipped], gpu=[trained], eval=[scored], once=[registered])
         # No step is a pure function of its inputs: the data behind a URI changes (retraining on
         # fresh data), evaluate reads the current champion, register writes the registry.
         for task in (data, tokens, trained, scored, registered, skipped):

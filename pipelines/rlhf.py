@@ -40,7 +40,7 @@ def build(profile: "kube.Profile | None" = None):
                                model_name=model_name, pipeline=pipeline, run_id=run_id)
         registered = register(model=trained.outputs["model"], report=trained.outputs["report"],
                               model_name=reward_model_name, pipeline=pipeline, run_id=run_id)
-        kube.on_cluster(profile, cpu=[registered], gpu=[trained])
+        kube.on_cluster(profile, gpu=[trained], once=[registered])
         for task in (trained, registered):
             kube.no_cache(task)
         return trained.outputs["model"]
@@ -60,7 +60,7 @@ def build(profile: "kube.Profile | None" = None):
         scored = evaluate_policy(model=tuned.outputs["model"], reference=policy, reward_model=judge.outputs["model"],
                                  train_reward_model=rewards, dataset=preferences, base_model=base_model,
                                  settings=eval_settings, model_name=model_name, pipeline=pipeline, run_id=run_id)
-        kube.on_cluster(profile, gpu=[tuned, judge, scored])
+        kube.on_cluster(profile, gpu=[tuned, judge], eval=[scored])
         for task in (tuned, judge, scored):
             kube.no_cache(task)
         return Tuned(model=tuned.outputs["model"], report=scored.outputs["report"])
@@ -107,7 +107,7 @@ def build(profile: "kube.Profile | None" = None):
         with dsl.Else(name="data-unchanged"):
             skipped = register_skipped(fingerprint=prefs.outputs["Output"], **lineage)
 
-        kube.on_cluster(profile, cpu=[prefs, sft_data, tokens, registered, skipped], gpu=[sft])
+        kube.on_cluster(profile, cpu=[prefs, sft_data, tokens, skipped], gpu=[sft], once=[registered])
         # No step is a pure function of its inputs (see pipelines/peft.py).
         for task in (prefs, sft_data, tokens, sft, registered, skipped):
             kube.no_cache(task)

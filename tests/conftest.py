@@ -11,6 +11,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Tests track to SQLite files on purpose, also when CI itself runs in a Kubernetes pod (where
+# stages otherwise refuse a file store); the tests of that refusal unset it.
+os.environ.setdefault("KUBETUNE_ALLOW_FILE_STORE", "1")
 
 # Tiny models gain nothing from intra-op threads, and several torch processes with 2 threads
 # each on a 2-core machine thrash (spin-waiting OpenMP workers): one thread per test process.
