@@ -122,3 +122,28 @@ def test_secrets_never_written_anywhere(tiny_llama, mlflow_uri, tmp_path, monkey
         found += [f"{name} in {stream}" for stream, text in (("stdout", out), ("stderr", err)) if secret in text]
     assert found == [], found
     assert len(written) > 20  # scanned a real run's output, not an empty folder
+
+
+def test_bundled_names_cannot_carry_a_path_past_the_roots(tmp_path, monkeypatch):
+    """``bundled://`` names one shipped dataset; an absolute or relative path riding on it is refused,
+    with or without data roots, while a plain path to the same file is refused by the roots check."""
+    private = tmp_path / "private"
+    private.mkdir()
+    write_jsonl(private / "private.jsonl", rows(6))
+    allowed = tmp_path / "allowed"
+    allowed.mkdir()
+    pkg_data = Path(storage.__file__).resolve().parent / "data"
+    rel = os.path.relpath(private / "private", pkg_data)
+    monkeypatch.setenv("KUBETUNE_DATA_ROOTS", str(allowed))
+    for uri in (f"bundled://{private}/private", f"bundled://{rel}", "bundled://../data/tickets", "bundled://Tickets"):
+        with pytest.raises(DataError, match="no bundled dataset"):
+            storage.fetch(uri, tmp_path / "c")
+        with pytest.raises(DataError, match="no bundled dataset"):
+            ingest(IngestConfig(data_uri=uri), tmp_path / "out")
+    with pytest.raises(DataError, match="outside the allowed data roots"):
+        storage.fetch(str(private / "private.jsonl"), tmp_path / "c")
+    assert storage.fetch("bundled://tickets", tmp_path / "c") == pkg_data / "tickets.jsonl"
+    monkeypatch.delenv("KUBETUNE_DATA_ROOTS")
+    with pytest.raises(DataError, match="no bundled dataset"):
+        storage.fetch(f"bundled://{rel}", tmp_path / "c")
+    assert not (tmp_path / "out").exists()
