@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from kubetune.errors import ConfigError
+
 #: The two kinds of step a profile sizes: GPU training stages and everything else.
 Role = Literal["train", "cpu"]
 
@@ -58,7 +60,7 @@ def _profiles_dir() -> Path:
     return Path(os.environ.get(PROFILES_ENV) or Path(__file__).resolve().parent.parent / "profiles")
 
 
-class ProfileError(ValueError):
+class ProfileError(ConfigError, ValueError):
     """A profile file that does not describe a valid profile; the message names the field."""
 
 

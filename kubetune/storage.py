@@ -88,22 +88,39 @@ def fetch(uri: str, cache_dir: str | Path) -> Path:
         if not path.exists():
             raise DataError(f"{uri}: no such file or folder")
         return path
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        return _fetch_s3(uri, cache_dir)
+    except ClientError as e:
+        code = e.response.get("Error", {}).get("Code", "")
+        raise DataError(f"{uri}: cannot read from S3 ({code or e})") from None
+    except BotoCoreError as e:
+        # No credentials, an endpoint that does not answer, a malformed request: botocore's own
+        # message says which; the hint says where S3 access is configured.
+        raise DataError(f"{uri}: cannot reach S3: {e}; S3 access comes from the AWS variables "
+                        "(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or a profile, AWS_ENDPOINT_URL_S3 for "
+                        "MinIO and the like)") from None
+
+
+def _fetch_s3(uri: str, cache_dir: str | Path) -> Path:
     bucket, key = split_s3(uri)
     client = s3_client()
     digest = hashlib.sha256(uri.encode()).hexdigest()[:12]
     target_root = Path(cache_dir) / f"s3-{digest}"
     from botocore.exceptions import ClientError
 
-    try:
-        client.head_object(Bucket=bucket, Key=key)
-        target = target_root / Path(key).name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        _download_verified(client, bucket, key, target)
-        return target
-    except ClientError as e:
-        code = e.response.get("Error", {}).get("Code", "")
-        if code not in ("404", "NoSuchKey", "NotFound"):
-            raise DataError(f"{uri}: cannot read from S3 ({code or e})") from None
+    if key and not key.endswith("/"):  # s3://bucket and s3://bucket/prefix/ name folders, never one object
+        try:
+            client.head_object(Bucket=bucket, Key=key)
+            target = target_root / Path(key).name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            _download_verified(client, bucket, key, target)
+            return target
+        except ClientError as e:
+            code = e.response.get("Error", {}).get("Code", "")
+            if code not in ("404", "NoSuchKey", "NotFound"):
+                raise
     prefix = key.rstrip("/") + "/" if key else ""
     paginator = client.get_paginator("list_objects_v2")
     found = False
