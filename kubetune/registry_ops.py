@@ -232,6 +232,8 @@ def _open_registry(what: str) -> None:
 
 def _version_of(model_name: str, version: str):
     """The registered version, or an error that names what is missing and how to see what exists."""
+    import shlex
+
     from mlflow.exceptions import MlflowException
 
     from kubetune import tracking
@@ -240,9 +242,9 @@ def _version_of(model_name: str, version: str):
     try:
         return tracking.get_version(model_name, version)
     except MlflowException as e:
-        if tracking.has_error_code(e, "RESOURCE_DOES_NOT_EXIST") or tracking.has_error_code(e, "INVALID_PARAMETER_VALUE"):
-            raise KubetuneError(f"model '{model_name}' has no version {version!r}; `kubetune models {model_name}` "
-                                "lists its versions") from None
+        if any(tracking.has_error_code(e, code) for code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")):
+            raise KubetuneError(f"model {model_name!r} has no version {version!r}; `kubetune models "
+                                f"{shlex.quote(model_name)}` lists its versions") from None
         raise
 
 
@@ -320,7 +322,7 @@ def models_table(model_name: str) -> str:
     _open_registry("kubetune models")
     versions = tracking.list_versions(model_name)
     if not versions:
-        raise KubetuneError(f"no registered model '{model_name}' with versions; check the name (the MLflow UI "
+        raise KubetuneError(f"no registered model {model_name!r} with versions; check the name (the MLflow UI "
                             f"lists registered models at {tracking.tracking_uri()})")
     history = tracking.alias_history(model_name, tracking.CHAMPION)
     aliases = tracking.version_aliases(model_name)

@@ -237,7 +237,8 @@ def load_for_training(cfg: TrainConfig, device: str, tokenizer=None):
     validate_method(cfg.method, device)
     bf16 = _use_bf16(cfg, device)
     if cfg.method == "qlora":
-        model = load_base_model(models.resolve(cfg.base_model), "qlora")
+        model = load_base_model(models.resolve(cfg.base_model), "qlora", trust_remote_code=cfg.trust_remote_code,
+                                allow_pickle=cfg.allow_pickle)
     else:
         pure_bf16 = bf16 and cfg.precision != "bf16-mixed"
         model = models.load_causal_lm(cfg.base_model, dtype=torch.bfloat16 if pure_bf16 else torch.float32,
