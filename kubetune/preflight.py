@@ -22,15 +22,21 @@ from kubetune.config import _check_type
 from kubetune.errors import ConfigError
 
 
-def _from_settings(cls: type) -> Callable[[dict, str, dict, str], Any]:
+def _from_settings(cls: type) -> Callable[[dict, str, dict, str, dict], Any]:
     """The generic builder: the settings dict, then the task's named inputs that are fields of ``cls``
     (as the components write ``from_dict(cls, {**settings, "base_model": base_model, ...})``)."""
 
-    def build(settings: dict, origin: str, inputs: dict, task: str):
+    def build(settings: dict, origin: str, inputs: dict, task: str, params: dict[str, str]):
         names = {f.name for f in dataclasses.fields(cls) if f.init}
         unknown = sorted(set(settings) - names)
         if unknown:
             raise ConfigError(f"{origin}: unknown key(s) {unknown} for step {task}; known keys: {sorted(names)}")
+        # The step takes these from the pipeline's own parameters; a copy in the settings would be
+        # silently overruled (or overrule), so it is refused.
+        shadowed = sorted(k for k in set(settings) & set(params) if k in names)
+        if shadowed:
+            raise ConfigError(f"{origin}: {shadowed} for step {task} come from the pipeline parameter(s) "
+                              f"{[params[k] for k in shadowed]}; set them there, not in {origin}")
         hints = typing.get_type_hints(cls)
         explicit = {k: v for k, v in inputs.items() if k in names}
         values = {k: _check_type(k, v, hints[k], origin) for k, v in settings.items()}
@@ -43,7 +49,7 @@ def _from_settings(cls: type) -> Callable[[dict, str, dict, str], Any]:
     return build
 
 
-def _moe(settings: dict, origin: str, inputs: dict, task: str):
+def _moe(settings: dict, origin: str, inputs: dict, task: str, params: dict[str, str]):
     from kubetune.stages.train_moe import moe_config_from_dict
 
     keys = ("base_model", "num_experts", "top_k", "kind", "max_steps", "learning_rate")
@@ -51,7 +57,7 @@ def _moe(settings: dict, origin: str, inputs: dict, task: str):
                                 f"{origin or 'parameters'} (step {task})")
 
 
-def _builders() -> dict[str, Callable[[dict, str, dict, str], Any]]:
+def _builders() -> dict[str, Callable[[dict, str, dict, str, dict], Any]]:
     """Component function name -> how that component builds its config (the same call it makes)."""
     from kubetune.stages.aggregate_moa import MoAConfig
     from kubetune.stages.dpo import DPOConfig
@@ -95,7 +101,7 @@ def stage_configs(module, params: dict[str, Any]) -> list[StageConfig]:
     spec = json_format.MessageToDict(module.pipeline.pipeline_spec)
     builders = _builders()
     out: list[StageConfig] = []
-    # each value carries the name of the pipeline parameter it came from, for the error message
+    # each value carries the name of the pipeline parameter it came from (None: a constant)
     env = {k: (v, k) for k, v in params.items()}
 
     def walk(component: dict, env: dict[str, tuple[Any, str]]) -> None:
@@ -105,7 +111,7 @@ def stage_configs(module, params: dict[str, Any]) -> list[StageConfig]:
                 if "componentInputParameter" in binding and binding["componentInputParameter"] in env:
                     inputs[name] = env[binding["componentInputParameter"]]
                 elif "constant" in binding.get("runtimeValue", {}):
-                    inputs[name] = (binding["runtimeValue"]["constant"], name)
+                    inputs[name] = (binding["runtimeValue"]["constant"], None)
             ref = task["componentRef"]["name"]
             child = spec["components"][ref]
             if "dag" in child:
@@ -118,7 +124,8 @@ def stage_configs(module, params: dict[str, Any]) -> list[StageConfig]:
             if not isinstance(settings, dict):
                 raise ConfigError(f"{origin}: must be a mapping, got {type(settings).__name__}")
             values = {k: v for k, (v, _) in inputs.items()}
-            out.append(StageConfig(task_name, fn, builders[fn](settings, origin, values, task_name)))
+            from_params = {k: param for k, (_, param) in inputs.items() if param is not None}
+            out.append(StageConfig(task_name, fn, builders[fn](settings, origin, values, task_name, from_params)))
 
     walk(spec["root"], env)
     return out
