@@ -172,7 +172,8 @@ def test_config_errors_name_the_key(cls, values, expected):
     (["--config", "CFG_LIST"], "top level must be a mapping of settings, got list"),
     (["--config", "CFG_BAD"], "not valid YAML"),
     (["--config", "CFG_MISSING"], "config file not found"),
-], ids=["unknown", "type", "noequals", "mapping", "toplist", "badyaml", "missing"])
+    (["--set", "max_steps=\x1f"], "--set 'max_steps=\\x1f': the value is not valid YAML"),
+], ids=["unknown", "type", "noequals", "mapping", "toplist", "badyaml", "missing", "setyaml"])
 def test_run_refuses_bad_parameters_before_running(tmp_path, capsys, args, expected):
     (tmp_path / "list.yaml").write_text("- max_steps: 3\n")
     (tmp_path / "bad.yaml").write_text("max_steps: [1,\n")
