@@ -104,9 +104,9 @@ def stage_configs(module, params: dict[str, Any]) -> list[StageConfig]:
     # each value carries the name of the pipeline parameter it came from (None: a constant)
     env = {k: (v, k) for k, v in params.items()}
 
-    def walk(component: dict, env: dict[str, tuple[Any, str]]) -> None:
+    def walk(component: dict, env: dict[str, tuple[Any, str | None]]) -> None:
         for task_name, task in component.get("dag", {}).get("tasks", {}).items():
-            inputs: dict[str, tuple[Any, str]] = {}
+            inputs: dict[str, tuple[Any, str | None]] = {}
             for name, binding in task.get("inputs", {}).get("parameters", {}).items():
                 if "componentInputParameter" in binding and binding["componentInputParameter"] in env:
                     inputs[name] = env[binding["componentInputParameter"]]
@@ -212,8 +212,13 @@ def check_memory(cfg, seq_len: int, device: str, source: str = "train_settings")
             "gradient_checkpointing or use a PEFT method")
 
 
-def check_local(module, params: dict[str, Any], configs: list[StageConfig]) -> None:
-    """The checks that need this machine: the base model folder and the training memory."""
+def check_local(params: dict[str, Any], configs: list[StageConfig]) -> None:
+    """The checks that need this machine: the base model folder and the training memory.
+
+    Args:
+        params: The pipeline's parameters, defaults filled in.
+        configs: What ``stage_configs`` built from them.
+    """
     from kubetune.models import pick_device
 
     if isinstance(params.get("base_model"), str):
@@ -221,9 +226,15 @@ def check_local(module, params: dict[str, Any], configs: list[StageConfig]) -> N
     seq_len = next((s.config.max_length for s in configs if s.component == "tokenize_data"), None)
     device = pick_device()
     for s in configs:
-        if s.component in ("train_peft", "train_full") and seq_len:
-            check_base_model(s.config.base_model)
-            check_memory(s.config, seq_len, device, source=f"train_settings (step {s.task})")
+        if s.component not in ("train_peft", "train_full") or not seq_len:
+            continue
+        cfg = s.config
+        if s.component == "train_full":
+            if params.get("method", "full") != "full":
+                continue  # a pipeline with a method parameter runs this branch for method=full only
+            cfg = dataclasses.replace(cfg, method="full")  # as the train_full stage does
+        check_base_model(cfg.base_model)
+        check_memory(cfg, seq_len, device, source=f"train_settings (step {s.task})")
 
 
 __all__ = ["stage_configs", "with_defaults", "check_base_model", "check_memory", "check_local", "StageConfig"]

@@ -90,7 +90,7 @@ def run_local(name: str, params: dict[str, Any] | None = None, workdir: str | Pa
     module = get_pipeline(name)
     params = check_params(module, params or {}, "parameters")
     full = preflight.with_defaults(module, params)
-    preflight.check_local(module, full, preflight.stage_configs(module, full))
+    preflight.check_local(full, preflight.stage_configs(module, full))
     workdir = Path(workdir or Path.cwd()).resolve()
     os.environ.update(local_env(workdir))
     local.init(runner=local.SubprocessRunner(use_venv=False),
