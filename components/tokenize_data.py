@@ -5,7 +5,7 @@ from kubetune.image import CPU_IMAGE
 
 @dsl.component(base_image=CPU_IMAGE)
 def tokenize_data(dataset: dsl.Input[dsl.Dataset], base_model: str, max_length: int,
-                  tokenized: dsl.Output[dsl.Dataset], packing: bool = True):
+                  tokenized: dsl.Output[dsl.Dataset], packing: bool = True, model_policy: dict = {}):
     """Tokenize with the chat template, labels on responses only, pack without cross-attention.
 
     Args:
@@ -14,10 +14,13 @@ def tokenize_data(dataset: dsl.Input[dsl.Dataset], base_model: str, max_length: 
         max_length: Longest example (and packed row), in tokens.
         tokenized: Output datasets folder (train/validation) with meta.json.
         packing: Pack short examples into full rows.
+        model_policy: The run's loading policy: trust_remote_code of train_settings.
     """
+    from kubetune.models import LoadPolicy
     from kubetune.stages.tokenize_data import TokenizeConfig
     from kubetune.stages.tokenize_data import tokenize_data as stage
 
-    result = stage(TokenizeConfig(base_model=base_model, max_length=max_length, packing=packing), dataset.path,
-                   tokenized.path)
+    policy = LoadPolicy.from_settings(model_policy)
+    result = stage(TokenizeConfig(base_model=base_model, max_length=max_length, packing=packing,
+                                  trust_remote_code=policy.trust_remote_code), dataset.path, tokenized.path)
     tokenized.metadata.update({f"{split}_{k}": v for split, c in result.counts.items() for k, v in c.items()})

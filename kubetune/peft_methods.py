@@ -185,22 +185,30 @@ def training_flags_for(method: str, *, gradient_checkpointing: bool, packing: bo
     return {"gradient_checkpointing": gradient_checkpointing, "packing": packing}
 
 
-def load_base_model(model_path: str | Path, method: str = "full", *, dtype: torch.dtype | None = None):
+def load_base_model(model_path: str | Path, method: str = "full", *, dtype: torch.dtype | None = None,
+                    trust_remote_code: bool = False, allow_pickle: bool = False):
     """Load the base causal LM the way ``method`` needs it (4-bit for ``qlora``).
 
     Args:
         model_path: A local model folder (or hub id where the network is allowed).
         method: One of ``METHODS``.
         dtype: Weight dtype; None keeps float32 on CPU and bfloat16 under ``qlora``.
+        trust_remote_code: Run code shipped with the model (``kubetune.models.LoadPolicy``).
+        allow_pickle: Load pickle weights (``kubetune.models.LoadPolicy``).
 
     Returns:
         A ``transformers`` causal LM, not yet adapted (call ``apply_method``).
     """
     from transformers import AutoModelForCausalLM
 
+    from kubetune import models
+
     validate_method(method)
+    models.check_remote_code(str(model_path), trust_remote_code)
+    models.check_weights(str(model_path), allow_pickle)
+    policy = dict(trust_remote_code=trust_remote_code, use_safetensors=None if allow_pickle else True)
     if method != "qlora":
-        return AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype or torch.float32)
+        return AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype or torch.float32, **policy)
 
     from accelerate import PartialState
     from peft import prepare_model_for_kbit_training
@@ -219,6 +227,7 @@ def load_base_model(model_path: str | Path, method: str = "full", *, dtype: torc
         dtype=dtype or torch.bfloat16,
         # Under DDP each process holds a whole 4-bit copy on its own GPU, not one model split across GPUs.
         device_map={"": PartialState().local_process_index},
+        **policy,
     )
     # Casts norms to float32 and freezes the base. Checkpointing is left to the trainer's
     # flag (transformers 5 checkpoints with use_reentrant=False, which needs no input hook).
@@ -393,7 +402,8 @@ def read_manifest(artifact_dir: str | Path) -> dict:
     return json.loads(path.read_text())
 
 
-def load_trained(base_model_path: str | Path, artifact_dir: str | Path, *, dtype: torch.dtype | None = None):
+def load_trained(base_model_path: str | Path, artifact_dir: str | Path, *, dtype: torch.dtype | None = None,
+                 trust_remote_code: bool = False, allow_pickle: bool = False):
     """Load a model written by ``save_trained``, ready for inference (eval mode).
 
     Args:
@@ -401,6 +411,8 @@ def load_trained(base_model_path: str | Path, artifact_dir: str | Path, *, dtype
             whose artifact is the whole model).
         artifact_dir: The folder ``save_trained`` wrote.
         dtype: Weight dtype, as in ``load_base_model``.
+        trust_remote_code: As in ``load_base_model``.
+        allow_pickle: As in ``load_base_model``.
 
     Returns:
         The trained model: a ``transformers`` model for ``full``/``adapter``, a ``PeftModel``
@@ -411,10 +423,11 @@ def load_trained(base_model_path: str | Path, artifact_dir: str | Path, *, dtype
     known = {f.name for f in fields(PeftSettings)}
     settings = {k: v for k, v in manifest["settings"].items() if k in known}
 
+    policy = dict(trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
     if method == "full":
-        model = load_base_model(artifact_dir, "full", dtype=dtype)
+        model = load_base_model(artifact_dir, "full", dtype=dtype, **policy)
     else:
-        model = load_base_model(base_model_path, method, dtype=dtype)
+        model = load_base_model(base_model_path, method, dtype=dtype, **policy)
         if method == "adapter":
             from kubetune.adapters import load_adapters
 

@@ -215,6 +215,39 @@ def _gates_of(tags: dict[str, str]) -> Gates:
                  not_worse_than_base=tags.get("gate.not_worse_than_base", "True") == "True")
 
 
+def _open_registry(what: str) -> None:
+    """Point MLflow at the registry and make sure it answers, before any call that would retry for minutes.
+
+    A command someone types waits ``KUBETUNE_MLFLOW_WAIT_S`` when it is set, else 10 s: long enough
+    for a server that is restarting, short enough to say at once that it is down (a pipeline
+    stage waits 300 s by default, since nobody is there to rerun it).
+    """
+    import os
+
+    from kubetune import tracking
+
+    tracking.configure()
+    tracking.wait_for_server(what, float(os.environ.get("KUBETUNE_MLFLOW_WAIT_S", "10")), quiet=True)
+
+
+def _version_of(model_name: str, version: str):
+    """The registered version, or an error that names what is missing and how to see what exists."""
+    import shlex
+
+    from mlflow.exceptions import MlflowException
+
+    from kubetune import tracking
+    from kubetune.errors import KubetuneError
+
+    try:
+        return tracking.get_version(model_name, version)
+    except MlflowException as e:
+        if any(tracking.has_error_code(e, code) for code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")):
+            raise KubetuneError(f"model {model_name!r} has no version {version!r}; `kubetune models "
+                                f"{shlex.quote(model_name)}` lists its versions") from None
+        raise
+
+
 def promote(model_name: str, version: str, force: bool = False) -> Outcome:
     """Make ``version`` the champion by hand, through the gates it was registered with.
 
@@ -225,9 +258,9 @@ def promote(model_name: str, version: str, force: bool = False) -> Outcome:
     """
     from kubetune import tracking
 
-    tracking.configure()
+    _open_registry("kubetune promote")
     version = str(version)
-    mv = tracking.get_version(model_name, version)
+    mv = _version_of(model_name, version)
     tags = dict(mv.tags)
     holder = tracking.get_alias(model_name, tracking.CHAMPION)
     holder_v = str(holder.version) if holder else None
@@ -262,7 +295,7 @@ def rollback(model_name: str) -> Outcome:
     """Champion back to the version that held it before, from the recorded alias history."""
     from kubetune import tracking
 
-    tracking.configure()
+    _open_registry("kubetune rollback")
     with tracking.alias_lock(model_name, tracking.CHAMPION):
         holder = tracking.get_alias(model_name, tracking.CHAMPION)
         history = tracking.alias_history(model_name, tracking.CHAMPION)
@@ -284,11 +317,13 @@ def rollback(model_name: str) -> Outcome:
 def models_table(model_name: str) -> str:
     """Versions with aliases, primary metric, forgetting, decision and lineage, as a text table."""
     from kubetune import tracking
+    from kubetune.errors import KubetuneError
 
-    tracking.configure()
+    _open_registry("kubetune models")
     versions = tracking.list_versions(model_name)
     if not versions:
-        return f"no versions of {model_name}"
+        raise KubetuneError(f"no registered model {model_name!r} with versions; check the name (the MLflow UI "
+                            f"lists registered models at {tracking.tracking_uri()})")
     history = tracking.alias_history(model_name, tracking.CHAMPION)
     aliases = tracking.version_aliases(model_name)
     header = ["version", "aliases", "metric", "value", "base", "forgetting", "decision", "data", "method",

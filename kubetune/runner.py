@@ -28,13 +28,29 @@ def parameters(module) -> dict[str, inspect.Parameter]:
 
 
 def check_params(module, params: dict[str, Any], source: str) -> dict[str, Any]:
+    """Check ``params`` for pipeline ``module`` before anything runs or is submitted.
+
+    Beyond the parameters' names and types, every stage's config is built from them (the
+    settings dicts included, ``kubetune.preflight.stage_configs``), so an unknown key, a wrong
+    type or an out-of-range value is refused here, naming it, rather than in a task's log.
+
+    Returns:
+        The parameters, typed.
+
+    Raises:
+        ConfigError: naming the parameter or settings key.
+    """
+    from kubetune import preflight
+
     known = parameters(module)
     hints = typing.get_type_hints(module.pipeline.pipeline_func)
     unknown = sorted(set(params) - set(known))
     if unknown:
         raise ConfigError(f"{source}: unknown parameter(s) {unknown} for pipeline '{module.NAME}'; "
                           f"parameters: {sorted(known)}")
-    return {k: _check_type(k, v, hints.get(k, Any), source) for k, v in params.items()}
+    checked = {k: _check_type(k, v, hints.get(k, Any), source) for k, v in params.items()}
+    preflight.stage_configs(module, preflight.with_defaults(module, checked))
+    return checked
 
 
 def local_env(workdir: Path) -> dict[str, str]:
@@ -65,13 +81,18 @@ def run_local(name: str, params: dict[str, Any] | None = None, workdir: str | Pa
         workdir: Where MLflow's SQLite file, the KFP outputs and checkpoints go (default: cwd).
 
     Raises:
-        ConfigError: unknown or ill-typed parameters.
+        ConfigError: unknown, ill-typed or out-of-range parameters or settings, a missing base model
+            folder, a training step that cannot fit in this machine's memory.
         KubetuneError: a task failed (its own error is printed above in its log).
     """
     from kfp import local
 
+    from kubetune import preflight
+
     module = get_pipeline(name)
     params = check_params(module, params or {}, "parameters")
+    full = preflight.with_defaults(module, params)
+    preflight.check_local(full, preflight.stage_configs(module, full))
     workdir = Path(workdir or Path.cwd()).resolve()
     os.environ.update(local_env(workdir))
     local.init(runner=local.SubprocessRunner(use_venv=False),
@@ -89,19 +110,33 @@ def run_local(name: str, params: dict[str, Any] | None = None, workdir: str | Pa
     return summary
 
 
+def load_profile(profile_path: str):
+    """The cluster profile at ``profile_path`` (or shipped under that name); every problem a ConfigError."""
+    import yaml
+
+    from kubetune import kube
+
+    try:
+        return kube.load_profile(profile_path)
+    except FileNotFoundError as e:
+        raise ConfigError(f"--profile: {e}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--profile {profile_path}: not valid YAML: {' '.join(str(e).split())}") from None
+
+
 def compile_all(out_dir: str | Path, profile_path: str | None = None, names: list[str] | None = None) -> list[Path]:
     """Compile every pipeline (or ``names``) to KFP YAML in ``out_dir``."""
     from kfp import compiler
 
-    from kubetune import kube
     from kubetune.pipelines import PIPELINES
 
-    profile = kube.load_profile(profile_path) if profile_path else None
+    profile = load_profile(profile_path) if profile_path else None
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for name in names or list(PIPELINES):
         module = get_pipeline(name)
+        check_params(module, {}, f"pipeline '{name}' defaults")
         path = out_dir / f"{name}.yaml"
         compiler.Compiler().compile(module.build(profile), str(path))
         written.append(path)

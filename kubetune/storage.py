@@ -9,13 +9,18 @@ again from the beginning, with backoff. Uploads carry their SHA-256 in the objec
 and downloads are checked against it (or against the ETag, the MD5 of a single-part object).
 
 ``KUBETUNE_DATA_ROOTS`` (comma-separated folders and/or ``s3://bucket/prefix``): when set,
-data URIs must lie under one of them; ``..`` and symlinks that lead outside are refused.
+data URIs must lie under one of them; ``..`` and symlinks that lead outside are refused. Every URI
+passes that check, ``bundled://`` included: a bundled name is one of the datasets shipped in the
+package (a closed set, names of ``[a-z0-9_-]``), and the package's data folder counts as an allowed
+root, since its files are the same read-only files on every machine. No path can ride on a bundled
+name: a name outside that set (``/abs/path``, ``../x``) is refused before anything is read.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import re
 import time
 from pathlib import Path
 from urllib.parse import urlparse
@@ -49,14 +54,24 @@ def local_path(uri: str) -> Path:
     return Path(uri).expanduser()
 
 
+BUNDLED_DIR = Path(__file__).resolve().parent / "data"
+
+
+def bundled_names() -> list[str]:
+    """The datasets shipped in the package: the closed set ``bundled://`` may name."""
+    return sorted(p.stem for p in BUNDLED_DIR.glob("*.jsonl") if re.fullmatch(r"[a-z0-9_-]+", p.stem))
+
+
 def bundled(uri: str) -> Path:
-    """``bundled://NAME``: a dataset shipped inside the kubetune package (same on every machine)."""
+    """``bundled://NAME``: a dataset shipped inside the kubetune package (same on every machine).
+
+    NAME is looked up in ``bundled_names()``, never joined onto a path, so ``bundled:///etc/x``
+    or ``bundled://../../x`` cannot reach a file outside the package.
+    """
     name = uri[len("bundled://"):]
-    path = Path(__file__).resolve().parent / "data" / f"{name}.jsonl"
-    if not path.exists():
-        known = sorted(p.stem for p in path.parent.glob("*.jsonl"))
-        raise DataError(f"{uri}: no bundled dataset '{name}'; bundled: {known}")
-    return path
+    if name not in bundled_names():
+        raise DataError(f"{uri}: no bundled dataset '{name}'; bundled: {bundled_names()}")
+    return BUNDLED_DIR / f"{name}.jsonl"
 
 
 def fetch(uri: str, cache_dir: str | Path) -> Path:
@@ -65,30 +80,47 @@ def fetch(uri: str, cache_dir: str | Path) -> Path:
     Local and ``file://`` URIs are returned as they are (no copy). An ``s3://`` URI naming one
     object is downloaded as a file; one naming a prefix is downloaded as a folder.
     """
+    check_allowed(uri)
     if uri.startswith("bundled://"):
         return bundled(uri)
-    check_allowed(uri)
     if not is_s3(uri):
         path = local_path(uri)
         if not path.exists():
             raise DataError(f"{uri}: no such file or folder")
         return path
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        return _fetch_s3(uri, cache_dir)
+    except ClientError as e:
+        code = e.response.get("Error", {}).get("Code", "")
+        raise DataError(f"{uri}: cannot read from S3 ({code or e})") from None
+    except BotoCoreError as e:
+        # No credentials, an endpoint that does not answer, a malformed request: botocore's own
+        # message says which; the hint says where S3 access is configured.
+        raise DataError(f"{uri}: cannot reach S3: {e}; S3 access comes from the AWS variables "
+                        "(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or a profile, AWS_ENDPOINT_URL_S3 for "
+                        "MinIO and the like)") from None
+
+
+def _fetch_s3(uri: str, cache_dir: str | Path) -> Path:
     bucket, key = split_s3(uri)
     client = s3_client()
     digest = hashlib.sha256(uri.encode()).hexdigest()[:12]
     target_root = Path(cache_dir) / f"s3-{digest}"
     from botocore.exceptions import ClientError
 
-    try:
-        client.head_object(Bucket=bucket, Key=key)
-        target = target_root / Path(key).name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        _download_verified(client, bucket, key, target)
-        return target
-    except ClientError as e:
-        code = e.response.get("Error", {}).get("Code", "")
-        if code not in ("404", "NoSuchKey", "NotFound"):
-            raise DataError(f"{uri}: cannot read from S3 ({code or e})") from None
+    if key and not key.endswith("/"):  # s3://bucket and s3://bucket/prefix/ name folders, never one object
+        try:
+            client.head_object(Bucket=bucket, Key=key)
+            target = target_root / Path(key).name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            _download_verified(client, bucket, key, target)
+            return target
+        except ClientError as e:
+            code = e.response.get("Error", {}).get("Code", "")
+            if code not in ("404", "NoSuchKey", "NotFound"):
+                raise
     prefix = key.rstrip("/") + "/" if key else ""
     paginator = client.get_paginator("list_objects_v2")
     found = False
@@ -118,6 +150,9 @@ def check_allowed(uri: str) -> None:
     """Refuse a data URI outside ``KUBETUNE_DATA_ROOTS`` (when set): no ``..`` or symlink escapes."""
     roots = allowed_roots()
     if not roots:
+        return
+    if uri.startswith("bundled://"):
+        bundled(uri)  # a name of the closed set inside the package, or an error
         return
     if is_s3(uri):
         bucket, key = split_s3(uri)

@@ -230,7 +230,7 @@ import threading  # noqa: E402
 import time  # noqa: E402
 import urllib.request  # noqa: E402
 
-from kubetune.errors import StageError  # noqa: E402
+from kubetune.errors import ConfigError, StageError  # noqa: E402
 
 _SPOOL_LOCK = threading.RLock()
 _TOLD = set()
@@ -261,8 +261,14 @@ def server_up(timeout: float = 5.0) -> bool:
         return False
 
 
-def wait_for_server(what: str, timeout_s: float | None = None) -> None:
-    """Wait with exponential backoff (1, 2, 4 ... 30 s) until MLflow answers, else StageError."""
+def wait_for_server(what: str, timeout_s: float | None = None, quiet: bool = False) -> None:
+    """Wait with exponential backoff (1, 2, 4 ... 30 s) until MLflow answers, else StageError.
+
+    Args:
+        what: Who waits (named in the messages).
+        timeout_s: How long to wait; None = ``KUBETUNE_MLFLOW_WAIT_S`` (default 300 s).
+        quiet: No line per retry (a CLI command prints its one error line only).
+    """
     if not _is_server():
         return
     timeout_s = float(os.environ.get("KUBETUNE_MLFLOW_WAIT_S", "300")) if timeout_s is None else timeout_s
@@ -271,10 +277,11 @@ def wait_for_server(what: str, timeout_s: float | None = None) -> None:
         left = deadline - time.monotonic()
         if left <= 0:
             raise StageError(f"{what}: the MLflow server {tracking_uri()} did not answer for {timeout_s:.0f} s "
-                             f"({attempt} attempts); nothing was written to it by this stage. Start it (or fix "
+                             f"({attempt} attempts); nothing was written to it. Start it (or fix "
                              "MLFLOW_TRACKING_URI) and rerun; KUBETUNE_MLFLOW_WAIT_S sets how long to wait")
-        _tell(f"{what}: MLflow server {tracking_uri()} is not answering; attempt {attempt}, retrying in "
-              f"{min(delay, left):.0f} s")
+        if not quiet:
+            _tell(f"{what}: MLflow server {tracking_uri()} is not answering; attempt {attempt}, retrying in "
+                  f"{min(delay, left):.0f} s")
         time.sleep(min(delay, left))
         delay, attempt = min(delay * 2, 30.0), attempt + 1
 
@@ -653,11 +660,24 @@ def set_alias(model_name: str, alias: str, version: str, note: str = "", history
         client.set_model_version_tag(model_name, str(version), f"kubetune.{alias}_note", note)
 
 
+def filter_string_literal(value: str) -> str:
+    """``value`` quoted for an MLflow filter string.
+
+    MLflow's filter parser has no escape inside a quoted string, so the quote character the value
+    does not contain is used; a value with both kinds cannot be written as a literal at all.
+    """
+    if "'" not in value:
+        return f"'{value}'"
+    if '"' not in value:
+        return f'"{value}"'
+    raise ConfigError(f"model name {value!r}: contains both ' and \", which MLflow's search cannot match")
+
+
 def list_versions(model_name: str) -> list:
     """Every version of a registered model, newest first ([] when there is no such model)."""
     from mlflow.tracking import MlflowClient
 
-    versions = MlflowClient().search_model_versions(f"name = '{model_name}'")
+    versions = MlflowClient().search_model_versions(f"name = {filter_string_literal(model_name)}")
     return sorted(versions, key=lambda v: int(v.version), reverse=True)
 
 

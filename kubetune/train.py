@@ -186,6 +186,19 @@ def _disk_full_error(where: Path, e: BaseException) -> StageError:
                       "train a PEFT method (its checkpoints are megabytes, not the whole model)")
 
 
+def _cpu_out_of_memory(e: BaseException) -> bool:
+    # torch's CPU allocator raises a plain RuntimeError, not OutOfMemoryError
+    return isinstance(e, RuntimeError) and any(m in str(e) for m in (
+        "DefaultCPUAllocator: can't allocate memory", "DefaultCPUAllocator: not enough memory"))
+
+
+def _out_of_memory(cfg: TrainConfig, e: BaseException) -> StageError:
+    text = " ".join(str(e).split())[:300]
+    return StageError(f"train: out of memory at batch_size={cfg.batch_size}; lower batch_size, raise "
+                      "gradient_accumulation_steps, turn on gradient_checkpointing or use a PEFT method "
+                      f"({type(e).__name__}: {text})")
+
+
 def _callbacks(collator: PackedCollator, max_train_seconds: float = 0.0):
     from transformers import TrainerCallback
 
@@ -226,7 +239,8 @@ def load_for_training(cfg: TrainConfig, device: str, tokenizer=None):
     validate_method(cfg.method, device)
     bf16 = _use_bf16(cfg, device)
     if cfg.method == "qlora":
-        model = load_base_model(models.resolve(cfg.base_model), "qlora")
+        model = load_base_model(models.resolve(cfg.base_model), "qlora", trust_remote_code=cfg.trust_remote_code,
+                                allow_pickle=cfg.allow_pickle)
     else:
         pure_bf16 = bf16 and cfg.precision != "bf16-mixed"
         model = models.load_causal_lm(cfg.base_model, dtype=torch.bfloat16 if pure_bf16 else torch.float32,
@@ -290,6 +304,10 @@ def train(cfg: TrainConfig, tokenized_dir: str | Path, output_dir: str | Path, c
         raise StageError(f"method '{cfg.method}' cannot train on packed rows (virtual tokens are added once per "
                          "row, so packed examples would see each other); tokenize with packing=false")
     if model is None:
+        if world == 1:  # the estimate is per device; sharded runs are sized by the cluster profile
+            from kubetune.preflight import check_memory
+
+            check_memory(cfg, meta.get("tokenize", {}).get("max_length") or 512, device)
         model = load_for_training(cfg, device, tokenizer)
     params = trainable_summary(model)
     collator = PackedCollator(meta.get("pad_token_id") or tokenizer.pad_token_id)
@@ -319,13 +337,13 @@ def train(cfg: TrainConfig, tokenized_dir: str | Path, output_dir: str | Path, c
             trainer.train(resume_from_checkpoint=str(resume) if resume else None)
             losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
             tokens = trainer.state.num_input_tokens_seen - tokens0
-    except torch.OutOfMemoryError as e:
-        raise StageError(f"train: out of memory at batch_size={cfg.batch_size}; lower batch_size, raise "
-                         "gradient_accumulation_steps, turn on gradient_checkpointing or use a PEFT method "
-                         f"({e})") from None
+    except (torch.OutOfMemoryError, MemoryError) as e:
+        raise _out_of_memory(cfg, e) from None
     except Exception as e:  # checkpoints are written during training
         if _disk_full(e):
             raise _disk_full_error(checkpoint_dir, e) from None
+        if _cpu_out_of_memory(e):
+            raise _out_of_memory(cfg, e) from None
         raise
     wall = time.perf_counter() - t0
 

@@ -48,7 +48,7 @@ def build(profile: "kube.Profile | None" = None):
             """evaluate then register one trained model (kfp.local cannot pass a OneOf of artifacts on)."""
             scored = evaluate(model=trained.outputs["model"], dataset=data.outputs["dataset"],
                               tokenized=tokens.outputs["tokenized"], base_model=base_model, settings=eval_settings,
-                              **lineage)
+                              model_policy=train_settings, **lineage)
             registered = register(model=trained.outputs["model"], report=scored.outputs["report"],
                                   max_forgetting=max_forgetting, settings=register_settings, **lineage)
             return scored, registered
@@ -57,14 +57,14 @@ def build(profile: "kube.Profile | None" = None):
             skipped = register_skipped(fingerprint=data.outputs["Output"], **lineage)
         with dsl.Elif(method == "full", name="all-weights"):
             tokens_full = tokenize_data(dataset=data.outputs["dataset"], base_model=base_model,
-                                        max_length=max_length)
+                                        max_length=max_length, model_policy=train_settings)
             full = train_full(tokenized=tokens_full.outputs["tokenized"], base_model=base_model,
                               max_steps=max_steps, learning_rate=learning_rate, settings=train_settings, **lineage)
             scored_full, registered_full = judge(full, tokens_full)
         with dsl.Else(name="peft-method"):
             packing = packing_for(method=method)
             tokens_peft = tokenize_data(dataset=data.outputs["dataset"], base_model=base_model,
-                                        max_length=max_length, packing=packing.output)
+                                        max_length=max_length, packing=packing.output, model_policy=train_settings)
             peft = train_peft(tokenized=tokens_peft.outputs["tokenized"], base_model=base_model, method=method,
                               max_steps=max_steps, learning_rate=learning_rate, lora_rank=lora_rank,
                               settings=train_settings, **lineage)

@@ -59,13 +59,13 @@ def build(profile: "kube.Profile | None" = None):
         with dsl.If(data.outputs["unchanged"] == False, name="data-changed"):  # noqa: E712 - a KFP condition
             packing = packing_for(method=method)
             tokens = tokenize_data(dataset=data.outputs["dataset"], base_model=base_model, max_length=max_length,
-                                   packing=packing.output)
+                                   packing=packing.output, model_policy=train_settings)
             trained = train_peft(tokenized=tokens.outputs["tokenized"], base_model=base_model, method=method,
                                  max_steps=max_steps, learning_rate=learning_rate, lora_rank=lora_rank,
                                  settings=train_settings, **lineage)
             scored = evaluate(model=trained.outputs["model"], dataset=data.outputs["dataset"],
                               tokenized=tokens.outputs["tokenized"], base_model=base_model,
-                              settings=eval_settings, **lineage)
+                              settings=eval_settings, model_policy=train_settings, **lineage)
             registered = register(model=trained.outputs["model"], report=scored.outputs["report"],
                                   max_forgetting=max_forgetting, settings=register_settings, **lineage)
         with dsl.Else(name="data-unchanged"):

@@ -90,7 +90,8 @@ def build(profile: "kube.Profile | None" = None):
         prefs = ingest(data_uri=data_uri, force=force, **lineage).set_display_name("ingest")
         with dsl.If(prefs.outputs["unchanged"] == False, name="data-changed"):  # noqa: E712 - a KFP condition
             sft_data = preference_sft_data(preferences=prefs.outputs["dataset"])
-            tokens = tokenize_data(dataset=sft_data.outputs["dataset"], base_model=base_model, max_length=max_length)
+            tokens = tokenize_data(dataset=sft_data.outputs["dataset"], base_model=base_model, max_length=max_length,
+                                   model_policy=sft_settings)
             # merge=True (in sft_settings) writes merged/: PPO needs the SFT policy as a whole model.
             sft = train_peft(tokenized=tokens.outputs["tokenized"], base_model=base_model, method="lora",
                              max_steps=sft_max_steps, learning_rate=0.0, lora_rank=16, settings=sft_settings,

@@ -41,6 +41,10 @@ class EvaluateConfig:
     reuse_base_scores: bool = setting(
         True, "Reuse the base model's scores from an earlier evaluation with the same base weights, validation "
               "rows, settings and library versions (greedy decoding is deterministic; saves a third of the step).")
+    trust_remote_code: bool = setting(False, "Run code shipped with the models (the run's loading policy: the "
+                                             "pipelines pass train_settings' value).")
+    allow_pickle: bool = setting(False, "Load pickle (.bin) weights (the run's loading policy: the pipelines "
+                                        "pass train_settings' value).")
 
     def __post_init__(self):
         if self.max_new_tokens < 1 or self.max_examples < 1 or self.batch_size < 1:
@@ -191,18 +195,24 @@ def generate(model, tok, prompts: list[list[dict]], max_new_tokens: int, batch_s
     return [o.strip() for o in outs]
 
 
-def load_model_artifact(model_dir: str | Path):
-    """Load a trained model folder (any method) onto its base model, in eval mode."""
+def load_model_artifact(model_dir: str | Path, policy: "models.LoadPolicy | None" = None):
+    """Load a trained model folder (any method) onto its base model, in eval mode.
+
+    Args:
+        model_dir: A folder a training stage wrote.
+        policy: The run's loading policy (default: no remote code, no pickles).
+    """
     from kubetune import models
     from kubetune.peft_methods import load_trained, read_manifest
 
+    policy = policy or models.LoadPolicy()
     manifest = read_manifest(model_dir)
-    models.check_weights(str(model_dir), allow_pickle=False)
+    models.check_weights(str(model_dir), allow_pickle=policy.allow_pickle)
     if (Path(model_dir) / "config.json").exists():
         # A whole model (full fine-tuning, an upcycled MoE, a merged policy): load it as it is.
-        return models.load_causal_lm(str(model_dir), device=models.pick_device()).eval()
+        return models.load_causal_lm(str(model_dir), device=models.pick_device(), **policy.kwargs()).eval()
     base = manifest.get("base_model") or DEFAULT_BASE_MODEL
-    return load_trained(models.resolve(base), model_dir).to(models.pick_device()).eval()
+    return load_trained(models.resolve(base), model_dir, **policy.kwargs()).to(models.pick_device()).eval()
 
 
 def score_model(model, tok, val_records, val_rows, shape, cfg: EvaluateConfig, general: list[str]) -> dict:
@@ -255,7 +265,8 @@ def _base_scores(cfg: EvaluateConfig, tok, val_records, val_rows, shape, general
         scores["reused"] = True
         print(f"evaluate: base model scores reused from an identical earlier evaluation ({cache})", flush=True)
         return scores
-    base_model = models.load_causal_lm(cfg.base_model, device=device).eval()
+    base_model = models.load_causal_lm(cfg.base_model, device=device, trust_remote_code=cfg.trust_remote_code,
+                                       allow_pickle=cfg.allow_pickle).eval()
     scores = score_model(base_model, tok, val_records, val_rows, shape, cfg, general)
     del base_model
     if path.is_dir():
@@ -314,8 +325,10 @@ def evaluate(cfg: EvaluateConfig, model_dir: str | Path, dataset_dir: str | Path
     if metric in ("exact_match", "rouge_l") and not has_refs:
         raise ConfigError(f"primary_metric '{metric}' needs reference answers; the data shape '{shape}' has none")
 
+    policy = models.LoadPolicy(trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle)
     with maybe_stage(ctx, "evaluate", params=asdict(cfg)) as run:
-        candidate = score_model(load_model_artifact(model_dir), tok, val_records, val_rows, shape, cfg, general)
+        candidate = score_model(load_model_artifact(model_dir, policy), tok, val_records, val_rows, shape, cfg,
+                                general)
         base = _base_scores(cfg, tok, val_records, val_rows, shape, general)
         champion, champion_version = None, None
         if cfg.model_name:
@@ -330,8 +343,8 @@ def evaluate(cfg: EvaluateConfig, model_dir: str | Path, dataset_dir: str | Path
                 else:
                     with tempfile.TemporaryDirectory() as tmp:
                         path = tracking.download_version(cfg.model_name, holder.version, tmp)
-                        champion = score_model(load_model_artifact(path), tok, val_records, val_rows, shape,
-                                               cfg, general)
+                        champion = score_model(load_model_artifact(path, policy), tok, val_records, val_rows,
+                                               shape, cfg, general)
         if metric not in candidate:
             raise StageError(f"evaluate: primary metric '{metric}' could not be computed for this data")
         forgetting = None

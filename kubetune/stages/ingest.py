@@ -181,6 +181,10 @@ def read_records(path: Path) -> dict[str, list[tuple[str, Any]]]:
 # ---------------------------------------------------------------- validation
 
 
+SHAPE_FIELDS = {"chat": "messages", "preference": "prompt+chosen+rejected", "instruction": "instruction+output",
+                "completion": "prompt+completion", "classification": "text+label", "text": "text"}
+
+
 def detect_shape(record: dict) -> str | None:
     keys = set(record)
     if "messages" in keys:
@@ -301,6 +305,18 @@ def validate(split_records: dict[str, list[tuple[str, Any]]], shape: str = "auto
     if shape == "auto":
         first = next((r for recs in split_records.values() for _, r in recs if isinstance(r, dict)), None)
         shape = detect_shape(first) if first is not None else None
+        # Every row votes: a file whose first row is {"text"} and the rest {"text", "label"} is not
+        # a text file whose labels can be dropped, it is an error to resolve.
+        first_of: dict[str, str] = {}
+        for recs in split_records.values():
+            for where, rec in recs:
+                seen_shape = detect_shape(rec) if isinstance(rec, dict) else None
+                if seen_shape is not None:
+                    first_of.setdefault(seen_shape, where)
+        if len(first_of) > 1:
+            each = "; ".join(f"{where}: {name} ({SHAPE_FIELDS[name]})" for name, where in first_of.items())
+            raise DataError(f"mixed record shapes (the first row of each: {each}); every row must have the "
+                            "fields of one shape, or name the shape with shape=...")
         read_errors = [p for recs in split_records.values() for _, r in recs if isinstance(r, DataError)
                        for p in r.problems]
         if first is None and read_errors:  # nothing readable: the reading errors are the story

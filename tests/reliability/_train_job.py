@@ -2,6 +2,7 @@
 
 SPEC: tokenized, output, workspace, config (TrainConfig fields), and optional fault knobs:
 ``sleep_per_step`` (to be killed mid-run), ``oom_at_step`` (raise torch.OutOfMemoryError),
+``cpu_oom_at_step`` (ask torch's CPU allocator for 1 PiB: its real out-of-memory RuntimeError),
 ``fsize_limit`` (RLIMIT_FSIZE in bytes: writes beyond it fail as on a full disk).
 Prints the result metrics as JSON on the last line of stdout.
 """
@@ -27,6 +28,8 @@ class Fault(TrainerCallback):
             time.sleep(spec["sleep_per_step"])
         if spec.get("oom_at_step") == state.global_step:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
+        if spec.get("cpu_oom_at_step") == state.global_step:
+            torch.empty(2**50, dtype=torch.uint8)
 
 
 if spec.get("fsize_limit"):

@@ -172,7 +172,8 @@ def test_config_errors_name_the_key(cls, values, expected):
     (["--config", "CFG_LIST"], "top level must be a mapping of settings, got list"),
     (["--config", "CFG_BAD"], "not valid YAML"),
     (["--config", "CFG_MISSING"], "config file not found"),
-], ids=["unknown", "type", "noequals", "mapping", "toplist", "badyaml", "missing"])
+    (["--set", "max_steps=\x1f"], "--set 'max_steps=\\x1f': the value is not valid YAML"),
+], ids=["unknown", "type", "noequals", "mapping", "toplist", "badyaml", "missing", "setyaml"])
 def test_run_refuses_bad_parameters_before_running(tmp_path, capsys, args, expected):
     (tmp_path / "list.yaml").write_text("- max_steps: 3\n")
     (tmp_path / "bad.yaml").write_text("max_steps: [1,\n")
@@ -271,3 +272,21 @@ def test_parse_set_parses_or_names_the_item(items):
 @given(key=st.from_regex(r"[a-z_]{1,12}", fullmatch=True), value=st.integers() | st.booleans())
 def test_parse_set_round_trips_scalars(key, value):
     assert parse_set([f"{key}={json.dumps(value)}"]) == {key: value}
+
+
+def test_mixed_record_shapes_are_refused_naming_the_first_row_of_each(tmp_path, capsys):
+    """The shape comes from every row: labels on all rows but the first are not dropped in silence."""
+    src = tmp_path / "mixed.jsonl"
+    src.write_bytes(_j({"text": "first"}, *[{"text": f"t{i}", "label": "pos" if i % 2 else "neg"} for i in range(8)],
+                       INSTR_OK))
+    assert cli.main(["validate", str(src)]) == 1
+    err = capsys.readouterr().err
+    assert "mixed record shapes" in err and f"{src}:1: text (text)" in err, err
+    assert f"{src}:2: classification (text+label)" in err and f"{src}:10: instruction" in err, err
+    assert len(err.strip().splitlines()) == 1, err
+    with pytest.raises(DataError, match="mixed record shapes"):
+        ingest(IngestConfig(data_uri=str(src)), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    one = tmp_path / "one.jsonl"  # one shape with optional fields absent on some rows is not mixed
+    one.write_bytes(_j(INSTR_OK, {"instruction": "b", "output": "c"}, {**INSTR_OK, "instruction": "x"}))
+    assert cli.main(["validate", str(one)]) == 0

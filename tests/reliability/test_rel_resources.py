@@ -44,3 +44,25 @@ def test_disk_full_names_the_step_and_the_remedies(tokenized, tiny_llama, tmp_pa
     for remedy in ("free space", "KUBETUNE_WORKSPACE", "save_steps", "PEFT"):
         assert remedy in last, last
     assert not (tmp_path / "model").exists()
+
+
+def test_cpu_out_of_memory_is_translated_like_cuda(tokenized, tiny_llama, tmp_path):
+    """The CPU allocator's own failure (a RuntimeError, not OutOfMemoryError) gets the same clear error."""
+    proc = _train(tokenized[1], tiny_llama, tmp_path, {"method": "lora"}, cpu_oom_at_step=1)
+    assert proc.returncode != 0
+    last = _error_line(proc.stderr)
+    assert "train: out of memory at batch_size=2" in last and "DefaultCPUAllocator" in last, last
+    for remedy in ("lower batch_size", "gradient_checkpointing", "PEFT"):
+        assert remedy in last, last
+    assert not (tmp_path / "model").exists()
+
+
+def test_a_batch_that_cannot_fit_is_refused_before_the_model_loads(tokenized, tiny_llama, tmp_path):
+    """The training stage itself estimates its peak (as `kubetune advise` does) against the machine's
+    memory, so a pod refuses too, not only the local CLI."""
+    proc = _train(tokenized[1], tiny_llama, tmp_path, {"method": "full", "batch_size": 10**9})
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("kubetune.errors.ConfigError: ")]
+    assert lines and "batch_size=1000000000 x max_length=64 needs an estimated" in lines[-1], proc.stderr[-2000:]
+    assert "GiB of the CPU" in lines[-1]
+    assert not (tmp_path / "model").exists() and not (tmp_path / "ws" / "checkpoints").exists()

@@ -122,3 +122,76 @@ def test_secrets_never_written_anywhere(tiny_llama, mlflow_uri, tmp_path, monkey
         found += [f"{name} in {stream}" for stream, text in (("stdout", out), ("stderr", err)) if secret in text]
     assert found == [], found
     assert len(written) > 20  # scanned a real run's output, not an empty folder
+
+
+def test_bundled_names_cannot_carry_a_path_past_the_roots(tmp_path, monkeypatch):
+    """``bundled://`` names one shipped dataset; an absolute or relative path riding on it is refused,
+    with or without data roots, while a plain path to the same file is refused by the roots check."""
+    private = tmp_path / "private"
+    private.mkdir()
+    write_jsonl(private / "private.jsonl", rows(6))
+    allowed = tmp_path / "allowed"
+    allowed.mkdir()
+    pkg_data = Path(storage.__file__).resolve().parent / "data"
+    rel = os.path.relpath(private / "private", pkg_data)
+    monkeypatch.setenv("KUBETUNE_DATA_ROOTS", str(allowed))
+    for uri in (f"bundled://{private}/private", f"bundled://{rel}", "bundled://../data/tickets", "bundled://Tickets"):
+        with pytest.raises(DataError, match="no bundled dataset"):
+            storage.fetch(uri, tmp_path / "c")
+        with pytest.raises(DataError, match="no bundled dataset"):
+            ingest(IngestConfig(data_uri=uri), tmp_path / "out")
+    with pytest.raises(DataError, match="outside the allowed data roots"):
+        storage.fetch(str(private / "private.jsonl"), tmp_path / "c")
+    assert storage.fetch("bundled://tickets", tmp_path / "c") == pkg_data / "tickets.jsonl"
+    monkeypatch.delenv("KUBETUNE_DATA_ROOTS")
+    with pytest.raises(DataError, match="no bundled dataset"):
+        storage.fetch(f"bundled://{rel}", tmp_path / "c")
+    assert not (tmp_path / "out").exists()
+
+
+def _untrusted_base(tiny_llama: Path, folder: Path) -> Path:
+    """The tiny Llama as an untrusted checkpoint: pickle weights only, and code of its own (auto_map)."""
+    _copy_model(tiny_llama, folder)
+    model = models.load_causal_lm(str(folder))
+    for f in folder.glob("*.safetensors"):
+        f.unlink()
+    torch.save(model.state_dict(), folder / "pytorch_model.bin")
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["auto_map"] = {"AutoModelForCausalLM": "modeling_local.LocalLlamaForCausalLM"}
+    (folder / "config.json").write_text(json.dumps(cfg))
+    (folder / "modeling_local.py").write_text("from transformers import LlamaForCausalLM\n\n\n"
+                                              "class LocalLlamaForCausalLM(LlamaForCausalLM):\n    pass\n")
+    return folder
+
+
+def test_every_loader_applies_the_gates(tiny_llama, tmp_path):
+    """The loader QLoRA and evaluate's candidates go through refuses what load_causal_lm refuses."""
+    from kubetune.peft_methods import load_base_model
+
+    folder = _untrusted_base(tiny_llama, tmp_path / "untrusted")
+    with pytest.raises(StageError, match="trust_remote_code=true"):
+        load_base_model(str(folder), "lora")
+    with pytest.raises(StageError, match="allow_pickle=true"):
+        load_base_model(str(folder), "lora", trust_remote_code=True)
+    model = load_base_model(str(folder), "lora", trust_remote_code=True, allow_pickle=True)
+    assert type(model).__name__ == "LocalLlamaForCausalLM"  # its own code ran, because we opted in
+    assert models.LoadPolicy.from_settings({"allow_pickle": True, "batch_size": 2}) == models.LoadPolicy(
+        allow_pickle=True)
+
+
+def test_one_loading_policy_from_train_settings_reaches_every_step(tiny_llama, mlflow_uri, tmp_path, monkeypatch):
+    """One pipeline run on an untrusted base with both opt-ins in train_settings: tokenize (the
+    tokenizer), train, and evaluate (base and candidate) all load it; the run registers a version."""
+    from kubetune.runner import run_local
+
+    monkeypatch.setenv("HF_MODULES_CACHE", str(tmp_path / "hf-modules"))  # where transformers copies model code
+    base = _untrusted_base(tiny_llama, tmp_path / "untrusted")
+    data = write_jsonl(tmp_path / "d.jsonl", rows(24))
+    summary = run_local("peft", {"data_uri": str(data), "base_model": str(base), "model_name": "opted-in",
+                                 "max_steps": 2, "max_length": 64,
+                                 "train_settings": {"batch_size": 2, "allow_pickle": True, "trust_remote_code": True},
+                                 "eval_settings": {"max_examples": 2, "max_new_tokens": 4, "forgetting": False,
+                                                   "reuse_base_scores": False}},
+                        workdir=tmp_path)
+    assert summary["version"] == "1" and summary["base"] is not None and summary["candidate"] is not None
+    assert list((tmp_path / "hf-modules").rglob("modeling_local.py"))  # the model's own code was loaded
