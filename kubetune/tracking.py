@@ -504,54 +504,8 @@ def move_alias(model_name: str, alias: str, version: str, expected_current: str 
 # Bounded so the tag stays far below MLflow's tag-value limit (5000 characters).
 HISTORY_TAG = "kubetune.history.{alias}"
 HISTORY_LEN = 100
-LOCK_SUFFIX = ".kubetune-lock-"
-# A lock older than this was left by a process that died between take and release.
-LOCK_STALE_S = 120.0
-
-
-def _lock_name(model_name: str, alias: str) -> str:
-    return f"{model_name}{LOCK_SUFFIX}{alias}"
-
-
-@contextlib.contextmanager
-def alias_lock(model_name: str, alias: str, timeout: float = 60.0) -> Iterator[None]:
-    """Hold the registry-wide lock of one alias (a registered model named after it).
-
-    ``create_registered_model`` either creates the name or fails with RESOURCE_ALREADY_EXISTS,
-    atomically, on SQLite, PostgreSQL and through an MLflow server alike; that is the only
-    compare-and-set the registry offers. A lock older than ``LOCK_STALE_S`` is broken.
-    """
-    import random
-    import time
-
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient()
-    name = _lock_name(model_name, alias)
-    deadline = time.time() + timeout
-    while True:
-        try:
-            client.create_registered_model(name, description=f"kubetune lock on '{alias}' of {model_name}; "
-                                                              "held for a second while the alias moves")
-            break
-        except MlflowException as e:
-            if not _lock_contended(e):
-                raise
-        try:
-            held = client.get_registered_model(name)
-            if time.time() - held.creation_timestamp / 1000 > LOCK_STALE_S:
-                client.delete_registered_model(name)
-                continue
-        except MlflowException:
-            continue  # released between our create and our read: try again at once
-        if time.time() > deadline:
-            raise TimeoutError(f"alias lock {name} still held after {timeout:.0f} s")
-        time.sleep(0.05 + random.random() * 0.2)
-    try:
-        yield
-    finally:
-        _release_lock(client, name)
+# The lock of one alias (re-read, check, set, verify run under it): kubetune/registry_lock.py.
+from kubetune.registry_lock import LOCK_STALE_S, LOCK_SUFFIX, alias_lock  # noqa: E402,F401
 
 
 def has_error_code(e: Exception, code: str) -> bool:
@@ -563,41 +517,6 @@ def has_error_code(e: Exception, code: str) -> bool:
 def already_exists(e: Exception) -> bool:
     """Whether an MLflow error says that the thing being created exists already."""
     return has_error_code(e, "RESOURCE_ALREADY_EXISTS") or "already exists" in str(e).lower()
-
-
-def _lock_contended(e: Exception) -> bool:
-    """Whether a failed lock take means "someone else holds it" (retry) rather than a real error.
-
-    Three answers mean contention: RESOURCE_ALREADY_EXISTS; "database is locked" (SQLite's
-    writer lock); and RESOURCE_DOES_NOT_EXIST. The last is MLflow's SQL store on a unique-key
-    clash: it re-reads the existing model to word its error (sqlalchemy_store.create_registered_model,
-    mlflow 3.17), and when the holder released the lock between the clash and that read, the
-    read fails with "not found" (seen in CI on SQLite).
-    """
-    return already_exists(e) or has_error_code(e, "RESOURCE_DOES_NOT_EXIST") or "locked" in str(e).lower()
-
-
-def _release_lock(client: Any, name: str, attempts: int = 20) -> None:
-    """Delete the lock model; retried, since a release lost to a busy SQLite writer would hold
-    everyone else off until the lock goes stale (``LOCK_STALE_S``, longer than their timeout)."""
-    import time
-
-    from mlflow.exceptions import MlflowException
-
-    for i in range(attempts):
-        try:
-            client.delete_registered_model(name)
-            return
-        except MlflowException as e:
-            if has_error_code(e, "RESOURCE_DOES_NOT_EXIST"):
-                return  # already gone (broken as stale by another process)
-            if i == attempts - 1:
-                import warnings
-
-                warnings.warn(f"could not release registry lock {name} ({e}); it goes stale after "
-                              f"{LOCK_STALE_S:.0f} s", stacklevel=2)
-                return
-            time.sleep(0.05 * (i + 1))
 
 
 def alias_history(model_name: str, alias: str) -> list[str]:

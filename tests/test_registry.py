@@ -251,6 +251,7 @@ LOCKER = textwrap.dedent("""
     from kubetune import tracking
     tracking.configure()
     name, log, rounds = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    hold = float(sys.argv[4]) if len(sys.argv) > 4 else 0.002
     tracking.get_alias(name, "champion")  # warm up: the first registry call opens the store
     print("READY", flush=True)
     t0 = float(sys.stdin.readline())
@@ -260,7 +261,7 @@ LOCKER = textwrap.dedent("""
         with tracking.alias_lock(name, "champion"):
             with open(log, "a") as f:
                 f.write(f"in {os.getpid()}\\n")
-            time.sleep(0.002)
+            time.sleep(hold)
             with open(log, "a") as f:
                 f.write(f"out {os.getpid()}\\n")
     print("DONE", flush=True)
@@ -282,12 +283,84 @@ def test_alias_lock_under_contention_excludes_and_never_errors(backend, tmp_path
     for p in procs:
         out, err = p.communicate(timeout=240)
         assert p.returncode == 0 and "DONE" in out, err[-3000:]
-    lines = log.read_text().split("\n")[:-1]
-    assert len(lines) == 2 * 3 * 25
-    for enter, leave in zip(lines[::2], lines[1::2]):
-        assert enter.startswith("in ") and leave == "out " + enter[3:], (enter, leave)
-    assert len({ln.split()[1] for ln in lines}) == 3
+    assert_disjoint(log, 3, 25)
+    assert len(set(log.read_text().split()[1::2])) == 3
     assert not versions_of(name + tracking.LOCK_SUFFIX + "champion")
+
+
+def assert_disjoint(log: Path, holders: int, rounds: int) -> None:
+    """Every in/out window in the lock log belongs to one process, none overlaps another."""
+    lines = log.read_text().split("\n")[:-1]
+    assert len(lines) == 2 * holders * rounds
+    for enter, leave in zip(lines[::2], lines[1::2]):
+        assert enter.startswith("in ") and leave == "out " + enter[3:], (enter, leave, lines)
+
+
+CRASHER = textwrap.dedent("""
+    import os, sys
+    from kubetune import tracking
+    tracking.configure()
+    with tracking.alias_lock(sys.argv[1], "champion"):
+        os._exit(9)  # killed while holding the lock: it stays behind
+""")
+
+
+def test_a_lock_left_by_a_killed_holder_is_broken_by_one_waiter(backend, tmp_path, monkeypatch):
+    """A holder dies inside the lock; three waiters arrive together. Once the lock is stale,
+    exactly one of them breaks it, and the three still enter one at a time."""
+    monkeypatch.setenv("KUBETUNE_LOCK_STALE_S", "3")
+    name = f"{backend}-stale"
+    make_version(tmp_path, name, 0.4)
+    crashed = subprocess.run([sys.executable, "-c", CRASHER, name], capture_output=True, text=True, timeout=120)
+    assert crashed.returncode == 9, crashed.stderr[-2000:]
+    from mlflow.tracking import MlflowClient
+
+    lock = name + tracking.LOCK_SUFFIX + "champion"
+    assert MlflowClient().get_registered_model(lock).tags["kubetune.lock_token"]  # the stale lock is there
+    log = tmp_path / "lock.log"
+    procs = start_together([[LOCKER, name, str(log), "2", "0.5"]] * 3)
+    errs = []
+    for p in procs:
+        out, err = p.communicate(timeout=240)
+        assert p.returncode == 0 and "DONE" in out, err[-3000:]
+        errs.append(err)
+    assert_disjoint(log, 3, 2)
+    assert sum(e.count("broke registry lock") for e in errs) == 1, errs
+    assert not [m for m in MlflowClient().search_registered_models(f"name LIKE '{lock}%'")]
+
+
+def test_release_checks_the_holders_token(backend, tmp_path, monkeypatch):
+    """A holder deletes the lock only while it carries its own token, and not after holding it
+    for half the stale age (a waiter may be breaking it); such a lock is broken when stale."""
+    from mlflow.tracking import MlflowClient
+
+    from kubetune.errors import StageError
+
+    monkeypatch.setenv("KUBETUNE_LOCK_STALE_S", "2")
+    name = f"{backend}-token"
+    lock = name + tracking.LOCK_SUFFIX + "champion"
+    client = MlflowClient()
+    with pytest.warns(UserWarning, match="another holder's token"):
+        with tracking.alias_lock(name, "champion"):
+            # Meanwhile the lock was broken and taken by another holder (token "other").
+            client.delete_registered_model(lock)
+            client.create_registered_model(lock, tags={"kubetune.lock_token": "other"})
+    assert client.get_registered_model(lock).tags["kubetune.lock_token"] == "other"  # not deleted
+    # Its holder never comes back: a waiter gives up with a one-line error before the lock is stale ...
+    t0 = time.monotonic()
+    with pytest.raises(StageError, match=f"registry lock {lock} not free after 1 s"):
+        with tracking.alias_lock(name, "champion", timeout=1.0):
+            pass
+    # ... and one that waits longer than the stale age breaks it.
+    with pytest.warns(UserWarning, match="broke registry lock"):
+        with tracking.alias_lock(name, "champion"):
+            assert client.get_registered_model(lock).tags["kubetune.lock_token"] != "other"
+    assert time.monotonic() - t0 >= 2.0
+    # Held for longer than half the stale age: left for a waiter to break, not deleted.
+    with pytest.warns(UserWarning, match="not deleted"):
+        with tracking.alias_lock(name, "champion"):
+            time.sleep(1.1)
+    assert client.get_registered_model(lock)
 
 
 # ---------------------------------------------------------------- skip when nothing changed
