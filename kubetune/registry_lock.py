@@ -49,9 +49,10 @@ def stale_s() -> float:
 
 
 def wait_s() -> float:
-    """How long a waiter waits before giving up: twice the stale age and half a minute, so that
-    a lock left by a killed holder is always broken before the wait ends."""
-    return 2 * stale_s() + 30.0
+    """How long a waiter waits before giving up (``KUBETUNE_LOCK_WAIT_S``); by default twice the
+    stale age and half a minute, so that a lock left by a killed holder is broken before the
+    wait ends."""
+    return float(os.environ.get("KUBETUNE_LOCK_WAIT_S") or 2 * stale_s() + 30.0)
 
 
 def lock_name(model_name: str, alias: str) -> str:

@@ -94,7 +94,7 @@ def parent_run_id(experiment: str, pipeline_run_id: str, pipeline: str = "") -> 
         return found[0].info.run_id
     run = client.create_run(exp_id, run_name=f"{pipeline or 'pipeline'}-{pipeline_run_id[:8]}",
                             tags={TAG_PIPELINE_RUN: pipeline_run_id, TAG_STAGE: "pipeline",
-                                  TAG_PIPELINE: pipeline, **lineage_tags()})
+                                  TAG_PIPELINE: pipeline, **lineage_tags(), **_launch_tag()})
     return run.info.run_id
 
 
@@ -436,8 +436,19 @@ def download_version(model_name: str, version: str, dst: str | Path) -> Path:
                                                     dst_path=str(dst)))
 
 
-def create_version(model_name: str, model_dir: str | Path, tags: dict[str, str], description: str = ""):
-    """Log ``model_dir`` to the active run and register it as a new version (waits for READY)."""
+def log_model_files(model_dir: str | Path) -> str:
+    """Upload ``model_dir`` to the active run (``model/``) and return its artifact URI.
+
+    The slow half of registering (the weights travel), done before the alias lock is taken.
+    """
+    import mlflow
+
+    mlflow.log_artifacts(str(model_dir), artifact_path="model")
+    return mlflow.get_artifact_uri("model")
+
+
+def create_version(model_name: str, source: str, tags: dict[str, str], description: str = ""):
+    """Register ``source`` (from ``log_model_files``) as a new version with all its tags (waits for READY)."""
     import time
 
     import mlflow
@@ -445,8 +456,6 @@ def create_version(model_name: str, model_dir: str | Path, tags: dict[str, str],
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient()
-    mlflow.log_artifacts(str(model_dir), artifact_path="model")
-    source = mlflow.get_artifact_uri("model")
     try:
         client.create_registered_model(model_name, description="Registered by kubetune.")
     except MlflowException as e:
@@ -461,8 +470,14 @@ def create_version(model_name: str, model_dir: str | Path, tags: dict[str, str],
         time.sleep(1)
         mv = client.get_model_version(model_name, mv.version)
     if mv.status != "READY":
-        raise RuntimeError(f"model version {model_name}/{mv.version} is {mv.status}, not READY")
+        raise StageError(f"register: model version {model_name}/{mv.version} is {mv.status}, not READY "
+                         "after 60 s; see the MLflow server's log")
     return mv
+
+
+def find_version(model_name: str, tag: str, value: str):
+    """The newest version of ``model_name`` whose tag ``tag`` is ``value``, or None."""
+    return next((mv for mv in list_versions(model_name) if mv.tags.get(tag) == value), None)
 
 
 def set_version_tags(model_name: str, version: str, tags: dict[str, Any]) -> None:
@@ -627,3 +642,94 @@ def stage_metrics(ctx: "RunContext", stage: str) -> dict[str, float]:
     found = client.search_runs([exp.experiment_id], filter_string=f"tags.`{TAG_PIPELINE_RUN}` = "
                                f"'{ctx.pipeline_run_id}' and tags.`{TAG_STAGE}` = '{stage}'", max_results=1)
     return dict(found[0].data.metrics) if found else {}
+
+
+# ---------------------------------------------------------------- how runs end
+# A parent run is RUNNING until its pipeline ends: ``end_pipeline_runs`` is called by the
+# runner after kfp.local returns or fails, and on a cluster by the pipeline's exit handler
+# (kubetune.lifecycle). A stage whose process was killed leaves its child run RUNNING: the
+# pipeline's end marks it KILLED, and so does a rerun that resumes from its checkpoint.
+
+TAG_LAUNCH = "kubetune.launch_id"
+OUTCOMES = {"SUCCEEDED": "FINISHED", "FAILED": "FAILED", "CANCELED": "KILLED", "CANCELLED": "KILLED"}
+
+
+def _launch_tag() -> dict[str, str]:
+    """The local launch a parent run belongs to (``KUBETUNE_LAUNCH_ID``, set by the runner):
+    kfp.local's own run id is random and not returned, so the runner finds its runs by this."""
+    launch = os.environ.get("KUBETUNE_LAUNCH_ID")
+    return {TAG_LAUNCH: launch} if launch else {}
+
+
+def pipeline_run_tags(ctx: "RunContext") -> dict[str, str]:
+    """Tags of the parent run of ``ctx``'s pipeline run ({} before it exists)."""
+    from mlflow.tracking import MlflowClient
+
+    configure()
+    client = MlflowClient()
+    exp = client.get_experiment_by_name(experiment_name(ctx.model_name))
+    if exp is None:
+        return {}
+    found = client.search_runs([exp.experiment_id], filter_string=f"tags.`{TAG_PIPELINE_RUN}` = "
+                               f"'{ctx.pipeline_run_id}' and tags.`{TAG_STAGE}` = 'pipeline'", max_results=1)
+    return dict(found[0].data.tags) if found else {}
+
+
+def _search_all(filter_string: str) -> list:
+    import mlflow
+
+    return mlflow.search_runs(search_all_experiments=True, filter_string=filter_string, output_format="list")
+
+
+def end_pipeline_runs(tag: str, value: str, state: str) -> list[str]:
+    """End every RUNNING parent run tagged ``tag`` = ``value`` (in any experiment) with the
+    pipeline's outcome, and its children still RUNNING as KILLED (their process never ended them).
+
+    Args:
+        tag: ``kubetune.pipeline_run_id`` (a cluster's exit handler) or ``kubetune.launch_id`` (the runner).
+        value: Its value.
+        state: The pipeline's final state: SUCCEEDED, FAILED or CANCELED (KFP's words).
+
+    Returns:
+        The ids of the parent runs ended.
+    """
+    from mlflow.tracking import MlflowClient
+
+    configure()
+    client, status = MlflowClient(), OUTCOMES.get(state.upper(), "FAILED")
+    ended = []
+    for parent in _search_all(f"tags.`{tag}` = '{value}' and tags.`{TAG_STAGE}` = 'pipeline' "
+                              "and attributes.status = 'RUNNING'"):
+        pid = parent.info.run_id
+        for child in _search_all(f"tags.`mlflow.parentRunId` = '{pid}' and attributes.status = 'RUNNING'"):
+            client.set_tag(child.info.run_id, "kubetune.ended_by", f"pipeline end ({state.lower()})")
+            client.set_terminated(child.info.run_id, "KILLED")
+        if "kubetune.status" not in parent.data.tags and status != "FINISHED":
+            client.set_tag(pid, "kubetune.status", "failed" if status == "FAILED" else "killed")
+        client.set_terminated(pid, status)
+        ended.append(pid)
+    return ended
+
+
+def end_orphans(tag: str, value: str, keep: str) -> list[str]:
+    """Mark RUNNING runs tagged ``tag`` = ``value`` other than ``keep`` KILLED, and their parent
+    runs too when they are another pipeline run's (a rerun resuming a killed run's checkpoint:
+    the run that wrote it is dead, and so is the pipeline run that started it)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    mine = client.get_run(keep).data.tags.get("mlflow.parentRunId")
+    killed = []
+    for run in _search_all(f"tags.`{tag}` = '{value}' and attributes.status = 'RUNNING'"):
+        if run.info.run_id == keep:
+            continue
+        client.set_tag(run.info.run_id, "kubetune.ended_by", f"resumed by run {keep}")
+        client.set_terminated(run.info.run_id, "KILLED")
+        killed.append(run.info.run_id)
+        parent = run.data.tags.get("mlflow.parentRunId")
+        if parent and parent != mine and client.get_run(parent).info.status == "RUNNING":
+            client.set_tag(parent, "kubetune.status", "killed")
+            client.set_terminated(parent, "KILLED")
+            killed.append(parent)
+    return killed
+

@@ -21,7 +21,7 @@ import pytest
 
 from kubetune import tracking
 from kubetune.cli import main
-from kubetune.registry_ops import Gates, check_gates, data_unchanged
+from kubetune.registry_ops import Gates, check_gates, unchanged
 from kubetune.stages.register import RegisterConfig, register
 from kubetune.tracking import RunContext
 
@@ -41,8 +41,10 @@ def backend(request, tmp_path, monkeypatch):
 
 def make_version(tmp: Path, name: str, em: float, champion: dict | None = None, champion_version=None,
                  forgetting: float | None = 0.02, fingerprint: str = "fp-aaaa", cfg: dict | None = None,
-                 run_id: str = "run-1"):
-    """A stand-in trained-model folder + eval.json, registered through the register stage."""
+                 run_id: str | None = None):
+    """A stand-in trained-model folder + eval.json, registered through the register stage
+    (each call another pipeline run unless ``run_id`` says otherwise)."""
+    run_id = run_id or f"run-{uuid.uuid4().hex[:8]}"
     d = tmp / f"v-{uuid.uuid4().hex[:6]}"
     (d / "model").mkdir(parents=True)
     (d / "model" / "adapter_model.safetensors").write_bytes(os.urandom(64))
@@ -97,8 +99,15 @@ def test_a_first_run_worse_than_the_base_model_does_not_become_champion():
     worse = check_gates("accuracy", {"accuracy": 0.1667}, base, None, None, None, Gates())
     assert not worse.promote and "worse than the base model's (0.2333)" in worse.reason
     assert worse.checks["champion"] == "pass: no champion yet" and worse.checks["base"].startswith("fail")
+    # A first version must beat the base, not tie it (one step spent in warm-up changes nothing) ...
     tie = check_gates("accuracy", {"accuracy": 0.2333}, base, None, None, None, Gates())
-    assert tie.promote and tie.checks["base"].startswith("pass")  # not worse is enough; the champion gate is strict
+    assert not tie.promote and tie.reason == "accuracy 0.2333 does not beat the base model's (0.2333); a first " \
+                                             "version must"
+    assert not check_gates("val_loss", {"val_loss": 1.0}, base, None, None, None, Gates()).promote
+    assert check_gates("val_loss", {"val_loss": 0.99}, base, None, None, None, Gates()).promote
+    # ... a later one must beat the champion (strictly) and not be worse than the base.
+    later = check_gates("accuracy", {"accuracy": 0.2333}, base, {"accuracy": 0.2}, "1", None, Gates())
+    assert later.promote and later.checks["base"].startswith("pass")
     assert not check_gates("val_loss", {"val_loss": 1.1}, base, None, None, None, Gates()).promote
     off = check_gates("accuracy", {"accuracy": 0.1667}, base, None, None, None, Gates(not_worse_than_base=False))
     assert off.promote and off.checks["base"] == "pass: gate off"
@@ -361,6 +370,48 @@ def test_release_checks_the_holders_token(backend, tmp_path, monkeypatch):
         with tracking.alias_lock(name, "champion"):
             time.sleep(1.1)
     assert client.get_registered_model(lock)
+
+
+def test_register_run_twice_finds_its_own_version(mlflow_uri, tmp_path):
+    """A retried register task (same pipeline run) makes no second version; it restores what the
+    first attempt did not finish (here: the aliases)."""
+    name = f"reg-{uuid.uuid4().hex[:8]}"
+    first = make_version(tmp_path, name, 0.4, run_id="kfp-run-1")
+    assert first.promoted and versions_of(name) == ["1"]
+    from mlflow.tracking import MlflowClient
+
+    for alias in ("champion", "challenger"):  # as if the first attempt died after creating the version
+        MlflowClient().delete_registered_model_alias(name, alias)
+    again = make_version(tmp_path, name, 0.4, run_id="kfp-run-1")
+    assert versions_of(name) == ["1"] and again.version == "1" and again.promoted
+    assert champion_of(name) == "1" and str(tracking.get_alias(name, "challenger").version) == "1"
+    assert tracking.get_version(name, "1").tags["kubetune.registered_by"] == "kfp-run-1/peft"
+    other = make_version(tmp_path, name, 0.3, champion={"exact_match": 0.4}, champion_version="1", run_id="kfp-run-2")
+    assert other.version == "2" and versions_of(name) == ["2", "1"]
+
+
+def test_register_decides_before_creating_and_fails_cleanly_on_a_held_lock(mlflow_uri, tmp_path, monkeypatch):
+    """A lock that is not freed in time fails register with a one-line StageError before any
+    version exists; a lock left by a killed holder is broken within the wait, and register goes on."""
+    from mlflow.tracking import MlflowClient
+
+    from kubetune.errors import StageError
+
+    name = f"reg-{uuid.uuid4().hex[:8]}"
+    lock = name + tracking.LOCK_SUFFIX + "champion"
+    MlflowClient().create_registered_model(lock, tags={"kubetune.lock_token": "killed-holder"})
+    monkeypatch.setenv("KUBETUNE_LOCK_STALE_S", "60")
+    monkeypatch.setenv("KUBETUNE_LOCK_WAIT_S", "1")
+    with pytest.raises(StageError, match="not free after 1 s .*nothing was registered"):
+        make_version(tmp_path, name, 0.4)
+    assert versions_of(name) == [] and tracking.get_alias(name, "challenger") is None
+    monkeypatch.setenv("KUBETUNE_LOCK_STALE_S", "1")
+    monkeypatch.delenv("KUBETUNE_LOCK_WAIT_S")  # the default wait is longer than the stale age
+    with pytest.warns(UserWarning, match="broke registry lock"):
+        v1 = make_version(tmp_path, name, 0.4)
+    assert v1.promoted and versions_of(name) == ["1"]
+    tags = tracking.get_version(name, "1").tags
+    assert tags["kubetune.decision"] == "promoted" and tags["gate.champion"] == "pass: no champion yet"
 
 
 # ---------------------------------------------------------------- skip when nothing changed
