@@ -21,13 +21,21 @@ from typing import Any
 
 @functools.lru_cache(maxsize=1)
 def code_hash() -> str:
-    """SHA-256 (16 hex) of every ``.py`` file of the installed kubetune package, by relative path."""
-    import kubetune
+    """SHA-256 (16 hex) of every ``.py`` file of the installed kubetune package (with its
+    components and pipelines, which an editable install maps from other folders)."""
+    import importlib.util
 
-    root = Path(kubetune.__file__).resolve().parent
+    files: dict[str, Path] = {}
+    for package in ("kubetune", "kubetune.components", "kubetune.pipelines"):
+        spec = importlib.util.find_spec(package)
+        for location in (spec.submodule_search_locations or []) if spec else []:
+            root = Path(location).resolve()
+            for path in root.rglob("*.py"):
+                files.setdefault(str(path.resolve()), path)
     h = hashlib.sha256()
-    for path in sorted(root.rglob("*.py")):
-        h.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
+    for key in sorted(files, key=lambda k: (Path(k).parent.name, Path(k).name, k)):
+        path = files[key]
+        h.update(f"{path.parent.name}/{path.name}".encode() + b"\0" + path.read_bytes() + b"\0")
     return h.hexdigest()[:16]
 
 
