@@ -424,7 +424,9 @@ def test_pipeline_compiles_with_skip_branch(tmp_path):
 
     (path,) = compile_all(tmp_path, None, ["peft"])
     spec = yaml.safe_load(path.read_text())
-    root = spec["root"]["dag"]["tasks"]
+    # The pipeline's own DAG sits inside the exit handler (tests/test_lifecycle.py).
+    body = spec["components"][spec["root"]["dag"]["tasks"]["exit-handler-1"]["componentRef"]["name"]]["dag"]["tasks"]
+    root = spec["components"][body["peft"]["componentRef"]["name"]]["dag"]["tasks"]
     assert "ingest" in root and not any(k in root for k in ("train-peft", "register", "register-skipped"))
     branches = spec["components"][root["condition-branches-1"]["componentRef"]["name"]]["dag"]["tasks"]
     conds = {k: t["triggerPolicy"]["condition"] for k, t in branches.items()}
@@ -436,7 +438,24 @@ def test_pipeline_compiles_with_skip_branch(tmp_path):
     assert set(spec["components"][f"comp-{unchanged}"]["dag"]["tasks"]) == {"register-skipped"}
 
 
-def test_skip_when_unchanged_ends_run_without_new_version(mlflow_uri, tmp_path, tiny_llama):
+def test_unchanged_compares_the_run_key(mlflow_uri, tmp_path):
+    name = f"key-{uuid.uuid4().hex[:6]}"
+    assert unchanged(name, "k1") == (False, "no champion yet")
+    make_version(tmp_path, name, 0.4)
+    tracking.set_version_tags(name, "1", {"kubetune.run_key": "k1"})
+    same, why = unchanged(name, "k1")
+    assert same and why.startswith("skipped: nothing changed") and "v1" in why
+    assert unchanged(name, "k1", force=True)[0] is False
+    assert unchanged(name, "k2") == (False, "changed: run key k2 (champion v1 was made by k1)")
+
+
+def test_other_settings_train_and_the_same_run_skips(mlflow_uri, tmp_path, tiny_llama):
+    """On the champion's data, a run with other settings trains (as `kubetune run peft --set
+    method=dora` after `make run` must); once the champion was made by this very run (same data,
+    split, settings and code), the same run is skipped. Each pipeline run's parent ends FINISHED
+    and no run is left RUNNING."""
+    import mlflow
+
     from kubetune.runner import format_summary, run_local
     from kubetune.stages.ingest import IngestConfig, _ingest
 
@@ -446,24 +465,42 @@ def test_skip_when_unchanged_ends_run_without_new_version(mlflow_uri, tmp_path, 
     data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     fp = _ingest(IngestConfig(data_uri=str(data)), tmp_path / "ing", tmp_path / "cache").fingerprint
     name = f"skip-{uuid.uuid4().hex[:6]}"
-    make_version(tmp_path, name, 0.4, fingerprint=fp)  # the champion, trained on exactly this data
-    assert data_unchanged(name, fp) == (True, f"skipped: data unchanged (fingerprint {fp} = champion v1's)")
-    assert data_unchanged(name, fp, force=True)[0] is False
-    assert data_unchanged(name, "0" * 16)[0] is False
+    make_version(tmp_path, name, 0.4, fingerprint=fp)  # the champion: this data, other settings
+    params = {"data_uri": str(data), "base_model": str(tiny_llama), "model_name": name, "max_steps": 1,
+              "method": "dora", "eval_settings": {"max_examples": 4, "max_new_tokens": 8}}
+    # Evaluated on these validation rows with these settings: evaluate takes its recorded numbers
+    # (a stand-in's weights could not be scored again).
+    from dataclasses import asdict
 
-    summary = run_local("peft", {"data_uri": str(data), "base_model": str(tiny_llama), "model_name": name,
-                                 "max_steps": 1}, workdir=tmp_path)
+    from kubetune.run_keys import eval_key
+    from kubetune.stages.evaluate import EvaluateConfig
+
+    settings = asdict(EvaluateConfig(base_model=str(tiny_llama), **params["eval_settings"]))
+    validation = json.loads((tmp_path / "ing" / "meta.json").read_text())["validation_fingerprint"]
+    tracking.set_version_tags(name, "1", {"kubetune.eval_key": eval_key(validation, {
+        k: v for k, v in settings.items() if k not in ("model_name", "reuse_base_scores")})})
+
+    trained = run_local("peft", params, workdir=tmp_path)
+    assert not trained.get("skipped") and trained["version"] == "2" and champion_of(name) == "1"
+    key = tracking.get_version(name, "2").tags["kubetune.run_key"]
+    assert key and key != tracking.get_version(name, "1").tags.get("kubetune.run_key")
+
+    tracking.set_version_tags(name, "1", {"kubetune.run_key": key})  # as if v1 had been made by this run
+    summary = run_local("peft", params, workdir=tmp_path)
     assert summary["skipped"] is True and summary["promoted"] is False
-    assert summary["reason"].startswith("skipped: data unchanged") and summary["version"] == "1"
+    assert summary["reason"].startswith("skipped: nothing changed") and summary["version"] == "1"
     assert "skipped" in format_summary(summary)
-    assert versions_of(name) == ["1"] and champion_of(name) == "1"
-    # Recorded in MLflow: the pipeline's parent run and a register child run say skipped.
-    import mlflow
-
+    assert versions_of(name) == ["2", "1"] and champion_of(name) == "1"
+    # Recorded in MLflow: each pipeline run's parent ended; the skipped one has a register child.
     runs = mlflow.search_runs(experiment_names=[f"kubetune/{name}"], output_format="list")
-    parent = [r for r in runs if r.data.tags.get("kubetune.stage") == "pipeline"
-              and r.data.tags.get("kubetune.pipeline_run_id") != "run-1"]
-    assert len(parent) == 1 and parent[0].data.tags["kubetune.status"] == "skipped"
+    parents = [r for r in runs if r.data.tags.get("kubetune.stage") == "pipeline"
+               and r.data.tags.get("kubetune.launch_id")]  # the two `kubetune run`s (not the stand-in's)
+    launched = {p.data.tags["kubetune.pipeline_run_id"] for p in parents}
+    assert not [r.info.run_name for r in runs if r.info.status == "RUNNING"
+                and r.data.tags.get("kubetune.pipeline_run_id") in launched]
+    assert sorted(p.data.tags["kubetune.status"] for p in parents) == ["challenger", "skipped"]
+    assert {p.info.status for p in parents} == {"FINISHED"}
+    skipped = next(p for p in parents if p.data.tags["kubetune.status"] == "skipped")
     stages = {r.data.tags.get("kubetune.stage") for r in runs
-              if r.data.tags.get("kubetune.pipeline_run_id") == parent[0].data.tags["kubetune.pipeline_run_id"]}
+              if r.data.tags.get("kubetune.pipeline_run_id") == skipped.data.tags["kubetune.pipeline_run_id"]}
     assert stages == {"pipeline", "ingest", "register"}

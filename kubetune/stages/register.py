@@ -36,7 +36,8 @@ class RegisterConfig:
     require_complete: bool = setting(True, "Refuse champion unless the evaluation is complete: primary metric "
                                            "for candidate, base and champion, forgetting when gated.")
     not_worse_than_base: bool = setting(True, "Refuse champion to a candidate worse than the base model on the "
-                                              "primary metric (MoA: the best single proposer).")
+                                              "primary metric (MoA: the best single proposer), and to a first "
+                                              "version that does not beat it.")
 
     def __post_init__(self):
         if not self.model_name:
