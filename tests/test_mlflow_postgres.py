@@ -95,6 +95,8 @@ def test_alias_lock_is_a_postgres_advisory_lock_a_killed_holder_cannot_leave_beh
     monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
     monkeypatch.setenv("KUBETUNE_LOCK_STALE_S", "600")
     monkeypatch.chdir(tmp_path)
+    mlflow.set_tracking_uri(uri)
+    MlflowClient().search_registered_models(max_results=1)  # the schema exists before processes race to it
     name = f"pglock-{uuid.uuid4().hex[:8]}"
     crashed = subprocess.run([sys.executable, "-c", CRASHER, name], capture_output=True, text=True, timeout=120)
     assert crashed.returncode == 9, crashed.stderr[-2000:]
@@ -106,6 +108,5 @@ def test_alias_lock_is_a_postgres_advisory_lock_a_killed_holder_cannot_leave_beh
         assert p.returncode == 0 and "DONE" in out, err[-3000:]
     assert time.monotonic() - t0 < 60
     assert_disjoint(log, 3, 3)
-    mlflow.set_tracking_uri(uri)
     assert not MlflowClient().search_registered_models(f"name LIKE '{name}{tracking.LOCK_SUFFIX}%'")
     mlflow.set_tracking_uri(None)
