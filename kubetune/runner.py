@@ -100,6 +100,7 @@ def _end_runs(launch: str, state: str) -> None:
     handler does on a cluster); a tracking failure here must not hide the pipeline's own error."""
     from kubetune.tracking import TAG_LAUNCH, end_pipeline_runs
 
+    os.environ.pop("KUBETUNE_LAUNCH_ID", None)  # later runs in this process are not this launch's
     try:
         end_pipeline_runs(TAG_LAUNCH, launch, state)
     except Exception as e:  # noqa: BLE001 - reported, not raised: the pipeline's outcome comes first
