@@ -52,7 +52,7 @@ def better(a: float, b: float, metric: str, margin: float) -> bool:
 
 def check_gates(metric: str, candidate: dict, base: dict | None, champion: dict | None,
                 champion_version: str | None, forgetting: float | None, gates: Gates,
-                evaluated: bool = True) -> Decision:
+                evaluated: bool = True, first_beats_base: bool = True) -> Decision:
     """Decide whether a candidate earns `champion`; every check is named and explained.
 
     Checks, in order (the first failure is the reason):
@@ -60,8 +60,9 @@ def check_gates(metric: str, candidate: dict, base: dict | None, champion: dict 
                    forgetting measured when its gate is on (only when ``require_complete``);
       champion:    beats the champion on ``metric`` by ``min_improvement`` (passes when none);
       base:        not worse than the base model on ``metric`` (for MoA: the best single
-                   proposer), and strictly better for a first version (no champion yet), so a
-                   first run that made things worse, or changed nothing, never becomes champion;
+                   proposer), and strictly better for a first version (no champion yet) when
+                   ``first_beats_base``, so a first run that made things worse, or changed
+                   nothing, never becomes champion;
       forgetting:  general-perplexity rise at most ``max_forgetting`` (off when negative).
     """
     checks: dict[str, str] = {}
@@ -98,7 +99,7 @@ def check_gates(metric: str, candidate: dict, base: dict | None, champion: dict 
         checks["base"] = "pass: no base numbers"
     elif better(base[metric], cand, metric, 0.0):
         checks["base"] = f"fail: {metric} {cand:.4f} is worse than the base model's ({base[metric]:.4f})"
-    elif champion_version is None and not better(cand, base[metric], metric, 0.0):
+    elif first_beats_base and champion_version is None and not better(cand, base[metric], metric, 0.0):
         # A first version has no champion to beat; tying the base means it learned nothing
         # measurable (e.g. one step spent in learning-rate warm-up), so it must beat the base.
         checks["base"] = (f"fail: {metric} {cand:.4f} does not beat the base model's ({base[metric]:.4f}); "

@@ -105,6 +105,9 @@ def test_a_first_run_worse_than_the_base_model_does_not_become_champion():
                                              "version must"
     assert not check_gates("val_loss", {"val_loss": 1.0}, base, None, None, None, Gates()).promote
     assert check_gates("val_loss", {"val_loss": 0.99}, base, None, None, None, Gates()).promote
+    # A Mixture-of-Agents trains nothing: tying its best single proposer (its "base") is enough.
+    assert check_gates("accuracy", {"accuracy": 0.2333}, base, None, None, None, Gates(),
+                       first_beats_base=False).promote
     # ... a later one must beat the champion (strictly) and not be worse than the base.
     later = check_gates("accuracy", {"accuracy": 0.2333}, base, {"accuracy": 0.2}, "1", None, Gates())
     assert later.promote and later.checks["base"].startswith("pass")

@@ -80,7 +80,11 @@ def decide_all(report: dict, cfg: RegisterConfig) -> Decision:
     """The gate checks on evaluate's numbers (see ``kubetune.registry_ops.check_gates``)."""
     return check_gates(report["primary_metric"], report["candidate"], report.get("base"), report.get("champion"),
                        None if report.get("champion_version") is None else str(report["champion_version"]),
-                       report.get("forgetting"), gates(report, cfg), evaluated=bool(report.get("evaluated")))
+                       report.get("forgetting"), gates(report, cfg), evaluated=bool(report.get("evaluated")),
+                       # A trained model must beat the model it was trained from; a Mixture-of-Agents
+                       # (its "base" is its best single proposer, named in base_name) trains nothing
+                       # that could have failed to learn, so it must only not be worse than it.
+                       first_beats_base=not report.get("base_name"))
 
 
 def decide(report: dict, cfg: RegisterConfig) -> tuple[bool, str]:
