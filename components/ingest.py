@@ -6,7 +6,7 @@ from kubetune.image import CPU_IMAGE
 @dsl.component(base_image=CPU_IMAGE)
 def ingest(data_uri: str, model_name: str, pipeline: str, run_id: str, dataset: dsl.Output[dsl.Dataset],
            unchanged: dsl.OutputPath(bool), validation_fraction: float = 0.1, seed: int = 0,
-           force: bool = False) -> str:
+           force: bool = False, training: str = "") -> str:
     """Read, validate and split the data; returns its content fingerprint.
 
     Args:
@@ -15,20 +15,23 @@ def ingest(data_uri: str, model_name: str, pipeline: str, run_id: str, dataset: 
         pipeline: Pipeline name (lineage).
         run_id: KFP run id (lineage; pass dsl.PIPELINE_JOB_ID_PLACEHOLDER).
         dataset: Output folder with train/validation JSONL and meta.json.
-        unchanged: True when the current champion was trained on exactly this data (and not
-            forced): the pipeline skips the rest (see docs/registry.md).
+        unchanged: True when the current champion was made by exactly this run: the same data
+            and split, training settings and code (and not forced): the pipeline skips the rest
+            (see docs/registry.md).
         validation_fraction: Share of rows held out.
         seed: Split seed.
-        force: Retrain even when the data is unchanged.
+        force: Retrain even when nothing changed.
+        training: The pipeline's model-shaping parameters as text (kubetune.lifecycle.run_settings).
     """
-    from kubetune.registry_ops import data_unchanged
+    from kubetune.registry_ops import skip_decision
     from kubetune.stages.ingest import IngestConfig
     from kubetune.stages.ingest import ingest as stage
     from kubetune.tracking import RunContext
 
     cfg = IngestConfig(data_uri=data_uri, validation_fraction=validation_fraction, seed=seed)
-    result = stage(cfg, dataset.path, ctx=RunContext(model_name, run_id, pipeline))
-    same, why = data_unchanged(model_name, result.fingerprint, force=force)
+    ctx = RunContext(model_name, run_id, pipeline)
+    result = stage(cfg, dataset.path, ctx=ctx)
+    same, why = skip_decision(model_name, result.fingerprint, training, force, ctx)
     dataset.metadata.update(shape=result.shape, fingerprint=result.fingerprint, unchanged=same, why=why,
                             **result.counts)
     with open(unchanged, "w") as f:

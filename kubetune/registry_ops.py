@@ -52,7 +52,7 @@ def better(a: float, b: float, metric: str, margin: float) -> bool:
 
 def check_gates(metric: str, candidate: dict, base: dict | None, champion: dict | None,
                 champion_version: str | None, forgetting: float | None, gates: Gates,
-                evaluated: bool = True) -> Decision:
+                evaluated: bool = True, first_beats_base: bool = True) -> Decision:
     """Decide whether a candidate earns `champion`; every check is named and explained.
 
     Checks, in order (the first failure is the reason):
@@ -60,7 +60,9 @@ def check_gates(metric: str, candidate: dict, base: dict | None, champion: dict 
                    forgetting measured when its gate is on (only when ``require_complete``);
       champion:    beats the champion on ``metric`` by ``min_improvement`` (passes when none);
       base:        not worse than the base model on ``metric`` (for MoA: the best single
-                   proposer), so a first run that made things worse never becomes champion;
+                   proposer), and strictly better for a first version (no champion yet) when
+                   ``first_beats_base``, so a first run that made things worse, or changed
+                   nothing, never becomes champion;
       forgetting:  general-perplexity rise at most ``max_forgetting`` (off when negative).
     """
     checks: dict[str, str] = {}
@@ -97,6 +99,11 @@ def check_gates(metric: str, candidate: dict, base: dict | None, champion: dict 
         checks["base"] = "pass: no base numbers"
     elif better(base[metric], cand, metric, 0.0):
         checks["base"] = f"fail: {metric} {cand:.4f} is worse than the base model's ({base[metric]:.4f})"
+    elif first_beats_base and champion_version is None and not better(cand, base[metric], metric, 0.0):
+        # A first version has no champion to beat; tying the base means it learned nothing
+        # measurable (e.g. one step spent in learning-rate warm-up), so it must beat the base.
+        checks["base"] = (f"fail: {metric} {cand:.4f} does not beat the base model's ({base[metric]:.4f}); "
+                          "a first version must")
     else:
         checks["base"] = f"pass: {metric} {cand:.4f} not worse than the base model's ({base[metric]:.4f})"
 
@@ -369,8 +376,15 @@ def _pct(v: Any) -> str:
 # ---------------------------------------------------------------- skip when nothing changed
 
 
-def data_unchanged(model_name: str, fingerprint: str, force: bool = False) -> tuple[bool, str]:
-    """Whether the current champion was trained on exactly this data (then retraining is skipped).
+RUN_KEY_TAG = "kubetune.run_key"
+
+
+def unchanged(model_name: str, run_key: str, force: bool = False) -> tuple[bool, str]:
+    """Whether the current champion was made by exactly this run (then retraining is skipped).
+
+    The run key (``kubetune.run_keys.run_key``) covers the data and its split, the base model,
+    the method and every training setting, and the kubetune code: a champion trained with LoRA
+    does not make a DoRA run on the same data redundant.
 
     Returns:
         (unchanged, reason). Never unchanged when forced, or with no champion.
@@ -378,22 +392,35 @@ def data_unchanged(model_name: str, fingerprint: str, force: bool = False) -> tu
     from kubetune import tracking
 
     if force:
-        return False, "forced: retraining regardless of the data"
+        return False, "forced: retraining regardless"
     tracking.configure()
     holder = tracking.get_alias(model_name, tracking.CHAMPION)
     if holder is None:
         return False, "no champion yet"
-    trained_on = holder.tags.get("kubetune.data_fingerprint", "")
-    if trained_on == fingerprint:
-        return True, f"skipped: data unchanged (fingerprint {fingerprint} = champion v{holder.version}'s)"
-    return False, f"data changed: {fingerprint} (champion v{holder.version} trained on {trained_on or 'unknown'})"
+    made_by = holder.tags.get(RUN_KEY_TAG, "")
+    if made_by == run_key:
+        return True, (f"skipped: nothing changed (data, split, base model, settings and code = champion "
+                      f"v{holder.version}'s; run key {run_key})")
+    return False, f"changed: run key {run_key} (champion v{holder.version} was made by {made_by or 'unknown'})"
+
+
+def skip_decision(model_name: str, fingerprint: str, training: str, force: bool, ctx) -> tuple[bool, str]:
+    """``ingest``'s question: does this pipeline run need to train? Records the run key on the
+    pipeline's parent run, where ``register`` (or ``register_skipped``) reads it."""
+    from kubetune import tracking
+    from kubetune.run_keys import run_key
+
+    key = run_key(fingerprint, training)
+    tracking.tag_pipeline_run(ctx, {RUN_KEY_TAG: key})
+    return unchanged(model_name, key, force)
 
 
 def skipped_summary(model_name: str, fingerprint: str, ctx) -> dict:
     """Record a skipped pipeline run (a `register` child run tagged skipped, no version) and summarise it."""
     from kubetune import tracking
 
-    unchanged, reason = data_unchanged(model_name, fingerprint)
+    key = tracking.pipeline_run_tags(ctx).get(RUN_KEY_TAG, "")
+    _, reason = unchanged(model_name, key)
     holder = tracking.get_alias(model_name, tracking.CHAMPION)
     tags = {"kubetune.skipped": "true", "kubetune.skip_reason": reason}
     with tracking.maybe_stage(ctx, "register", tags=tags) as run:
@@ -409,4 +436,4 @@ def skipped_summary(model_name: str, fingerprint: str, ctx) -> dict:
 
 
 __all__ = ["Gates", "Decision", "check_gates", "model_card", "promote", "rollback", "models_table",
-           "data_unchanged", "skipped_summary"]
+           "unchanged", "skip_decision", "skipped_summary"]

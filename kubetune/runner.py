@@ -7,6 +7,7 @@ import json
 import os
 import time
 import typing
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -95,13 +96,20 @@ def run_local(name: str, params: dict[str, Any] | None = None, workdir: str | Pa
     preflight.check_local(full, preflight.stage_configs(module, full))
     workdir = Path(workdir or Path.cwd()).resolve()
     os.environ.update(local_env(workdir))
+    # Every parent run this launch creates is tagged with it, so that they can be ended below.
+    launch = os.environ["KUBETUNE_LAUNCH_ID"] = uuid.uuid4().hex
     local.init(runner=local.SubprocessRunner(use_venv=False),
                pipeline_root=str(workdir / ".kubetune" / "local_outputs"))
     t0 = time.time()
     try:
         task = module.pipeline(**params)
     except RuntimeError as e:
+        _end_runs(launch, "FAILED")
         raise KubetuneError(f"pipeline '{name}' failed: {e} (the task's own error is in its log above)") from None
+    except BaseException:  # Ctrl-C, or kfp.local itself broke: the runs did not finish
+        _end_runs(launch, "CANCELED")
+        raise
+    _end_runs(launch, "SUCCEEDED")
     summary = json.loads(task.output)
     summary["wall_s"] = round(time.time() - t0, 1)
     summary["pipeline"] = name
@@ -124,10 +132,23 @@ def load_profile(profile_path: str):
         raise ConfigError(f"--profile {profile_path}: not valid YAML: {' '.join(str(e).split())}") from None
 
 
+def _end_runs(launch: str, state: str) -> None:
+    """End the MLflow parent runs of one local launch with the pipeline's outcome (what the exit
+    handler does on a cluster); a tracking failure here must not hide the pipeline's own error."""
+    from kubetune.tracking import TAG_LAUNCH, end_pipeline_runs
+
+    os.environ.pop("KUBETUNE_LAUNCH_ID", None)  # later runs in this process are not this launch's
+    try:
+        end_pipeline_runs(TAG_LAUNCH, launch, state)
+    except Exception as e:  # noqa: BLE001 - reported, not raised: the pipeline's outcome comes first
+        print(f"kubetune: could not end the MLflow runs of this pipeline run ({type(e).__name__}: {e})")
+
+
 def compile_all(out_dir: str | Path, profile_path: str | None = None, names: list[str] | None = None) -> list[Path]:
     """Compile every pipeline (or ``names``) to KFP YAML in ``out_dir``."""
     from kfp import compiler
 
+    from kubetune.lifecycle import with_exit_handler
     from kubetune.pipelines import PIPELINES
 
     profile = load_profile(profile_path) if profile_path else None
@@ -138,7 +159,7 @@ def compile_all(out_dir: str | Path, profile_path: str | None = None, names: lis
         module = get_pipeline(name)
         check_params(module, {}, f"pipeline '{name}' defaults")
         path = out_dir / f"{name}.yaml"
-        compiler.Compiler().compile(module.build(profile), str(path))
+        compiler.Compiler().compile(with_exit_handler(module.build(profile), profile), str(path))
         written.append(path)
     return written
 

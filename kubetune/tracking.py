@@ -109,7 +109,7 @@ def parent_run_id(experiment: str, pipeline_run_id: str, pipeline: str = "") -> 
         return found[0].info.run_id
     run = client.create_run(exp_id, run_name=f"{pipeline or 'pipeline'}-{pipeline_run_id[:8]}",
                             tags={TAG_PIPELINE_RUN: pipeline_run_id, TAG_STAGE: "pipeline",
-                                  TAG_PIPELINE: pipeline, **lineage_tags()})
+                                  TAG_PIPELINE: pipeline, **lineage_tags(), **_launch_tag()})
     return run.info.run_id
 
 
@@ -458,8 +458,19 @@ def download_version(model_name: str, version: str, dst: str | Path) -> Path:
                                                     dst_path=str(dst)))
 
 
-def create_version(model_name: str, model_dir: str | Path, tags: dict[str, str], description: str = ""):
-    """Log ``model_dir`` to the active run and register it as a new version (waits for READY)."""
+def log_model_files(model_dir: str | Path) -> str:
+    """Upload ``model_dir`` to the active run (``model/``) and return its artifact URI.
+
+    The slow half of registering (the weights travel), done before the alias lock is taken.
+    """
+    import mlflow
+
+    mlflow.log_artifacts(str(model_dir), artifact_path="model")
+    return mlflow.get_artifact_uri("model")
+
+
+def create_version(model_name: str, source: str, tags: dict[str, str], description: str = ""):
+    """Register ``source`` (from ``log_model_files``) as a new version with all its tags (waits for READY)."""
     import time
 
     import mlflow
@@ -467,8 +478,6 @@ def create_version(model_name: str, model_dir: str | Path, tags: dict[str, str],
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient()
-    mlflow.log_artifacts(str(model_dir), artifact_path="model")
-    source = mlflow.get_artifact_uri("model")
     try:
         client.create_registered_model(model_name, description="Registered by kubetune.")
     except MlflowException as e:
@@ -483,8 +492,14 @@ def create_version(model_name: str, model_dir: str | Path, tags: dict[str, str],
         time.sleep(1)
         mv = client.get_model_version(model_name, mv.version)
     if mv.status != "READY":
-        raise RuntimeError(f"model version {model_name}/{mv.version} is {mv.status}, not READY")
+        raise StageError(f"register: model version {model_name}/{mv.version} is {mv.status}, not READY "
+                         "after 60 s; see the MLflow server's log")
     return mv
+
+
+def find_version(model_name: str, tag: str, value: str):
+    """The newest version of ``model_name`` whose tag ``tag`` is ``value``, or None."""
+    return next((mv for mv in list_versions(model_name) if mv.tags.get(tag) == value), None)
 
 
 def set_version_tags(model_name: str, version: str, tags: dict[str, Any]) -> None:
@@ -526,54 +541,8 @@ def move_alias(model_name: str, alias: str, version: str, expected_current: str 
 # Bounded so the tag stays far below MLflow's tag-value limit (5000 characters).
 HISTORY_TAG = "kubetune.history.{alias}"
 HISTORY_LEN = 100
-LOCK_SUFFIX = ".kubetune-lock-"
-# A lock older than this was left by a process that died between take and release.
-LOCK_STALE_S = 120.0
-
-
-def _lock_name(model_name: str, alias: str) -> str:
-    return f"{model_name}{LOCK_SUFFIX}{alias}"
-
-
-@contextlib.contextmanager
-def alias_lock(model_name: str, alias: str, timeout: float = 60.0) -> Iterator[None]:
-    """Hold the registry-wide lock of one alias (a registered model named after it).
-
-    ``create_registered_model`` either creates the name or fails with RESOURCE_ALREADY_EXISTS,
-    atomically, on SQLite, PostgreSQL and through an MLflow server alike; that is the only
-    compare-and-set the registry offers. A lock older than ``LOCK_STALE_S`` is broken.
-    """
-    import random
-    import time
-
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient()
-    name = _lock_name(model_name, alias)
-    deadline = time.time() + timeout
-    while True:
-        try:
-            client.create_registered_model(name, description=f"kubetune lock on '{alias}' of {model_name}; "
-                                                              "held for a second while the alias moves")
-            break
-        except MlflowException as e:
-            if not _lock_contended(e):
-                raise
-        try:
-            held = client.get_registered_model(name)
-            if time.time() - held.creation_timestamp / 1000 > LOCK_STALE_S:
-                client.delete_registered_model(name)
-                continue
-        except MlflowException:
-            continue  # released between our create and our read: try again at once
-        if time.time() > deadline:
-            raise TimeoutError(f"alias lock {name} still held after {timeout:.0f} s")
-        time.sleep(0.05 + random.random() * 0.2)
-    try:
-        yield
-    finally:
-        _release_lock(client, name)
+# The lock of one alias (re-read, check, set, verify run under it): kubetune/registry_lock.py.
+from kubetune.registry_lock import LOCK_STALE_S, LOCK_SUFFIX, alias_lock  # noqa: E402,F401
 
 
 def has_error_code(e: Exception, code: str) -> bool:
@@ -585,41 +554,6 @@ def has_error_code(e: Exception, code: str) -> bool:
 def already_exists(e: Exception) -> bool:
     """Whether an MLflow error says that the thing being created exists already."""
     return has_error_code(e, "RESOURCE_ALREADY_EXISTS") or "already exists" in str(e).lower()
-
-
-def _lock_contended(e: Exception) -> bool:
-    """Whether a failed lock take means "someone else holds it" (retry) rather than a real error.
-
-    Three answers mean contention: RESOURCE_ALREADY_EXISTS; "database is locked" (SQLite's
-    writer lock); and RESOURCE_DOES_NOT_EXIST. The last is MLflow's SQL store on a unique-key
-    clash: it re-reads the existing model to word its error (sqlalchemy_store.create_registered_model,
-    mlflow 3.17), and when the holder released the lock between the clash and that read, the
-    read fails with "not found" (seen in CI on SQLite).
-    """
-    return already_exists(e) or has_error_code(e, "RESOURCE_DOES_NOT_EXIST") or "locked" in str(e).lower()
-
-
-def _release_lock(client: Any, name: str, attempts: int = 20) -> None:
-    """Delete the lock model; retried, since a release lost to a busy SQLite writer would hold
-    everyone else off until the lock goes stale (``LOCK_STALE_S``, longer than their timeout)."""
-    import time
-
-    from mlflow.exceptions import MlflowException
-
-    for i in range(attempts):
-        try:
-            client.delete_registered_model(name)
-            return
-        except MlflowException as e:
-            if has_error_code(e, "RESOURCE_DOES_NOT_EXIST"):
-                return  # already gone (broken as stale by another process)
-            if i == attempts - 1:
-                import warnings
-
-                warnings.warn(f"could not release registry lock {name} ({e}); it goes stale after "
-                              f"{LOCK_STALE_S:.0f} s", stacklevel=2)
-                return
-            time.sleep(0.05 * (i + 1))
 
 
 def alias_history(model_name: str, alias: str) -> list[str]:
@@ -743,3 +677,94 @@ def stage_metrics(ctx: "RunContext", stage: str) -> dict[str, float]:
     found = client.search_runs([exp.experiment_id], filter_string=f"tags.`{TAG_PIPELINE_RUN}` = "
                                f"'{ctx.pipeline_run_id}' and tags.`{TAG_STAGE}` = '{stage}'", max_results=1)
     return dict(found[0].data.metrics) if found else {}
+
+
+# ---------------------------------------------------------------- how runs end
+# A parent run is RUNNING until its pipeline ends: ``end_pipeline_runs`` is called by the
+# runner after kfp.local returns or fails, and on a cluster by the pipeline's exit handler
+# (kubetune.lifecycle). A stage whose process was killed leaves its child run RUNNING: the
+# pipeline's end marks it KILLED, and so does a rerun that resumes from its checkpoint.
+
+TAG_LAUNCH = "kubetune.launch_id"
+OUTCOMES = {"SUCCEEDED": "FINISHED", "FAILED": "FAILED", "CANCELED": "KILLED", "CANCELLED": "KILLED"}
+
+
+def _launch_tag() -> dict[str, str]:
+    """The local launch a parent run belongs to (``KUBETUNE_LAUNCH_ID``, set by the runner):
+    kfp.local's own run id is random and not returned, so the runner finds its runs by this."""
+    launch = os.environ.get("KUBETUNE_LAUNCH_ID")
+    return {TAG_LAUNCH: launch} if launch else {}
+
+
+def pipeline_run_tags(ctx: "RunContext") -> dict[str, str]:
+    """Tags of the parent run of ``ctx``'s pipeline run ({} before it exists)."""
+    from mlflow.tracking import MlflowClient
+
+    configure()
+    client = MlflowClient()
+    exp = client.get_experiment_by_name(experiment_name(ctx.model_name))
+    if exp is None:
+        return {}
+    found = client.search_runs([exp.experiment_id], filter_string=f"tags.`{TAG_PIPELINE_RUN}` = "
+                               f"'{ctx.pipeline_run_id}' and tags.`{TAG_STAGE}` = 'pipeline'", max_results=1)
+    return dict(found[0].data.tags) if found else {}
+
+
+def _search_all(filter_string: str) -> list:
+    import mlflow
+
+    return mlflow.search_runs(search_all_experiments=True, filter_string=filter_string, output_format="list")
+
+
+def end_pipeline_runs(tag: str, value: str, state: str) -> list[str]:
+    """End every RUNNING parent run tagged ``tag`` = ``value`` (in any experiment) with the
+    pipeline's outcome, and its children still RUNNING as KILLED (their process never ended them).
+
+    Args:
+        tag: ``kubetune.pipeline_run_id`` (a cluster's exit handler) or ``kubetune.launch_id`` (the runner).
+        value: Its value.
+        state: The pipeline's final state: SUCCEEDED, FAILED or CANCELED (KFP's words).
+
+    Returns:
+        The ids of the parent runs ended.
+    """
+    from mlflow.tracking import MlflowClient
+
+    configure()
+    client, status = MlflowClient(), OUTCOMES.get(state.upper(), "FAILED")
+    ended = []
+    for parent in _search_all(f"tags.`{tag}` = '{value}' and tags.`{TAG_STAGE}` = 'pipeline' "
+                              "and attributes.status = 'RUNNING'"):
+        pid = parent.info.run_id
+        for child in _search_all(f"tags.`mlflow.parentRunId` = '{pid}' and attributes.status = 'RUNNING'"):
+            client.set_tag(child.info.run_id, "kubetune.ended_by", f"pipeline end ({state.lower()})")
+            client.set_terminated(child.info.run_id, "KILLED")
+        if "kubetune.status" not in parent.data.tags and status != "FINISHED":
+            client.set_tag(pid, "kubetune.status", "failed" if status == "FAILED" else "killed")
+        client.set_terminated(pid, status)
+        ended.append(pid)
+    return ended
+
+
+def end_orphans(tag: str, value: str, keep: str) -> list[str]:
+    """Mark RUNNING runs tagged ``tag`` = ``value`` other than ``keep`` KILLED, and their parent
+    runs too when they are another pipeline run's (a rerun resuming a killed run's checkpoint:
+    the run that wrote it is dead, and so is the pipeline run that started it)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    mine = client.get_run(keep).data.tags.get("mlflow.parentRunId")
+    killed = []
+    for run in _search_all(f"tags.`{tag}` = '{value}' and attributes.status = 'RUNNING'"):
+        if run.info.run_id == keep:
+            continue
+        client.set_tag(run.info.run_id, "kubetune.ended_by", f"resumed by run {keep}")
+        client.set_terminated(run.info.run_id, "KILLED")
+        killed.append(run.info.run_id)
+        parent = run.data.tags.get("mlflow.parentRunId")
+        if parent and parent != mine and client.get_run(parent).info.status == "RUNNING":
+            client.set_tag(parent, "kubetune.status", "killed")
+            client.set_terminated(parent, "KILLED")
+            killed.append(parent)
+    return killed
+

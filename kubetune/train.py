@@ -484,11 +484,15 @@ def _trainer(cfg: TrainConfig, model, data, collator: PackedCollator, tokenizer,
     return trainer
 
 
-def checkpoint_dir_for(workspace: str | Path, cfg: TrainConfig, data_fingerprint: str) -> Path:
-    """Checkpoints of one (config, data) pair: a rerun of the same job resumes, another starts fresh."""
-    import hashlib
+def checkpoint_dir_for(workspace: str | Path, cfg: TrainConfig, meta: dict) -> Path:
+    """Checkpoints of one job: a rerun of the same job resumes, another starts fresh.
 
-    key = hashlib.sha256(json.dumps([asdict(cfg), data_fingerprint], sort_keys=True).encode()).hexdigest()[:12]
+    The same job = the same training config, the same tokenized rows (data fingerprint with its
+    split, and the tokenize settings, from the tokenized folder's ``meta``) and the same code.
+    """
+    from kubetune.run_keys import code_hash, digest
+
+    key = digest(asdict(cfg), meta.get("fingerprint", ""), meta.get("tokenize"), code_hash())[:12]
     return Path(workspace) / "checkpoints" / key
 
 
@@ -508,12 +512,16 @@ def run_training(stage: str, cfg: TrainConfig, tokenized_dir: str | Path, output
     if int(os.environ.get("RANK", "0")) != 0:
         ctx = None  # one MLflow run per stage, owned by rank 0
     meta = json.loads((Path(tokenized_dir) / "meta.json").read_text())
-    ckpt = checkpoint_dir_for(workspace, cfg, meta.get("fingerprint", ""))
+    ckpt = checkpoint_dir_for(workspace, cfg, meta)
     tags = {"kubetune.method": cfg.method, "kubetune.base_model": cfg.base_model,
-            "kubetune.data_fingerprint": meta.get("fingerprint", "")}
+            "kubetune.data_fingerprint": meta.get("fingerprint", ""), "kubetune.checkpoint": ckpt.name}
     with maybe_stage(ctx, stage, tags=tags) as run:
         if run is not None:
             log_params({f"kubetune.{k}": v for k, v in asdict(cfg).items()})
+            if last_complete_checkpoint(ckpt) is not None:  # resuming: the run that wrote it was killed
+                from kubetune.tracking import end_orphans
+
+                end_orphans("kubetune.checkpoint", ckpt.name, keep=run.info.run_id)
         result = train(cfg, tokenized_dir, output_dir, ckpt, report_to_mlflow=run is not None, model=model,
                        callbacks=callbacks)
         if run is not None:

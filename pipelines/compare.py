@@ -10,6 +10,7 @@ from kfp import dsl
 from kubetune import kube
 from kubetune.compare import METHODS, Budget, CompareConfig, method_params
 from kubetune.components import compare_report
+from kubetune.lifecycle import with_exit_handler
 from kubetune.models import DEFAULT_BASE_MODEL
 from kubetune.runner import get_pipeline
 
@@ -44,4 +45,5 @@ def build(methods: list[str], profile=None, budget: Budget | None = None, data_u
         kube.on_cluster(profile, cpu=[report])
         return report.outputs["Output"]
 
-    return compare
+    # Built for a cluster only: its runs end in an exit handler (locally `kubetune compare` runs each method).
+    return with_exit_handler(compare, profile)

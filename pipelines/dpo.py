@@ -12,6 +12,7 @@ Compile it:       kubetune compile --out build/ [--profile profiles/h200x2.yaml]
 from kfp import dsl
 
 from kubetune import kube
+from kubetune.lifecycle import run_settings
 from kubetune.components import dpo, evaluate_policy, ingest, register, register_skipped, reward_model
 from kubetune.models import DEFAULT_BASE_MODEL
 
@@ -41,7 +42,10 @@ def build(profile: "kube.Profile | None" = None):
         run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
         lineage = dict(model_name=model_name, pipeline=NAME, run_id=run_id)
 
-        prefs = ingest(data_uri=data_uri, force=force, **lineage).set_display_name("ingest")
+        prefs = ingest(data_uri=data_uri, force=force, training=run_settings(
+            base_model=base_model, max_steps=max_steps, learning_rate=learning_rate, beta=beta,
+            judge_max_steps=judge_max_steps, train_settings=train_settings, judge_settings=judge_settings),
+            **lineage).set_display_name("ingest")
         with dsl.If(prefs.outputs["unchanged"] == False, name="data-changed"):  # noqa: E712 - a KFP condition
             trained = dpo(dataset=prefs.outputs["dataset"], base_model=base_model, max_steps=max_steps,
                           learning_rate=learning_rate, beta=beta, settings=train_settings, **lineage)

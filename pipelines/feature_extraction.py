@@ -14,6 +14,7 @@ Use the model:    mlflow.pyfunc.load_model("models:/reviews-head@champion").pred
 from kfp import dsl
 
 from kubetune import kube
+from kubetune.lifecycle import run_settings
 from kubetune.components import embed, evaluate_head, ingest, register, register_skipped, train_head
 
 NAME = "feature-extraction"
@@ -39,7 +40,9 @@ def build(profile: "kube.Profile | None" = None):
         run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
         lineage = dict(model_name=model_name, pipeline=NAME, run_id=run_id)
 
-        data = ingest(data_uri=data_uri, force=force, **lineage).set_display_name("ingest")
+        data = ingest(data_uri=data_uri, force=force, training=run_settings(
+            base_model=base_model, pooling=pooling, head=head, embed_settings=embed_settings,
+            train_settings=train_settings), **lineage).set_display_name("ingest")
         with dsl.If(data.outputs["unchanged"] == False, name="data-changed"):  # noqa: E712 - a KFP condition
             features = embed(dataset=data.outputs["dataset"], base_model=base_model, pooling=pooling,
                              settings=embed_settings, **lineage)

@@ -11,6 +11,7 @@ Compile it:       kubetune compile full --out build/ [--profile profiles/h200x2.
 from kfp import dsl
 
 from kubetune import kube
+from kubetune.lifecycle import run_settings
 from kubetune.components import evaluate, ingest, register, register_skipped, tokenize_data, train_full
 from kubetune.models import DEFAULT_BASE_MODEL
 
@@ -38,7 +39,9 @@ def build(profile: "kube.Profile | None" = None):
         run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
         lineage = dict(model_name=model_name, pipeline=NAME, run_id=run_id)
 
-        data = ingest(data_uri=data_uri, force=force, **lineage).set_display_name("ingest")
+        data = ingest(data_uri=data_uri, force=force, training=run_settings(
+            base_model=base_model, max_steps=max_steps, learning_rate=learning_rate, max_length=max_length,
+            train_settings=train_settings), **lineage).set_display_name("ingest")
         with dsl.If(data.outputs["unchanged"] == False, name="data-changed"):  # noqa: E712 - a KFP condition
             tokens = tokenize_data(dataset=data.outputs["dataset"], base_model=base_model, max_length=max_length,
                                    model_policy=train_settings)

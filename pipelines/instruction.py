@@ -12,6 +12,7 @@ Compile it:       kubetune compile instruction --out build/ [--profile profiles/
 from kfp import dsl
 
 from kubetune import kube
+from kubetune.lifecycle import run_settings
 from kubetune.components import evaluate, ingest, register, register_skipped, tokenize_data, train_full, train_peft
 from kubetune.models import DEFAULT_BASE_MODEL
 from kubetune.pipelines.peft import packing_for
@@ -42,7 +43,9 @@ def build(profile: "kube.Profile | None" = None):
         run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
         lineage = dict(model_name=model_name, pipeline=NAME, run_id=run_id)
 
-        data = ingest(data_uri=data_uri, force=force, **lineage).set_display_name("ingest")
+        data = ingest(data_uri=data_uri, force=force, training=run_settings(
+            base_model=base_model, method=method, max_steps=max_steps, learning_rate=learning_rate, lora_rank=lora_rank,
+            max_length=max_length, train_settings=train_settings), **lineage).set_display_name("ingest")
 
         def judge(trained, tokens):
             """evaluate then register one trained model (kfp.local cannot pass a OneOf of artifacts on)."""

@@ -1,8 +1,8 @@
 """Pipeline `moe` (experimental): ingest, tokenize, upcycle into a Mixture of Experts and train
 experts + routers, evaluate against the dense base, register.
 
-Skips the rest when the champion was trained on the same data (unless ``force``): see
-docs/registry.md for the pattern.
+Skips the rest when the champion was made by the same run (data and split, settings, code), unless
+``force``: see docs/registry.md for the pattern.
 
 Run it locally:   kubetune run moe [--set kind=lora --set num_experts=8]
 Compile it:       kubetune compile --out build/ [--profile profiles/h200x2.yaml]
@@ -11,6 +11,7 @@ Compile it:       kubetune compile --out build/ [--profile profiles/h200x2.yaml]
 from kfp import dsl
 
 from kubetune import kube
+from kubetune.lifecycle import run_settings
 from kubetune.components import evaluate, ingest, register, register_skipped, tokenize_data, train_moe
 from kubetune.models import DEFAULT_BASE_MODEL
 
@@ -41,7 +42,10 @@ def build(profile: "kube.Profile | None" = None):
         run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
         lineage = dict(model_name=model_name, pipeline=NAME, run_id=run_id)
 
-        data = ingest(data_uri=data_uri, force=force, **lineage).set_display_name("ingest")
+        data = ingest(data_uri=data_uri, force=force, training=run_settings(
+            base_model=base_model, num_experts=num_experts, top_k=top_k, kind=kind, max_steps=max_steps,
+            learning_rate=learning_rate, max_length=max_length, train_settings=train_settings),
+            **lineage).set_display_name("ingest")
         with dsl.If(data.outputs["unchanged"] == False, name="data-changed"):  # noqa: E712 - a KFP condition
             tokens = tokenize_data(dataset=data.outputs["dataset"], base_model=base_model, max_length=max_length,
                                    model_policy=train_settings)

@@ -1,7 +1,7 @@
 """Pipeline `peft`: ingest, tokenize, train a PEFT method, evaluate, register.
 
-Skips the rest when the champion was trained on the same data (unless ``force``): see
-docs/registry.md for the pattern.
+Skips the rest when the champion was made by the same run (data and split, settings, code), unless
+``force``: see docs/registry.md for the pattern.
 
 Run it locally:   kubetune run peft [--set method=dora --set max_steps=100]
 Compile it:       kubetune compile --out build/ [--profile profiles/h200x2.yaml]
@@ -12,6 +12,7 @@ from kfp import dsl
 from kubetune import kube
 from kubetune.components import evaluate, ingest, register, register_skipped, tokenize_data, train_peft
 from kubetune.image import CPU_IMAGE
+from kubetune.lifecycle import run_settings
 from kubetune.models import DEFAULT_BASE_MODEL
 
 NAME = "peft"
@@ -55,7 +56,9 @@ def build(profile: "kube.Profile | None" = None):
         run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
         lineage = dict(model_name=model_name, pipeline=NAME, run_id=run_id)
 
-        data = ingest(data_uri=data_uri, force=force, **lineage).set_display_name("ingest")
+        data = ingest(data_uri=data_uri, force=force, training=run_settings(
+            base_model=base_model, method=method, max_steps=max_steps, learning_rate=learning_rate, lora_rank=lora_rank,
+            max_length=max_length, train_settings=train_settings), **lineage).set_display_name("ingest")
         with dsl.If(data.outputs["unchanged"] == False, name="data-changed"):  # noqa: E712 - a KFP condition
             packing = packing_for(method=method)
             tokens = tokenize_data(dataset=data.outputs["dataset"], base_model=base_model, max_length=max_length,

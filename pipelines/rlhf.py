@@ -20,6 +20,7 @@ from typing import NamedTuple
 from kfp import dsl
 
 from kubetune import kube
+from kubetune.lifecycle import run_settings
 from kubetune.components import (evaluate_policy, ingest, ppo, preference_sft_data, register, register_skipped,
                                  reward_model, tokenize_data, train_peft)
 from kubetune.models import DEFAULT_BASE_MODEL
@@ -87,7 +88,10 @@ def build(profile: "kube.Profile | None" = None):
         run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
         lineage = dict(model_name=model_name, pipeline=NAME, run_id=run_id)
 
-        prefs = ingest(data_uri=data_uri, force=force, **lineage).set_display_name("ingest")
+        prefs = ingest(data_uri=data_uri, force=force, training=run_settings(
+            base_model=base_model, sft_max_steps=sft_max_steps, reward_max_steps=reward_max_steps, ppo_steps=ppo_steps,
+            learning_rate=learning_rate, max_length=max_length, sft_settings=sft_settings,
+            reward_settings=reward_settings, ppo_settings=ppo_settings), **lineage).set_display_name("ingest")
         with dsl.If(prefs.outputs["unchanged"] == False, name="data-changed"):  # noqa: E712 - a KFP condition
             sft_data = preference_sft_data(preferences=prefs.outputs["dataset"])
             tokens = tokenize_data(dataset=sft_data.outputs["dataset"], base_model=base_model, max_length=max_length,

@@ -122,7 +122,9 @@ def test_compare_compiles_as_a_pipeline_of_pipelines(tmp_path):
     out = tmp_path / "compare.yaml"
     assert main(["compare", "--methods", "full,lora,dora", "--budget", "steps:20", "--compile", str(out)]) == 0
     spec = yaml.safe_load(out.read_text())
-    tasks = spec["root"]["dag"]["tasks"]
+    assert sorted(spec["root"]["dag"]["tasks"]) == ["exit-handler-1", "finalize"]  # its runs end there
+    body = spec["components"][spec["root"]["dag"]["tasks"]["exit-handler-1"]["componentRef"]["name"]]["dag"]["tasks"]
+    tasks = spec["components"][body["compare"]["componentRef"]["name"]]["dag"]["tasks"]
     assert sorted(tasks) == ["compare-report", "full", "peft", "peft-2"]
     assert sorted(tasks["compare-report"]["dependentTasks"]) == ["full", "peft", "peft-2"]
     methods = {t["inputs"]["parameters"].get("method", {}).get("runtimeValue", {}).get("constant")

@@ -31,12 +31,65 @@ def test_base_scores_are_reused_only_for_an_identical_evaluation(tiny_llama, tin
                     *args)
     assert len(calls) == 2  # another setting: another key
 
+    # Other validation data, everything else equal: the tokenized rows alone, then the records alone.
+    tok_, records, rows, shape, general = args
+    ev._base_scores(cfg, tok_, records, rows[1:], shape, general)
+    assert len(calls) == 3
+    ev._base_scores(cfg, tok_, [dict(r) for r in reversed(records)], rows, shape, general)
+    assert len(calls) == 4
+    # Other kubetune code (metric or decoding changes): another key.
+    from kubetune import run_keys
+
+    code_hash = run_keys.code_hash
+    monkeypatch.setattr(run_keys, "code_hash", lambda: "other-code")
+    ev._base_scores(cfg, *args)
+    assert len(calls) == 5
+    monkeypatch.setattr(run_keys, "code_hash", code_hash)
+    ev._base_scores(cfg, *args)
+    assert len(calls) == 5  # the same code again: reused
+
     weights = next(tiny_llama.glob("*.safetensors"))
     st = weights.stat()
     os.utime(weights, (st.st_atime, st.st_mtime + 10))  # the base weights changed (as far as we can tell)
     ev._base_scores(cfg, *args)
-    assert len(calls) == 3
+    assert len(calls) == 6
 
     ev._base_scores(ev.EvaluateConfig(base_model=str(tiny_llama), max_examples=4, max_new_tokens=4, batch_size=4,
                                       reuse_base_scores=False), *args)
-    assert len(calls) == 4
+    assert len(calls) == 7
+
+
+def test_champion_scores_are_reused_only_for_the_same_validation_settings_and_code(
+        tiny_llama, tiny_tickets, mlflow_uri, tmp_path, monkeypatch):
+    """evaluate takes the champion's recorded numbers instead of scoring it again only when the
+    validation rows, the evaluate settings and the code all match the champion's evaluation."""
+    from kubetune import run_keys, tracking
+    from kubetune.stages.register import RegisterConfig, register
+    from kubetune.train import TrainConfig, run_training
+
+    monkeypatch.setenv("KUBETUNE_HOME", str(tmp_path / "home"))
+    ds, tok_dir = tiny_tickets
+    run_training("train-peft", TrainConfig(method="lora", max_steps=1, lora_rank=4, base_model=str(tiny_llama)),
+                 tok_dir, tmp_path / "model", tmp_path / "ws")
+    name = "reuse-check"
+    settings = dict(base_model=str(tiny_llama), model_name=name, max_examples=4, max_new_tokens=4, batch_size=4)
+    ev.evaluate(ev.EvaluateConfig(**settings), tmp_path / "model", ds, tok_dir, tmp_path / "eval.json")
+    register(RegisterConfig(model_name=name, not_worse_than_base=False), tmp_path / "model", tmp_path / "eval.json")
+    downloads = []
+    real = tracking.download_version
+    monkeypatch.setattr(tracking, "download_version", lambda *a, **k: downloads.append(a) or real(*a, **k))
+
+    def champion_scored_again(**changes) -> bool:
+        before = len(downloads)
+        report = ev.evaluate(ev.EvaluateConfig(**{**settings, **changes}), tmp_path / "model", ds, tok_dir,
+                             tmp_path / "again.json").report
+        assert str(report["champion_version"]) == "1" and report["champion"]
+        return len(downloads) > before
+
+    assert not champion_scored_again()  # everything equal: the recorded numbers
+    assert champion_scored_again(max_new_tokens=8)  # other settings
+    code_hash = run_keys.code_hash
+    monkeypatch.setattr(run_keys, "code_hash", lambda: "other-code")
+    assert champion_scored_again()  # other code
+    monkeypatch.setattr(run_keys, "code_hash", code_hash)
+    assert run_keys.eval_key("val-a", {"x": 1}) != run_keys.eval_key("val-b", {"x": 1})  # other validation rows

@@ -78,6 +78,23 @@ def test_split_is_deterministic_and_fingerprint_ignores_order(tmp_path):
     assert a.counts == {"rows_read": 50, "duplicates_dropped": 0, "rows_valid": 50, "train": 45, "validation": 5}
 
 
+def test_fingerprint_covers_the_split(tmp_path):
+    """The same rows split another way are other data: other training rows, other validation rows."""
+    rows = [{"instruction": f"topic {i % 5}", "input": f"row {i}", "output": "ok"} for i in range(50)]
+    src = str(write_jsonl(tmp_path / "a.jsonl", rows))
+    base = ingest(IngestConfig(data_uri=src, seed=3), tmp_path / "A")
+    meta = load_dataset_dir(tmp_path / "A")[0]
+    assert meta["validation_fingerprint"] == fingerprint(load_dataset_dir(tmp_path / "A")[2])
+    others = [ingest(IngestConfig(data_uri=src, seed=4), tmp_path / "seed"),
+              ingest(IngestConfig(data_uri=src, seed=3, validation_fraction=0.2), tmp_path / "fraction"),
+              ingest(IngestConfig(data_uri=src, seed=3, group_by="instruction"), tmp_path / "grouped")]
+    fps = [base.fingerprint] + [o.fingerprint for o in others]
+    assert len(set(fps)) == len(fps), fps
+    # The same rows and split from another place are the same data.
+    again = ingest(IngestConfig(data_uri=str(write_jsonl(tmp_path / "copy.jsonl", rows)), seed=3), tmp_path / "B")
+    assert again.fingerprint == base.fingerprint
+
+
 def test_duplicates_dropped_with_count_or_fail(tmp_path):
     src = write_jsonl(tmp_path / "d.jsonl", [{"text": "a"}, {"text": "b"}, {"text": "a"}, {"text": "c"}])
     assert ingest(IngestConfig(data_uri=str(src)), tmp_path / "o").counts["duplicates_dropped"] == 1

@@ -9,6 +9,7 @@ runs on the tiny Llama through kfp.local; the checks read PostgreSQL with psycop
 from __future__ import annotations
 
 import os
+import time
 import uuid
 from contextlib import closing
 
@@ -73,3 +74,39 @@ def test_pipeline_registers_through_the_server_into_postgres(tiny_llama, tiny_ti
     assert logged.get(("ingest", "data_train"), 0) == 1, sorted(logged)
     assert logged.get(("train-peft", "loss"), 0) == PARAMS["max_steps"], sorted(logged)  # one per step
     assert logged.get(("evaluate", metric), 0) == 1, sorted(logged)
+
+
+def test_alias_lock_is_a_postgres_advisory_lock_a_killed_holder_cannot_leave_behind(tmp_path, monkeypatch):
+    """With PostgreSQL as the tracking store the lock is PostgreSQL's advisory lock: a holder
+    killed inside it frees it with its connection, so three waiters arriving next enter one at a
+    time at once (the stale age is far off), and no lock model is ever created."""
+    import subprocess
+    import sys
+
+    import mlflow
+    from mlflow.tracking import MlflowClient
+    from test_registry import CRASHER, LOCKER, assert_disjoint, start_together
+
+    from kubetune import tracking
+
+    # SQLAlchemy 2.1 reads a bare postgresql:// as psycopg 3; the image has psycopg2.
+    uri = POSTGRES_URI.replace("postgresql://", "postgresql+psycopg2://", 1)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+    monkeypatch.setenv("KUBETUNE_LOCK_STALE_S", "600")
+    monkeypatch.chdir(tmp_path)
+    mlflow.set_tracking_uri(uri)
+    MlflowClient().search_registered_models(max_results=1)  # the schema exists before processes race to it
+    name = f"pglock-{uuid.uuid4().hex[:8]}"
+    crashed = subprocess.run([sys.executable, "-c", CRASHER, name], capture_output=True, text=True, timeout=120)
+    assert crashed.returncode == 9, crashed.stderr[-2000:]
+    log = tmp_path / "lock.log"
+    t0 = time.monotonic()
+    procs = start_together([[LOCKER, name, str(log), "3", "0.2"]] * 3)
+    for p in procs:
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0 and "DONE" in out, err[-3000:]
+    assert time.monotonic() - t0 < 60
+    assert_disjoint(log, 3, 3)
+    assert not MlflowClient().search_registered_models(f"name LIKE '{name}{tracking.LOCK_SUFFIX}%'")
+    mlflow.set_tracking_uri(None)

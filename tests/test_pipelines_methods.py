@@ -41,8 +41,10 @@ def test_instruction_pipeline_prompt_tuning_on_multi_turn_chat(tiny_llama, tmp_p
     out = run_local("instruction", {"base_model": str(tiny_llama), "data_uri": str(_subset(tmp_path, "chat", 40)),
                                     "method": "prompt", "model_name": "tiny-chat", "max_steps": 4,
                                     "eval_settings": {**EVAL, "primary_metric": "exact_match"}}, workdir=tmp_path)
-    assert out["version"] == "1" and out["promoted"] and out["primary_metric"] == "exact_match"
-    v1 = tracking.get_alias("tiny-chat", "champion")
+    assert out["version"] == "1" and out["primary_metric"] == "exact_match"
+    # A first version becomes champion only by beating the base (4 steps on a tiny model may tie it).
+    assert out["promoted"] == (out["candidate"] > out["base"]), out
+    v1 = tracking.get_alias("tiny-chat", "challenger")
     assert v1.tags["kubetune.method"] == "prompt" and v1.tags["kubetune.pipeline"] == "instruction"
     assert "eval.rouge_l" in v1.tags and "eval.general_perplexity" in v1.tags
 

@@ -21,7 +21,7 @@ import pytest
 
 from kubetune import tracking
 from kubetune.cli import main
-from kubetune.registry_ops import Gates, check_gates, data_unchanged
+from kubetune.registry_ops import Gates, check_gates, unchanged
 from kubetune.stages.register import RegisterConfig, register
 from kubetune.tracking import RunContext
 
@@ -41,8 +41,10 @@ def backend(request, tmp_path, monkeypatch):
 
 def make_version(tmp: Path, name: str, em: float, champion: dict | None = None, champion_version=None,
                  forgetting: float | None = 0.02, fingerprint: str = "fp-aaaa", cfg: dict | None = None,
-                 run_id: str = "run-1"):
-    """A stand-in trained-model folder + eval.json, registered through the register stage."""
+                 run_id: str | None = None):
+    """A stand-in trained-model folder + eval.json, registered through the register stage
+    (each call another pipeline run unless ``run_id`` says otherwise)."""
+    run_id = run_id or f"run-{uuid.uuid4().hex[:8]}"
     d = tmp / f"v-{uuid.uuid4().hex[:6]}"
     (d / "model").mkdir(parents=True)
     (d / "model" / "adapter_model.safetensors").write_bytes(os.urandom(64))
@@ -97,8 +99,18 @@ def test_a_first_run_worse_than_the_base_model_does_not_become_champion():
     worse = check_gates("accuracy", {"accuracy": 0.1667}, base, None, None, None, Gates())
     assert not worse.promote and "worse than the base model's (0.2333)" in worse.reason
     assert worse.checks["champion"] == "pass: no champion yet" and worse.checks["base"].startswith("fail")
+    # A first version must beat the base, not tie it (one step spent in warm-up changes nothing) ...
     tie = check_gates("accuracy", {"accuracy": 0.2333}, base, None, None, None, Gates())
-    assert tie.promote and tie.checks["base"].startswith("pass")  # not worse is enough; the champion gate is strict
+    assert not tie.promote and tie.reason == "accuracy 0.2333 does not beat the base model's (0.2333); a first " \
+                                             "version must"
+    assert not check_gates("val_loss", {"val_loss": 1.0}, base, None, None, None, Gates()).promote
+    assert check_gates("val_loss", {"val_loss": 0.99}, base, None, None, None, Gates()).promote
+    # A Mixture-of-Agents trains nothing: tying its best single proposer (its "base") is enough.
+    assert check_gates("accuracy", {"accuracy": 0.2333}, base, None, None, None, Gates(),
+                       first_beats_base=False).promote
+    # ... a later one must beat the champion (strictly) and not be worse than the base.
+    later = check_gates("accuracy", {"accuracy": 0.2333}, base, {"accuracy": 0.2}, "1", None, Gates())
+    assert later.promote and later.checks["base"].startswith("pass")
     assert not check_gates("val_loss", {"val_loss": 1.1}, base, None, None, None, Gates()).promote
     off = check_gates("accuracy", {"accuracy": 0.1667}, base, None, None, None, Gates(not_worse_than_base=False))
     assert off.promote and off.checks["base"] == "pass: gate off"
@@ -251,6 +263,7 @@ LOCKER = textwrap.dedent("""
     from kubetune import tracking
     tracking.configure()
     name, log, rounds = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    hold = float(sys.argv[4]) if len(sys.argv) > 4 else 0.002
     tracking.get_alias(name, "champion")  # warm up: the first registry call opens the store
     print("READY", flush=True)
     t0 = float(sys.stdin.readline())
@@ -260,7 +273,7 @@ LOCKER = textwrap.dedent("""
         with tracking.alias_lock(name, "champion"):
             with open(log, "a") as f:
                 f.write(f"in {os.getpid()}\\n")
-            time.sleep(0.002)
+            time.sleep(hold)
             with open(log, "a") as f:
                 f.write(f"out {os.getpid()}\\n")
     print("DONE", flush=True)
@@ -282,12 +295,126 @@ def test_alias_lock_under_contention_excludes_and_never_errors(backend, tmp_path
     for p in procs:
         out, err = p.communicate(timeout=240)
         assert p.returncode == 0 and "DONE" in out, err[-3000:]
-    lines = log.read_text().split("\n")[:-1]
-    assert len(lines) == 2 * 3 * 25
-    for enter, leave in zip(lines[::2], lines[1::2]):
-        assert enter.startswith("in ") and leave == "out " + enter[3:], (enter, leave)
-    assert len({ln.split()[1] for ln in lines}) == 3
+    assert_disjoint(log, 3, 25)
+    assert len(set(log.read_text().split()[1::2])) == 3
     assert not versions_of(name + tracking.LOCK_SUFFIX + "champion")
+
+
+def assert_disjoint(log: Path, holders: int, rounds: int) -> None:
+    """Every in/out window in the lock log belongs to one process, none overlaps another."""
+    lines = log.read_text().split("\n")[:-1]
+    assert len(lines) == 2 * holders * rounds
+    for enter, leave in zip(lines[::2], lines[1::2]):
+        assert enter.startswith("in ") and leave == "out " + enter[3:], (enter, leave, lines)
+
+
+CRASHER = textwrap.dedent("""
+    import os, sys
+    from kubetune import tracking
+    tracking.configure()
+    with tracking.alias_lock(sys.argv[1], "champion"):
+        os._exit(9)  # killed while holding the lock: it stays behind
+""")
+
+
+def test_a_lock_left_by_a_killed_holder_is_broken_by_one_waiter(backend, tmp_path, monkeypatch):
+    """A holder dies inside the lock; three waiters arrive together. Once the lock is stale,
+    exactly one of them breaks it, and the three still enter one at a time."""
+    monkeypatch.setenv("KUBETUNE_LOCK_STALE_S", "3")
+    name = f"{backend}-stale"
+    make_version(tmp_path, name, 0.4)
+    crashed = subprocess.run([sys.executable, "-c", CRASHER, name], capture_output=True, text=True, timeout=120)
+    assert crashed.returncode == 9, crashed.stderr[-2000:]
+    from mlflow.tracking import MlflowClient
+
+    lock = name + tracking.LOCK_SUFFIX + "champion"
+    assert MlflowClient().get_registered_model(lock).tags["kubetune.lock_token"]  # the stale lock is there
+    log = tmp_path / "lock.log"
+    procs = start_together([[LOCKER, name, str(log), "2", "0.5"]] * 3)
+    errs = []
+    for p in procs:
+        out, err = p.communicate(timeout=240)
+        assert p.returncode == 0 and "DONE" in out, err[-3000:]
+        errs.append(err)
+    assert_disjoint(log, 3, 2)
+    assert sum(e.count("broke registry lock") for e in errs) == 1, errs
+    assert not [m for m in MlflowClient().search_registered_models(f"name LIKE '{lock}%'")]
+
+
+def test_release_checks_the_holders_token(backend, tmp_path, monkeypatch):
+    """A holder deletes the lock only while it carries its own token, and not after holding it
+    for half the stale age (a waiter may be breaking it); such a lock is broken when stale."""
+    from mlflow.tracking import MlflowClient
+
+    from kubetune.errors import StageError
+
+    monkeypatch.setenv("KUBETUNE_LOCK_STALE_S", "2")
+    name = f"{backend}-token"
+    lock = name + tracking.LOCK_SUFFIX + "champion"
+    client = MlflowClient()
+    with pytest.warns(UserWarning, match="another holder's token"):
+        with tracking.alias_lock(name, "champion"):
+            # Meanwhile the lock was broken and taken by another holder (token "other").
+            client.delete_registered_model(lock)
+            client.create_registered_model(lock, tags={"kubetune.lock_token": "other"})
+    assert client.get_registered_model(lock).tags["kubetune.lock_token"] == "other"  # not deleted
+    # Its holder never comes back: a waiter gives up with a one-line error before the lock is stale ...
+    t0 = time.monotonic()
+    with pytest.raises(StageError, match=f"registry lock {lock} not free after 1 s"):
+        with tracking.alias_lock(name, "champion", timeout=1.0):
+            pass
+    # ... and one that waits longer than the stale age breaks it.
+    with pytest.warns(UserWarning, match="broke registry lock"):
+        with tracking.alias_lock(name, "champion"):
+            assert client.get_registered_model(lock).tags["kubetune.lock_token"] != "other"
+    assert time.monotonic() - t0 >= 2.0
+    # Held for longer than half the stale age: left for a waiter to break, not deleted.
+    with pytest.warns(UserWarning, match="not deleted"):
+        with tracking.alias_lock(name, "champion"):
+            time.sleep(1.1)
+    assert client.get_registered_model(lock)
+
+
+def test_register_run_twice_finds_its_own_version(mlflow_uri, tmp_path):
+    """A retried register task (same pipeline run) makes no second version; it restores what the
+    first attempt did not finish (here: the aliases)."""
+    name = f"reg-{uuid.uuid4().hex[:8]}"
+    first = make_version(tmp_path, name, 0.4, run_id="kfp-run-1")
+    assert first.promoted and versions_of(name) == ["1"]
+    from mlflow.tracking import MlflowClient
+
+    for alias in ("champion", "challenger"):  # as if the first attempt died after creating the version
+        MlflowClient().delete_registered_model_alias(name, alias)
+    again = make_version(tmp_path, name, 0.4, run_id="kfp-run-1")
+    assert versions_of(name) == ["1"] and again.version == "1" and again.promoted
+    assert champion_of(name) == "1" and str(tracking.get_alias(name, "challenger").version) == "1"
+    assert tracking.get_version(name, "1").tags["kubetune.registered_by"] == "kfp-run-1/peft"
+    other = make_version(tmp_path, name, 0.3, champion={"exact_match": 0.4}, champion_version="1", run_id="kfp-run-2")
+    assert other.version == "2" and versions_of(name) == ["2", "1"]
+
+
+def test_register_decides_before_creating_and_fails_cleanly_on_a_held_lock(mlflow_uri, tmp_path, monkeypatch):
+    """A lock that is not freed in time fails register with a one-line StageError before any
+    version exists; a lock left by a killed holder is broken within the wait, and register goes on."""
+    from mlflow.tracking import MlflowClient
+
+    from kubetune.errors import StageError
+
+    name = f"reg-{uuid.uuid4().hex[:8]}"
+    lock = name + tracking.LOCK_SUFFIX + "champion"
+    MlflowClient().create_registered_model(lock, tags={"kubetune.lock_token": "killed-holder"})
+    monkeypatch.setenv("KUBETUNE_LOCK_STALE_S", "60")
+    monkeypatch.setenv("KUBETUNE_LOCK_WAIT_S", "1")
+    with pytest.raises(StageError, match="not free after 1 s .*nothing was registered"):
+        make_version(tmp_path, name, 0.4)
+    assert versions_of(name) == [] and tracking.get_alias(name, "challenger") is None
+    monkeypatch.setenv("KUBETUNE_LOCK_STALE_S", "1")
+    monkeypatch.delenv("KUBETUNE_LOCK_WAIT_S")  # the default wait is longer than the stale age
+    with pytest.warns(UserWarning, match="broke registry lock"):
+        v1 = make_version(tmp_path, name, 0.4)
+    assert v1.promoted and versions_of(name) == ["1"]
+    tags = tracking.get_version(name, "1").tags
+    assert tags["kubetune.decision"] == "promoted" and tags["gate.champion"] == "pass: no champion yet"
 
 
 # ---------------------------------------------------------------- skip when nothing changed
@@ -300,7 +427,9 @@ def test_pipeline_compiles_with_skip_branch(tmp_path):
 
     (path,) = compile_all(tmp_path, None, ["peft"])
     spec = yaml.safe_load(path.read_text())
-    root = spec["root"]["dag"]["tasks"]
+    # The pipeline's own DAG sits inside the exit handler (tests/test_lifecycle.py).
+    body = spec["components"][spec["root"]["dag"]["tasks"]["exit-handler-1"]["componentRef"]["name"]]["dag"]["tasks"]
+    root = spec["components"][body["peft"]["componentRef"]["name"]]["dag"]["tasks"]
     assert "ingest" in root and not any(k in root for k in ("train-peft", "register", "register-skipped"))
     branches = spec["components"][root["condition-branches-1"]["componentRef"]["name"]]["dag"]["tasks"]
     conds = {k: t["triggerPolicy"]["condition"] for k, t in branches.items()}
@@ -312,7 +441,24 @@ def test_pipeline_compiles_with_skip_branch(tmp_path):
     assert set(spec["components"][f"comp-{unchanged}"]["dag"]["tasks"]) == {"register-skipped"}
 
 
-def test_skip_when_unchanged_ends_run_without_new_version(mlflow_uri, tmp_path, tiny_llama):
+def test_unchanged_compares_the_run_key(mlflow_uri, tmp_path):
+    name = f"key-{uuid.uuid4().hex[:6]}"
+    assert unchanged(name, "k1") == (False, "no champion yet")
+    make_version(tmp_path, name, 0.4)
+    tracking.set_version_tags(name, "1", {"kubetune.run_key": "k1"})
+    same, why = unchanged(name, "k1")
+    assert same and why.startswith("skipped: nothing changed") and "v1" in why
+    assert unchanged(name, "k1", force=True)[0] is False
+    assert unchanged(name, "k2") == (False, "changed: run key k2 (champion v1 was made by k1)")
+
+
+def test_other_settings_train_and_the_same_run_skips(mlflow_uri, tmp_path, tiny_llama):
+    """On the champion's data, a run with other settings trains (as `kubetune run peft --set
+    method=dora` after `make run` must); once the champion was made by this very run (same data,
+    split, settings and code), the same run is skipped. Each pipeline run's parent ends FINISHED
+    and no run is left RUNNING."""
+    import mlflow
+
     from kubetune.runner import format_summary, run_local
     from kubetune.stages.ingest import IngestConfig, _ingest
 
@@ -322,24 +468,42 @@ def test_skip_when_unchanged_ends_run_without_new_version(mlflow_uri, tmp_path, 
     data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     fp = _ingest(IngestConfig(data_uri=str(data)), tmp_path / "ing", tmp_path / "cache").fingerprint
     name = f"skip-{uuid.uuid4().hex[:6]}"
-    make_version(tmp_path, name, 0.4, fingerprint=fp)  # the champion, trained on exactly this data
-    assert data_unchanged(name, fp) == (True, f"skipped: data unchanged (fingerprint {fp} = champion v1's)")
-    assert data_unchanged(name, fp, force=True)[0] is False
-    assert data_unchanged(name, "0" * 16)[0] is False
+    make_version(tmp_path, name, 0.4, fingerprint=fp)  # the champion: this data, other settings
+    params = {"data_uri": str(data), "base_model": str(tiny_llama), "model_name": name, "max_steps": 1,
+              "method": "dora", "eval_settings": {"max_examples": 4, "max_new_tokens": 8}}
+    # Evaluated on these validation rows with these settings: evaluate takes its recorded numbers
+    # (a stand-in's weights could not be scored again).
+    from dataclasses import asdict
 
-    summary = run_local("peft", {"data_uri": str(data), "base_model": str(tiny_llama), "model_name": name,
-                                 "max_steps": 1}, workdir=tmp_path)
+    from kubetune.run_keys import eval_key
+    from kubetune.stages.evaluate import EvaluateConfig
+
+    settings = asdict(EvaluateConfig(base_model=str(tiny_llama), **params["eval_settings"]))
+    validation = json.loads((tmp_path / "ing" / "meta.json").read_text())["validation_fingerprint"]
+    tracking.set_version_tags(name, "1", {"kubetune.eval_key": eval_key(validation, {
+        k: v for k, v in settings.items() if k not in ("model_name", "reuse_base_scores")})})
+
+    trained = run_local("peft", params, workdir=tmp_path)
+    assert not trained.get("skipped") and trained["version"] == "2" and champion_of(name) == "1"
+    key = tracking.get_version(name, "2").tags["kubetune.run_key"]
+    assert key and key != tracking.get_version(name, "1").tags.get("kubetune.run_key")
+
+    tracking.set_version_tags(name, "1", {"kubetune.run_key": key})  # as if v1 had been made by this run
+    summary = run_local("peft", params, workdir=tmp_path)
     assert summary["skipped"] is True and summary["promoted"] is False
-    assert summary["reason"].startswith("skipped: data unchanged") and summary["version"] == "1"
+    assert summary["reason"].startswith("skipped: nothing changed") and summary["version"] == "1"
     assert "skipped" in format_summary(summary)
-    assert versions_of(name) == ["1"] and champion_of(name) == "1"
-    # Recorded in MLflow: the pipeline's parent run and a register child run say skipped.
-    import mlflow
-
+    assert versions_of(name) == ["2", "1"] and champion_of(name) == "1"
+    # Recorded in MLflow: each pipeline run's parent ended; the skipped one has a register child.
     runs = mlflow.search_runs(experiment_names=[f"kubetune/{name}"], output_format="list")
-    parent = [r for r in runs if r.data.tags.get("kubetune.stage") == "pipeline"
-              and r.data.tags.get("kubetune.pipeline_run_id") != "run-1"]
-    assert len(parent) == 1 and parent[0].data.tags["kubetune.status"] == "skipped"
+    parents = [r for r in runs if r.data.tags.get("kubetune.stage") == "pipeline"
+               and r.data.tags.get("kubetune.launch_id")]  # the two `kubetune run`s (not the stand-in's)
+    launched = {p.data.tags["kubetune.pipeline_run_id"] for p in parents}
+    assert not [r.info.run_name for r in runs if r.info.status == "RUNNING"
+                and r.data.tags.get("kubetune.pipeline_run_id") in launched]
+    assert sorted(p.data.tags["kubetune.status"] for p in parents) == ["challenger", "skipped"]
+    assert {p.info.status for p in parents} == {"FINISHED"}
+    skipped = next(p for p in parents if p.data.tags["kubetune.status"] == "skipped")
     stages = {r.data.tags.get("kubetune.stage") for r in runs
-              if r.data.tags.get("kubetune.pipeline_run_id") == parent[0].data.tags["kubetune.pipeline_run_id"]}
+              if r.data.tags.get("kubetune.pipeline_run_id") == skipped.data.tags["kubetune.pipeline_run_id"]}
     assert stages == {"pipeline", "ingest", "register"}

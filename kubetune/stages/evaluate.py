@@ -239,14 +239,16 @@ def _base_scores(cfg: EvaluateConfig, tok, val_records, val_rows, shape, general
     Every run of every method on the same data scores the same base model the same way; on 2 CPU
     cores that is a minute or more each time. The key covers everything the numbers depend on:
     the base weights (path, size and mtime of each file), the validation rows and records, the
-    settings, the general text and the torch/transformers/kubetune versions and the device.
+    settings, the general text, the kubetune source (``run_keys.code_hash``: metric and decoding
+    code change between releases), the torch/transformers versions and the device.
     """
     import hashlib
 
     import torch
     import transformers
 
-    from kubetune import __version__, models
+    from kubetune import models
+    from kubetune.run_keys import code_hash
 
     device = models.pick_device()
     path = Path(models.resolve(cfg.base_model))
@@ -257,7 +259,7 @@ def _base_scores(cfg: EvaluateConfig, tok, val_records, val_rows, shape, general
         "labels": [r.get("labels") for r in val_rows], "records": val_records[: cfg.max_examples],
         "shape": shape, "general": general, "device": device,
         "settings": [cfg.max_new_tokens, cfg.max_examples, cfg.batch_size, cfg.forgetting],
-        "versions": [__version__, torch.__version__, transformers.__version__],
+        "versions": [code_hash(), torch.__version__, transformers.__version__],
     }, sort_keys=True, default=str)
     cache = models.kubetune_home() / "cache" / "base_scores" / f"{hashlib.sha256(key_src.encode()).hexdigest()}.json"
     if cfg.reuse_base_scores and path.is_dir() and cache.exists():
@@ -326,6 +328,12 @@ def evaluate(cfg: EvaluateConfig, model_dir: str | Path, dataset_dir: str | Path
         raise ConfigError(f"primary_metric '{metric}' needs reference answers; the data shape '{shape}' has none")
 
     policy = models.LoadPolicy(trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle)
+    # The champion's recorded scores are reused only for the same validation rows, evaluate
+    # settings and code; anything else and it is scored again.
+    from kubetune.run_keys import eval_key
+
+    key = eval_key(meta.get("validation_fingerprint") or meta["fingerprint"],
+                   {k: v for k, v in asdict(cfg).items() if k not in ("model_name", "reuse_base_scores")})
     with maybe_stage(ctx, "evaluate", params=asdict(cfg)) as run:
         candidate = score_model(load_model_artifact(model_dir, policy), tok, val_records, val_rows, shape, cfg,
                                 general)
@@ -336,9 +344,8 @@ def evaluate(cfg: EvaluateConfig, model_dir: str | Path, dataset_dir: str | Path
             holder = tracking.get_alias(cfg.model_name, tracking.CHAMPION)
             if holder is not None:
                 champion_version = holder.version
-                recorded = holder.tags.get("kubetune.eval_fingerprint") == meta["fingerprint"] and \
-                    f"eval.{metric}" in holder.tags
-                if recorded:  # same validation data, deterministic greedy eval: reuse its numbers
+                recorded = holder.tags.get("kubetune.eval_key") == key and f"eval.{metric}" in holder.tags
+                if recorded:  # same validation rows, settings and code; greedy eval: reuse its numbers
                     champion = {k[len("eval."):]: float(v) for k, v in holder.tags.items() if k.startswith("eval.")}
                 else:
                     with tempfile.TemporaryDirectory() as tmp:
@@ -364,6 +371,8 @@ def evaluate(cfg: EvaluateConfig, model_dir: str | Path, dataset_dir: str | Path
             "beats_champion": champion is None or better(candidate[metric], champion[metric], metric,
                                                          cfg.min_improvement),
             "data_fingerprint": meta["fingerprint"],
+            "validation_fingerprint": meta.get("validation_fingerprint"),
+            "eval_key": key,
             "validation_examples": len(val_records),
         }
         if run is not None:

@@ -58,6 +58,10 @@ def evaluate_head(cfg: EvaluateHeadConfig, model_dir: str | Path, embeddings_dir
     labels = meta["labels"]
     ref = [labels[i] for i in t["validation_y"].tolist()]
     metric = cfg.primary_metric
+    from kubetune.run_keys import eval_key
+
+    key = eval_key(meta.get("validation_fingerprint") or meta["fingerprint"],
+                   {k: v for k, v in asdict(cfg).items() if k != "model_name"})
     with maybe_stage(ctx, "evaluate-head", params=asdict(cfg)) as run:
         head = Head.load(artifact_dir(model_dir))
         candidate = classification_metrics(head.predict(t["validation_x"]), ref, labels)
@@ -68,8 +72,8 @@ def evaluate_head(cfg: EvaluateHeadConfig, model_dir: str | Path, embeddings_dir
             holder = tracking.get_alias(cfg.model_name, tracking.CHAMPION)
             if holder is not None:
                 champion_version = holder.version
-                if holder.tags.get("kubetune.eval_fingerprint") == meta["fingerprint"] and \
-                        f"eval.{metric}" in holder.tags:  # same validation data: its recorded numbers hold
+                if holder.tags.get("kubetune.eval_key") == key and \
+                        f"eval.{metric}" in holder.tags:  # same validation rows, settings, code: its numbers hold
                     champion = {k[len("eval."):]: float(v) for k, v in holder.tags.items() if k.startswith("eval.")}
                 else:  # other data (or an older version): run it on these texts
                     import mlflow.pyfunc
@@ -94,6 +98,8 @@ def evaluate_head(cfg: EvaluateHeadConfig, model_dir: str | Path, embeddings_dir
             "beats_base": higher(candidate[metric], base[metric]),
             "beats_champion": champion is None or higher(candidate[metric], champion[metric]),
             "data_fingerprint": meta["fingerprint"],
+            "validation_fingerprint": meta.get("validation_fingerprint"),
+            "eval_key": key,
             "validation_examples": len(ref),
         }
         if run is not None:

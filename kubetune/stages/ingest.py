@@ -295,6 +295,19 @@ def fingerprint(records: list[dict]) -> str:
     return hashlib.sha256("\n".join(digests).encode()).hexdigest()[:16]
 
 
+def split_fingerprint(train: list[dict], val: list[dict], cfg: "IngestConfig") -> str:
+    """Fingerprint of the data as split: each split's content and every split setting.
+
+    The same rows split another way (seed, fraction, grouping) train another model and are
+    scored on other validation rows, so they are other data. Every setting but the URI counts
+    (whatever the config holds, new split settings included); the URI does not: the same
+    content from another place is the same data.
+    """
+    settings = {k: v for k, v in asdict(cfg).items() if k != "data_uri"}
+    payload = json.dumps([fingerprint(train), fingerprint(val), settings], sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
 def validate(split_records: dict[str, list[tuple[str, Any]]], shape: str = "auto",
              duplicates: str = "drop") -> tuple[str, dict[str, list[dict]], dict[str, int]]:
     """Validate all records; return (shape, {split: records}, counts) or raise DataError."""
@@ -466,8 +479,9 @@ def _ingest(cfg: IngestConfig, output_dir: Path, cache_dir: str | Path | None) -
     counts.update(rows_valid=len(train) + len(val), train=len(train), validation=len(val))
     if shape == "classification":
         counts["labels"] = len({r["label"] for r in train})
-    fp = fingerprint(train + val)
-    meta = {"shape": shape, "fingerprint": fp, "counts": counts, "source": cfg.data_uri, "seed": cfg.seed}
+    fp, val_fp = split_fingerprint(train, val, cfg), fingerprint(val)
+    meta = {"shape": shape, "fingerprint": fp, "validation_fingerprint": val_fp, "counts": counts,
+            "source": cfg.data_uri, "seed": cfg.seed}
     tmp = output_dir.with_name(output_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

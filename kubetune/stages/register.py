@@ -18,8 +18,12 @@ from pathlib import Path
 
 from kubetune.config import setting
 from kubetune.errors import ConfigError, StageError
-from kubetune.registry_ops import Decision, Gates, check_gates, model_card
+from kubetune.registry_ops import RUN_KEY_TAG, Decision, Gates, check_gates, model_card
 from kubetune.tracking import RunContext, maybe_stage
+
+
+# On each version: the pipeline run (and pipeline) that registered it, so a retry finds it.
+REGISTER_KEY_TAG = "kubetune.registered_by"
 
 
 @dataclass
@@ -32,7 +36,8 @@ class RegisterConfig:
     require_complete: bool = setting(True, "Refuse champion unless the evaluation is complete: primary metric "
                                            "for candidate, base and champion, forgetting when gated.")
     not_worse_than_base: bool = setting(True, "Refuse champion to a candidate worse than the base model on the "
-                                              "primary metric (MoA: the best single proposer).")
+                                              "primary metric (MoA: the best single proposer), and to a first "
+                                              "version that does not beat it.")
 
     def __post_init__(self):
         if not self.model_name:
@@ -75,7 +80,11 @@ def decide_all(report: dict, cfg: RegisterConfig) -> Decision:
     """The gate checks on evaluate's numbers (see ``kubetune.registry_ops.check_gates``)."""
     return check_gates(report["primary_metric"], report["candidate"], report.get("base"), report.get("champion"),
                        None if report.get("champion_version") is None else str(report["champion_version"]),
-                       report.get("forgetting"), gates(report, cfg), evaluated=bool(report.get("evaluated")))
+                       report.get("forgetting"), gates(report, cfg), evaluated=bool(report.get("evaluated")),
+                       # A trained model must beat the model it was trained from; a Mixture-of-Agents
+                       # (its "base" is its best single proposer, named in base_name) trains nothing
+                       # that could have failed to learn, so it must only not be worse than it.
+                       first_beats_base=not report.get("base_name"))
 
 
 def decide(report: dict, cfg: RegisterConfig) -> tuple[bool, str]:
@@ -107,6 +116,8 @@ def register(cfg: RegisterConfig, model_dir: str | Path, report_path: str | Path
     report = _check_evaluated(report_path, model_dir)
     manifest = json.loads((model_dir / "kubetune_method.json").read_text())
     metric = report["primary_metric"]
+    # A pipeline run registers once per model: a retried task (same KFP run) finds its version.
+    pipeline_run = f"{ctx.pipeline_run_id}/{ctx.pipeline}" if ctx is not None else None
     ctx = ctx or RunContext(model_name=cfg.model_name, pipeline_run_id="manual")
     decision = decide_all(report, cfg)
     promote, reason = decision.promote, decision.reason
@@ -126,7 +137,8 @@ def register(cfg: RegisterConfig, model_dir: str | Path, report_path: str | Path
             "kubetune.base_model": manifest.get("base_model", ""),
             "kubetune.method": manifest.get("method", ""),
             "kubetune.data_fingerprint": manifest.get("data_fingerprint") or report.get("data_fingerprint", ""),
-            "kubetune.eval_fingerprint": report.get("data_fingerprint", ""),
+            "kubetune.eval_fingerprint": report.get("validation_fingerprint") or report.get("data_fingerprint", ""),
+            "kubetune.eval_key": report.get("eval_key", ""),
             "kubetune.primary_metric": metric,
             **{f"eval.{k}": v for k, v in numbers(report["candidate"]).items()},
             **({"eval.forgetting": report["forgetting"]} if report.get("forgetting") is not None else {}),
@@ -141,35 +153,48 @@ def register(cfg: RegisterConfig, model_dir: str | Path, report_path: str | Path
         ingested = tracking.stage_metrics(ctx, "ingest")
         if "data_train" in ingested:
             manifest.setdefault("counts", {})["train"] = int(ingested["data_train"])
+        if pipeline_run:
+            tags[REGISTER_KEY_TAG] = pipeline_run
+            tags[RUN_KEY_TAG] = tracking.pipeline_run_tags(ctx).get(RUN_KEY_TAG, "")
         # The card travels with the version's files (model/README.md) and is its description;
         # written before the version exists, so its decision line is the gates' verdict.
         provisional = model_card(cfg.model_name, "(new)", manifest, report, decision, in_force, ctx.pipeline,
                                  ctx.pipeline_run_id, run_id)
         tracking.log_text(provisional, "model/README.md")
-        mv = tracking.create_version(cfg.model_name, model_dir, tags,
-                                     description=f"{manifest.get('method')} on {manifest.get('base_model')}")
-        version = str(mv.version)
-        tracking.move_alias(cfg.model_name, tracking.CHALLENGER, version,
-                            expected_current=_holder(cfg.model_name, tracking.CHALLENGER))
-        aliases = [tracking.CHALLENGER]
-        if promote:
-            moved, why = tracking.move_alias(cfg.model_name, tracking.CHAMPION, version,
-                                             expected_current=report.get("champion_version"),
-                                             note=f"pipeline run {ctx.pipeline_run_id}: {reason}")
-            if moved:
-                aliases.append(tracking.CHAMPION)
-            else:
+        source = tracking.log_model_files(model_dir)  # the slow part, before the lock
+        # Decide, then create the version once with its decision, under the champion's lock: a
+        # lock that cannot be had fails the stage before anything is registered.
+        with tracking.alias_lock(cfg.model_name, tracking.CHAMPION):
+            mine = tracking.find_version(cfg.model_name, REGISTER_KEY_TAG, pipeline_run) if pipeline_run else None
+            holder = _holder(cfg.model_name, tracking.CHAMPION)
+            expected = None if report.get("champion_version") is None else str(report["champion_version"])
+            if promote and holder not in (expected, mine and str(mine.version)):
+                why = f"'champion' moved to version {holder} while this run was deciding (expected {expected})"
                 promote, reason = False, f"not promoted: {why}"
                 decision = Decision(False, reason, {**decision.checks, "alias": f"fail: {why}"})
+            outcome = {"kubetune.decision": "promoted" if promote else "challenger",
+                       "kubetune.decision_reason": reason, **decision.tags(in_force)}
+            if mine is None:
+                mv = tracking.create_version(cfg.model_name, source, {**tags, **outcome},
+                                             description=provisional)
+            else:  # a retry of this register task: its version exists, possibly without its aliases
+                mv = mine
+                tracking.set_version_tags(cfg.model_name, str(mv.version), outcome)
+            version = str(mv.version)
+            aliases = [tracking.CHALLENGER]
+            newest = _holder(cfg.model_name, tracking.CHALLENGER)
+            if newest is None or int(newest) < int(version):  # a retry does not take it from a newer one
+                tracking.set_alias(cfg.model_name, tracking.CHALLENGER, version)
+            if promote:
+                aliases.append(tracking.CHAMPION)
+                if holder != version:
+                    tracking.set_alias(cfg.model_name, tracking.CHAMPION, version,
+                                       note=f"pipeline run {ctx.pipeline_run_id}: {reason}")
         card = model_card(cfg.model_name, version, manifest, report, decision, in_force, ctx.pipeline,
                           ctx.pipeline_run_id, run_id)
         tracking.log_text(card, "model_card.md")
         tracking.set_version_description(cfg.model_name, version, card)
-        tracking.set_version_tags(cfg.model_name, version, {"kubetune.decision": "promoted" if promote else
-                                                               "challenger", "kubetune.decision_reason": reason,
-                                                               **decision.tags(in_force)})
-        tracking.set_tags({"kubetune.model_version": version, "kubetune.decision": "promoted" if promote else
-                           "challenger", "kubetune.decision_reason": reason, **decision.tags(in_force)})
+        tracking.set_tags({"kubetune.model_version": version, **outcome})
         if run is not None:
             tracking.tag_parent(run, {"kubetune.model_version": version, "kubetune.decision_reason": reason,
                                       "kubetune.status": "promoted" if promote else "challenger"})

@@ -3,7 +3,8 @@
 SPEC: tokenized, output, workspace, config (TrainConfig fields), and optional fault knobs:
 ``sleep_per_step`` (to be killed mid-run), ``oom_at_step`` (raise torch.OutOfMemoryError),
 ``cpu_oom_at_step`` (ask torch's CPU allocator for 1 PiB: its real out-of-memory RuntimeError),
-``fsize_limit`` (RLIMIT_FSIZE in bytes: writes beyond it fail as on a full disk).
+``fsize_limit`` (RLIMIT_FSIZE in bytes: writes beyond it fail as on a full disk); ``ctx``
+([model name, pipeline run id]) to track it in MLflow.
 Prints the result metrics as JSON on the last line of stdout.
 """
 
@@ -16,6 +17,7 @@ import torch
 from transformers import TrainerCallback
 
 from kubetune.config import from_dict
+from kubetune.tracking import RunContext
 from kubetune.train import TrainConfig, run_training
 
 spec = json.loads(sys.argv[1])
@@ -36,5 +38,7 @@ if spec.get("fsize_limit"):
     resource.setrlimit(resource.RLIMIT_FSIZE, (spec["fsize_limit"], spec["fsize_limit"]))
 
 cfg = from_dict(TrainConfig, spec["config"], "spec")
-result = run_training("train_peft", cfg, spec["tokenized"], spec["output"], spec["workspace"], callbacks=(Fault(),))
+ctx = RunContext(*spec["ctx"], "peft") if spec.get("ctx") else None
+result = run_training("train_peft", cfg, spec["tokenized"], spec["output"], spec["workspace"], ctx=ctx,
+                      callbacks=(Fault(),))
 print(json.dumps(result.metrics))

@@ -28,6 +28,18 @@ def _spec(tokenized, tiny_llama, root: Path, **fault) -> str:
                        "config": {**CONFIG, "base_model": str(tiny_llama)}, **fault})
 
 
+def _train_runs() -> dict:
+    """{pipeline run id: (train run, its parent run)} in the experiment of the jobs below."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    exp = client.get_experiment_by_name("kubetune/resume")
+    out = {}
+    for run in client.search_runs([exp.experiment_id], "tags.`kubetune.stage` = 'train_peft'"):
+        out[run.data.tags["kubetune.pipeline_run_id"]] = (run, client.get_run(run.data.tags["mlflow.parentRunId"]))
+    return out
+
+
 def _run(spec: str) -> dict:
     proc = subprocess.run([sys.executable, str(HERE / "_train_job.py"), spec], capture_output=True, text=True,
                           timeout=300, env=child_env())
@@ -35,14 +47,14 @@ def _run(spec: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def test_sigkill_then_resume_matches_uninterrupted_run(tokenized, tiny_llama, tmp_path):
+def test_sigkill_then_resume_matches_uninterrupted_run(tokenized, tiny_llama, tmp_path, mlflow_uri):
     _, tok = tokenized
-    fingerprint = json.loads((tok / "meta.json").read_text())["fingerprint"]
-    ckpts = checkpoint_dir_for(tmp_path / "ws", TrainConfig(**CONFIG, base_model=str(tiny_llama)), fingerprint)
+    meta = json.loads((tok / "meta.json").read_text())
+    ckpts = checkpoint_dir_for(tmp_path / "ws", TrainConfig(**CONFIG, base_model=str(tiny_llama)), meta)
 
     # 1. Start training slowly and SIGKILL it as soon as a checkpoint is complete.
     proc = subprocess.Popen([sys.executable, str(HERE / "_train_job.py"),
-                             _spec(tok, tiny_llama, tmp_path, sleep_per_step=0.5)],
+                             _spec(tok, tiny_llama, tmp_path, sleep_per_step=0.5, ctx=["resume", "killed"])],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=child_env())
     deadline = time.time() + 240
     while last_complete_checkpoint(ckpts) is None:
@@ -64,8 +76,15 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tokenized, tiny_llama, tm
     assert last_complete_checkpoint(ckpts) == done
 
     # 3. Rerun: resumes from the complete checkpoint, skips the partial one, finishes.
-    resumed = _run(_spec(tok, tiny_llama, tmp_path))
+    assert _train_runs()["killed"][0].info.status == "RUNNING"  # nothing ended the killed job's run
+    resumed = _run(_spec(tok, tiny_llama, tmp_path, ctx=["resume", "rerun"]))
     assert resumed["resumed_from_step"] == killed_at
+    # The rerun that resumed its checkpoint marked the killed job's run, and its pipeline run, KILLED.
+    runs = _train_runs()
+    (killed, killed_parent), (rerun, _) = runs["killed"], runs["rerun"]
+    assert killed.info.status == "KILLED" and killed_parent.info.status == "KILLED"
+    assert killed.data.tags["kubetune.ended_by"] == f"resumed by run {rerun.info.run_id}"
+    assert rerun.info.status == "FINISHED"
     assert resumed["steps"] == CONFIG["max_steps"]
     assert (tmp_path / "model" / "kubetune_method.json").exists()
     assert not ckpts.exists()  # cleaned once the model is saved
