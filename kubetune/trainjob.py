@@ -129,6 +129,82 @@ def _volumes(profile: Profile) -> tuple[list[dict[str, Any]], list[dict[str, Any
     return volumes, mounts
 
 
+#: Pod Security "restricted": what every training pod and container declares, so the job runs
+#: in namespaces that enforce it (Kubeflow profile namespaces can).
+POD_SECURITY: dict[str, Any] = {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
+CONTAINER_SECURITY: dict[str, Any] = {
+    "allowPrivilegeEscalation": False,
+    "capabilities": {"drop": ["ALL"]},
+    "runAsNonRoot": True,
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+
+#: Owner of kubetune's entry in a TrainJob's ``spec.runtimePatches`` (each writer, Kueue or
+#: the SDK, keeps its own entry, keyed by manager).
+PATCH_MANAGER = "kubetune.io/launcher"
+
+
+def _trainjob(meta, config_path, num_nodes, nproc, profile, image, runtime, module, env, volumes, mounts,
+              service_account) -> dict[str, Any]:
+    # Built from the Trainer API's own models (kubeflow_trainer_api, the types TrainerClient
+    # sends): a field the v2.3 API does not have cannot be written. Placement, volume and
+    # security go into spec.runtimePatches, which replaced podTemplateOverrides in Trainer v2.2
+    # (the API server prunes the old field, and with it the PVC and node selector).
+    from kubeflow.trainer.constants import constants
+    from kubeflow_trainer_api import models as m
+
+    container = m.TrainerV1alpha1ContainerPatch(
+        name=constants.NODE,
+        volumeMounts=[m.IoK8sApiCoreV1VolumeMount.from_dict(v) for v in mounts] or None,
+        securityContext=m.IoK8sApiCoreV1SecurityContext.from_dict(CONTAINER_SECURITY),
+    )
+    pod = m.TrainerV1alpha1PodSpecPatch(
+        containers=[container],
+        volumes=[m.IoK8sApiCoreV1Volume.from_dict(v) for v in volumes] or None,
+        nodeSelector=dict(profile.node_selector) or None,
+        tolerations=[m.IoK8sApiCoreV1Toleration.from_dict(t) for t in _tolerations(profile)] or None,
+        securityContext=m.IoK8sApiCoreV1PodSecurityContext.from_dict(POD_SECURITY),
+        serviceAccountName=service_account,
+    )
+    patch = m.TrainerV1alpha1RuntimePatch(
+        manager=PATCH_MANAGER,
+        trainingRuntimeSpec=m.TrainerV1alpha1TrainingRuntimeSpecPatch(
+            template=m.TrainerV1alpha1JobSetTemplatePatch(
+                spec=m.TrainerV1alpha1JobSetSpecPatch(
+                    replicatedJobs=[
+                        m.TrainerV1alpha1ReplicatedJobPatch(
+                            name=constants.NODE,
+                            template=m.TrainerV1alpha1JobTemplatePatch(
+                                spec=m.TrainerV1alpha1JobSpecPatch(
+                                    template=m.TrainerV1alpha1PodTemplatePatch(spec=pod)
+                                )
+                            ),
+                        )
+                    ]
+                )
+            )
+        ),
+    )
+    job = m.TrainerV1alpha1TrainJob(
+        apiVersion=constants.API_VERSION,
+        kind=constants.TRAINJOB_KIND,
+        metadata=m.IoK8sApimachineryPkgApisMetaV1ObjectMeta.from_dict(meta),
+        spec=m.TrainerV1alpha1TrainJobSpec(
+            runtimeRef=m.TrainerV1alpha1RuntimeRef(name=runtime),
+            trainer=m.TrainerV1alpha1Trainer(
+                image=image,
+                command=command(config_path, module),
+                env=[m.IoK8sApiCoreV1EnvVar.from_dict(e) for e in env] or None,
+                numNodes=num_nodes,
+                numProcPerNode=nproc,
+                resourcesPerNode=m.IoK8sApiCoreV1ResourceRequirements.from_dict(_resources(profile)),
+            ),
+            runtimePatches=[patch],
+        ),
+    )
+    return job.to_dict()
+
+
 def build_manifest(
     name: str,
     config_path: str,
@@ -141,6 +217,7 @@ def build_manifest(
     runtime: str = "torch-distributed",
     module: str = ENTRY_MODULE,
     labels: dict[str, str] | None = None,
+    service_account: str | None = None,
 ) -> dict[str, Any]:
     """Write the job that trains on ``num_nodes`` nodes with ``profile.gpus`` GPUs each.
 
@@ -156,6 +233,8 @@ def build_manifest(
             ``torch-distributed``); unused for a PyTorchJob.
         module: Entry point module run by torchrun on every node.
         labels: Extra labels on the job (e.g. the KFP run id).
+        service_account: Service account of the training pods (workload identity for S3,
+            image pulls); ``None`` keeps the namespace's ``default``.
 
     Returns:
         The manifest as a dict, ready for the API or ``yaml.safe_dump``.
@@ -176,28 +255,8 @@ def build_manifest(
     head = {"apiVersion": f"{kind['group']}/{kind['version']}", "kind": kind["kind"], "metadata": meta}
 
     if api == "trainjob":
-        pod_spec: dict[str, Any] = {}
-        if volumes:
-            pod_spec["volumes"] = volumes
-            pod_spec["containers"] = [{"name": CONTAINER[api], "volumeMounts": mounts}]
-        if profile.node_selector:
-            pod_spec["nodeSelector"] = dict(profile.node_selector)
-        if profile.tolerations:
-            pod_spec["tolerations"] = _tolerations(profile)
-        spec: dict[str, Any] = {
-            "runtimeRef": {"name": runtime},
-            "trainer": {
-                "image": image,
-                "command": command(config_path, module),
-                "env": env,
-                "numNodes": num_nodes,
-                "numProcPerNode": nproc,
-                "resourcesPerNode": _resources(profile),
-            },
-        }
-        if pod_spec:
-            spec["podTemplateOverrides"] = [{"targetJobs": [{"name": "node"}], "spec": pod_spec}]
-        return {**head, "spec": spec}
+        return _trainjob(meta, config_path, num_nodes, nproc, profile, image, runtime, module, env, volumes, mounts,
+                         service_account)
 
     container = {
         "name": CONTAINER[api],
@@ -206,8 +265,12 @@ def build_manifest(
         "env": env,
         "resources": _resources(profile),
         "volumeMounts": mounts,
+        "securityContext": copy.deepcopy(CONTAINER_SECURITY),
     }
-    template_spec: dict[str, Any] = {"containers": [container], "volumes": volumes}
+    template_spec: dict[str, Any] = {"containers": [container], "volumes": volumes,
+                                     "securityContext": copy.deepcopy(POD_SECURITY)}
+    if service_account:
+        template_spec["serviceAccountName"] = service_account
     if profile.node_selector:
         template_spec["nodeSelector"] = dict(profile.node_selector)
     if profile.tolerations:
@@ -379,6 +442,7 @@ def launch(
     api_client=None,
     poll_s: float = 10.0,
     timeout_s: float | None = None,
+    service_account: str | None = None,
 ) -> dict[str, Any]:
     """Train on ``num_nodes`` nodes and wait: ``build_manifest`` then ``run_job``.
 
@@ -394,6 +458,7 @@ def launch(
         api_client: Kubernetes API client; defaults to in-cluster or kubeconfig.
         poll_s: Seconds between status reads.
         timeout_s: Give up after this long.
+        service_account: Service account of the training pods.
 
     Returns:
         The finished job object.
@@ -407,6 +472,7 @@ def launch(
         api=api,
         namespace=namespace or current_namespace(),
         runtime=runtime,
+        service_account=service_account,
     )
     return run_job(manifest, api_client=api_client, poll_s=poll_s, timeout_s=timeout_s)
 
@@ -423,6 +489,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--namespace", default=None)
     parser.add_argument("--runtime", default="torch-distributed")
     parser.add_argument("--image", default=TRAIN_IMAGE)
+    parser.add_argument("--service-account", default=None, help="service account of the training pods")
     parser.add_argument("--dry-run", action="store_true", help="print the manifest and exit")
     args = parser.parse_args(argv)
     profile = load_profile(args.profile)
@@ -438,6 +505,7 @@ def main(argv: list[str] | None = None) -> int:
             api=args.api,
             namespace=args.namespace or current_namespace(),
             runtime=args.runtime,
+            service_account=args.service_account,
         )
         print(yaml.safe_dump(manifest, sort_keys=False))
         return 0
@@ -452,6 +520,7 @@ def main(argv: list[str] | None = None) -> int:
         image=args.image,
         namespace=args.namespace,
         runtime=args.runtime,
+        service_account=args.service_account,
     )
     return 0
 

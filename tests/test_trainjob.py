@@ -52,13 +52,24 @@ def test_trainjob_manifest_fields(profile):
     assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "kubetune-s3", "key": "AWS_SECRET_ACCESS_KEY"}
     assert env["MLFLOW_TRACKING_URI"]["valueFrom"]["secretKeyRef"] == {"name": "kubetune-mlflow", "key": "MLFLOW_TRACKING_URI"}
     assert env["MLFLOW_TRACKING_PASSWORD"]["valueFrom"]["secretKeyRef"]["optional"] is True
-    (override,) = m["spec"]["podTemplateOverrides"]
-    assert override["targetJobs"] == [{"name": "node"}]
-    ps = override["spec"]
+    # Placement, volume, security and service account travel as kubetune's runtime patch of
+    # the runtime's "node" job (spec.runtimePatches, Trainer >= v2.2).
+    (patch,) = m["spec"]["runtimePatches"]
+    assert patch["manager"] == "kubetune.io/launcher"
+    (rjob,) = patch["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]
+    assert rjob["name"] == "node"
+    ps = rjob["template"]["spec"]["template"]["spec"]
     assert ps["volumes"] == [{"name": "workspace", "persistentVolumeClaim": {"claimName": "kubetune-workspace"}}]
-    assert ps["containers"] == [{"name": "node", "volumeMounts": [{"name": "workspace", "mountPath": "/workspace"}]}]
+    (c,) = ps["containers"]
+    assert c["name"] == "node" and c["volumeMounts"] == [{"name": "workspace", "mountPath": "/workspace"}]
+    assert c["securityContext"]["allowPrivilegeEscalation"] is False
     assert ps["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H200"}
     assert ps["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    assert "serviceAccountName" not in ps
+    with_sa = build_manifest("kt-abc", CFG, num_nodes=2, profile=profile, service_account="trainer-sa")
+    assert with_sa["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0][
+        "template"]["spec"]["template"]["spec"]["serviceAccountName"] == "trainer-sa"
+    assert "podTemplateOverrides" not in m["spec"]
 
 
 def test_pytorchjob_manifest_fields(profile):
@@ -78,6 +89,7 @@ def test_pytorchjob_manifest_fields(profile):
         assert c["volumeMounts"] == [{"name": "workspace", "mountPath": "/workspace"}]
         assert pod["volumes"][0]["persistentVolumeClaim"]["claimName"] == "kubetune-workspace"
         assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H200"}
+        assert c["securityContext"]["capabilities"] == {"drop": ["ALL"]} and pod["securityContext"]["runAsNonRoot"]
     # One node: no Worker replica at all (a Worker with 0 replicas is rejected by the operator).
     single = build_manifest("kt-one", CFG, num_nodes=1, profile=profile, api="pytorchjob")
     assert set(single["spec"]["pytorchReplicaSpecs"]) == {"Master"}
