@@ -23,6 +23,7 @@ A profile is a small YAML file (``profiles/h200x2.yaml``)::
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +49,11 @@ NPROC_ENV = "KUBETUNE_NPROC_PER_NODE"
 
 #: Environment variable naming where the shared workspace volume is mounted.
 WORKSPACE_ENV = "KUBETUNE_WORKSPACE"
+
+#: The profile a training task was compiled with (JSON), and the service account its pod runs
+#: as: what the multi-node launcher (``kubetune.trainjob``) sizes and runs the job's nodes with.
+PROFILE_ENV = "KUBETUNE_PROFILE_JSON"
+SERVICE_ACCOUNT_ENV = "KUBETUNE_SERVICE_ACCOUNT"
 
 #: Where shipped profiles are looked up by bare name: ``$KUBETUNE_PROFILES`` (the images
 #: set it to the copy they carry), else ``profiles/`` of the source checkout.
@@ -413,6 +419,24 @@ def no_cache(task):
     return task
 
 
+def carry_profile(task, profile: Profile):
+    """Hand a training task its profile and service account, for the multi-node launcher.
+
+    Args:
+        task: The training task.
+        profile: The profile the pipeline is compiled with.
+
+    Returns:
+        The task.
+    """
+    from kfp import kubernetes
+
+    task.set_env_variable(PROFILE_ENV, json.dumps(dataclasses.asdict(profile), sort_keys=True))
+    # The job's nodes run as the pod that launches them (same identity for S3, same pulls).
+    kubernetes.use_field_path_as_env(task, SERVICE_ACCOUNT_ENV, "spec.serviceAccountName")
+    return task
+
+
 def apply_profile(task, profile: Profile, role: Role = "cpu", *, retry: bool = True, cache: bool = True):
     """Apply a profile to a task: resources, GPUs, placement, volume, secrets, retries.
 
@@ -432,6 +456,7 @@ def apply_profile(task, profile: Profile, role: Role = "cpu", *, retry: bool = T
     set_resources(task, resources.cpu, resources.memory)
     if role == "train":
         request_gpus(task, profile.gpus, profile.accelerator_type, profile.node_selector, profile.tolerations)
+        carry_profile(task, profile)
     if profile.workspace_pvc:
         mount_workspace(task, profile.workspace_pvc, profile.workspace_path)
     if profile.s3_secret:

@@ -20,16 +20,28 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
+import os
+import shutil
 import secrets
 import signal
 import sys
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Literal
 
 from kubetune.image import TRAIN_IMAGE
-from kubetune.kube import MLFLOW_OPTIONAL_SECRET_KEYS, MLFLOW_SECRET_KEYS, S3_SECRET_KEYS, WORKSPACE_ENV, Profile
+from kubetune.kube import (
+    MLFLOW_OPTIONAL_SECRET_KEYS,
+    MLFLOW_SECRET_KEYS,
+    PROFILE_ENV,
+    S3_SECRET_KEYS,
+    SERVICE_ACCOUNT_ENV,
+    WORKSPACE_ENV,
+    Profile,
+)
 from kubetune.launch import ENTRY_MODULE
 
 Api = Literal["trainjob", "pytorchjob"]
@@ -475,6 +487,50 @@ def launch(
         service_account=service_account,
     )
     return run_job(manifest, api_client=api_client, poll_s=poll_s, timeout_s=timeout_s)
+
+
+def profile_from_env() -> Profile:
+    """The cluster profile the pipeline was compiled with (``KUBETUNE_PROFILE_JSON``).
+
+    Raises:
+        KubetuneError: outside a task compiled with a profile (nothing says how big a node is).
+    """
+    from kubetune.errors import KubetuneError
+
+    raw = os.environ.get(PROFILE_ENV)
+    if not raw:
+        raise KubetuneError(f"nodes > 1 needs a pipeline compiled with a cluster profile ({PROFILE_ENV} is not set)")
+    return Profile.from_dict(json.loads(raw))
+
+
+def train_on_nodes(job: Path, spec: dict[str, Any], nodes: int, **launch_args) -> dict[str, Any]:
+    """Run one training stage as a TrainJob of ``nodes`` nodes, from the stage's own pod.
+
+    The job's pods see only the shared workspace, so the tokenized data is copied into
+    ``job`` first and the model is written there and copied to the stage's output after.
+
+    Args:
+        job: A fresh folder on the workspace volume (``$KUBETUNE_WORKSPACE/jobs/...``).
+        spec: The ``kubetune.train_entry`` config of the stage (stage, cfg, folders, ctx).
+        nodes: Nodes in the job.
+        **launch_args: Passed to ``launch`` (``api_client``, ``poll_s``, ``namespace`` ...).
+
+    Returns:
+        ``spec`` as the job ran it, its ``result`` file holding the stage's result with the
+        caller's ``output_dir``.
+    """
+    profile = profile_from_env()
+    tokenized, model = job / "tokenized", job / "model"
+    shutil.copytree(spec["tokenized_dir"], tokenized, dirs_exist_ok=True)
+    ran = {**spec, "tokenized_dir": str(tokenized), "output_dir": str(model), "result": str(job / "result.json")}
+    (job / "config.json").write_text(json.dumps(ran))
+    launch_args.setdefault("service_account", os.environ.get(SERVICE_ACCOUNT_ENV) or None)
+    launch(str(job / "config.json"), num_nodes=nodes, profile=profile, **launch_args)
+    shutil.copytree(model, spec["output_dir"], dirs_exist_ok=True)
+    shutil.rmtree(tokenized, ignore_errors=True)
+    result = json.loads(Path(ran["result"]).read_text())
+    Path(ran["result"]).write_text(json.dumps({**result, "output_dir": str(spec["output_dir"])}))
+    return ran
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -34,6 +34,7 @@ def build(profile: "kube.Profile | None" = None):
         eval_settings: dict = {"max_examples": 48, "max_new_tokens": 40, "batch_size": 48},
         register_settings: dict = {},
         force: bool = False,
+        nodes: int = 1,
     ) -> str:
         run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
         lineage = dict(model_name=model_name, pipeline=NAME, run_id=run_id)
@@ -42,7 +43,7 @@ def build(profile: "kube.Profile | None" = None):
         with dsl.If(data.outputs["unchanged"] == False, name="data-changed"):  # noqa: E712 - a KFP condition
             tokens = tokenize_data(dataset=data.outputs["dataset"], base_model=base_model, max_length=max_length)
             trained = train_full(tokenized=tokens.outputs["tokenized"], base_model=base_model, max_steps=max_steps,
-                                 learning_rate=learning_rate, settings=train_settings, **lineage)
+                                 learning_rate=learning_rate, settings=train_settings, nodes=nodes, **lineage)
             scored = evaluate(model=trained.outputs["model"], dataset=data.outputs["dataset"],
                               tokenized=tokens.outputs["tokenized"], base_model=base_model,
                               settings=eval_settings, **lineage)
