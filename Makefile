@@ -8,8 +8,11 @@ STAMP = $(VENV)/.kubetune-installed
 
 ## The locks are installed, never the loose lists: every package pinned, every file hashed.
 ## requirements-dev.lock = requirements.lock (what the images install) + the test tools.
-$(STAMP): requirements-dev.lock requirements-models.lock pyproject.toml
+## pip first, from its own one-line lock: the pip that `python -m venv` brings (23.2 with Python
+## 3.11) rejects a hashed lock when a dependency asks for an extra (typepy[datetime]).
+$(STAMP): requirements-pip.lock requirements-dev.lock requirements-models.lock pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check --require-hashes -r requirements-pip.lock
 	$(BIN)/pip install -q --disable-pip-version-check --require-hashes -r requirements-dev.lock
 	$(BIN)/pip install -q --disable-pip-version-check --require-hashes --no-deps -r requirements-models.lock
 	$(BIN)/pip install -q --disable-pip-version-check --no-deps -e .
@@ -40,6 +43,7 @@ compile: $(STAMP)
 ## base image's 2.13.0+cu130 both satisfy) with the CPU wheel's hash. uv keeps the pins already
 ## in a lock unless an input moved them.
 UV ?= uv
+PIP_VERSION = 26.3
 TORCH_VERSION = $(shell sed -n 's/^torch==//p' requirements.txt)
 UV_COMPILE = $(UV) pip compile --quiet --no-config --generate-hashes --python-version 3.11 \
 	--python-platform x86_64-manylinux_2_28 --custom-compile-command "make lock" \
@@ -51,6 +55,7 @@ lock:
 	rm -f $$cpu
 	sed -i 's/^torch==\([0-9.]*\)+cpu /torch==\1 /' requirements.lock requirements-dev.lock
 	$(UV_COMPILE) --no-deps requirements-models.txt -o requirements-models.lock
+	echo "pip==$(PIP_VERSION)" | $(UV_COMPILE) - -o requirements-pip.lock
 	$(UV_COMPILE) images/mlflow-server.txt -c requirements.lock -o images/mlflow-server.lock
 
 clean:
