@@ -1,9 +1,10 @@
 """Multi-node training: run the training entry point as a Kubeflow Trainer job.
 
-A KFP task holds one pod, so training across several nodes runs as a separate job that a
-small launcher task creates and watches. ``build_manifest`` writes the job: a Kubeflow
-Trainer ``TrainJob`` (``trainer.kubeflow.org/v1alpha1``, Trainer v2) or, on clusters with
-the older training operator, a ``PyTorchJob`` (``kubeflow.org/v1``). ``run_job`` creates
+A KFP task holds one pod, so training across several nodes runs as a separate job that the
+training step creates and watches (``train_on_nodes``, when the pipeline's ``nodes`` is above
+1). ``build_manifest`` writes the job: a Kubeflow Trainer ``TrainJob``
+(``trainer.kubeflow.org/v1alpha1``, the API of Trainer v2.3, built from its Python models) or,
+on clusters with the older training operator, a ``PyTorchJob`` (``kubeflow.org/v1``). ``run_job`` creates
 it through the Kubernetes API, streams the rank-0 pod's log into the task's log, fails
 when the job fails and deletes the job at the end, whatever the outcome.
 
@@ -13,7 +14,8 @@ point a single pod runs (``kubetune.launch``). The operator sets the ``PET_NNODE
 variables that torchrun reads, so the command needs no rendezvous arguments. The config
 file and the checkpoints live on the shared workspace volume, which every node mounts.
 
-The launcher's service account needs the RBAC in ``manifests/base/launcher-rbac.yaml``.
+The launching pod's service account needs the RBAC in ``manifests/base/launcher-rbac.yaml``;
+the job's nodes run as the same service account.
 """
 
 from __future__ import annotations
