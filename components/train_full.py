@@ -6,7 +6,7 @@ from kubetune.image import TRAIN_IMAGE
 @dsl.component(base_image=TRAIN_IMAGE)
 def train_full(tokenized: dsl.Input[dsl.Dataset], base_model: str, max_steps: int, learning_rate: float,
                model_name: str, pipeline: str, run_id: str, model: dsl.Output[dsl.Model],
-               settings: dict = {}) -> dict:
+               settings: dict = {}, nodes: int = 1) -> dict:
     """Train every weight with the shared training core.
 
     Args:
@@ -19,6 +19,7 @@ def train_full(tokenized: dsl.Input[dsl.Dataset], base_model: str, max_steps: in
         run_id: KFP run id (lineage).
         model: Output folder: model safetensors, tokenizer, manifest.
         settings: Further TrainConfig settings by name (validated).
+        nodes: Nodes to train on; above 1 this step launches a Kubeflow Trainer TrainJob.
     """
     import os
 
@@ -30,6 +31,7 @@ def train_full(tokenized: dsl.Input[dsl.Dataset], base_model: str, max_steps: in
     cfg = from_dict(TrainConfig, {**settings, "base_model": base_model, "max_steps": max_steps,
                                   "learning_rate": learning_rate}, "train_full settings")
     workspace = os.environ.get("KUBETUNE_WORKSPACE", ".kubetune/workspace")
+    os.environ["KUBETUNE_NODES"] = str(nodes)
     result = stage(cfg, tokenized.path, model.path, workspace, ctx=RunContext(model_name, run_id, pipeline))
     model.metadata.update(method="full", base_model=base_model, **result.metrics)
     return result.metrics

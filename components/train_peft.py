@@ -6,7 +6,7 @@ from kubetune.image import TRAIN_IMAGE
 @dsl.component(base_image=TRAIN_IMAGE)
 def train_peft(tokenized: dsl.Input[dsl.Dataset], base_model: str, method: str, max_steps: int,
                learning_rate: float, lora_rank: int, model_name: str, pipeline: str, run_id: str,
-               model: dsl.Output[dsl.Model], settings: dict = {}) -> dict:
+               model: dsl.Output[dsl.Model], settings: dict = {}, nodes: int = 1) -> dict:
     """Train a PEFT method (LoRA by default) with the shared training core.
 
     Args:
@@ -21,6 +21,7 @@ def train_peft(tokenized: dsl.Input[dsl.Dataset], base_model: str, method: str, 
         run_id: KFP run id (lineage).
         model: Output folder: adapter safetensors, tokenizer, manifest.
         settings: Further TrainConfig settings by name (validated).
+        nodes: Nodes to train on; above 1 this step launches a Kubeflow Trainer TrainJob.
     """
     import os
 
@@ -32,6 +33,7 @@ def train_peft(tokenized: dsl.Input[dsl.Dataset], base_model: str, method: str, 
     cfg = from_dict(TrainConfig, {**settings, "base_model": base_model, "method": method, "max_steps": max_steps,
                                   "learning_rate": learning_rate, "lora_rank": lora_rank}, "train_peft settings")
     workspace = os.environ.get("KUBETUNE_WORKSPACE", ".kubetune/workspace")
+    os.environ["KUBETUNE_NODES"] = str(nodes)
     result = stage(cfg, tokenized.path, model.path, workspace, ctx=RunContext(model_name, run_id, pipeline))
     model.metadata.update(method=method, base_model=base_model, **result.metrics)
     return result.metrics

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -80,6 +81,11 @@ KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 
 #: Where a task's scratch volume is mounted (``TMPDIR`` points there).
 SCRATCH_PATH = "/scratch"
+
+#: The profile a training task was compiled with (JSON), and the service account its pod runs
+#: as: what the multi-node launcher (``kubetune.trainjob``) sizes and runs the job's nodes with.
+PROFILE_ENV = "KUBETUNE_PROFILE_JSON"
+SERVICE_ACCOUNT_ENV = "KUBETUNE_SERVICE_ACCOUNT"
 
 #: Where shipped profiles are looked up by bare name: ``$KUBETUNE_PROFILES`` (the images
 #: set it to the copy they carry), else ``profiles/`` of the source checkout.
@@ -766,6 +772,24 @@ def no_cache(task):
     return task
 
 
+def carry_profile(task, profile: Profile):
+    """Hand a training task its profile and service account, for the multi-node launcher.
+
+    Args:
+        task: The training task.
+        profile: The profile the pipeline is compiled with.
+
+    Returns:
+        The task.
+    """
+    from kfp import kubernetes
+
+    task.set_env_variable(PROFILE_ENV, json.dumps(dataclasses.asdict(profile), sort_keys=True))
+    # The job's nodes run as the pod that launches them (same identity for S3, same pulls).
+    kubernetes.use_field_path_as_env(task, SERVICE_ACCOUNT_ENV, "spec.serviceAccountName")
+    return task
+
+
 def apply_profile(task, profile: Profile, role: Role = "cpu", *, retry: bool = True, cache: bool = True):
     """Apply a profile to a task: size, GPUs, placement, volumes, secrets, tracking, retries.
 
@@ -787,6 +811,8 @@ def apply_profile(task, profile: Profile, role: Role = "cpu", *, retry: bool = T
     if role != "cpu":
         gpus = profile.gpus if role == "train" else min(profile.gpus, 1)
         request_gpus(task, gpus, profile.accelerator_type, profile.node_selector, profile.tolerations)
+        if role == "train":
+            carry_profile(task, profile)
         if profile.shm_size:
             mount_shm(task, profile.shm_size)
     if size.timeout:

@@ -28,6 +28,19 @@ ENTRY_MODULE = "kubetune.train_entry"
 #: The function of ``ENTRY_MODULE`` that trains from a config file path.
 ENTRY_FUNCTION = "main"
 
+#: Nodes a training stage runs on; above 1 the stage becomes the launcher of a TrainJob
+#: (``kubetune.trainjob.train_on_nodes``). Set by the training components from ``nodes``.
+NODES_ENV = "KUBETUNE_NODES"
+
+
+def num_nodes() -> int:
+    """How many nodes the training stage should run on (``KUBETUNE_NODES``, default 1).
+
+    Returns:
+        The node count, never less than 1.
+    """
+    return max(1, int(os.environ.get(NODES_ENV) or 1))
+
 
 def nproc_per_node() -> int:
     """How many training processes this pod should run: one per GPU it holds.

@@ -5,8 +5,13 @@ AWS variables/files, the endpoint from ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_
 reads both itself; MinIO, moto and Ceph are reached that way). Retries use botocore's
 "standard" mode (exponential backoff with jitter) so a flaky store is retried, not fatal; a
 transfer that still fails (the server restarted and dropped a multipart upload) is started
-again from the beginning, with backoff. Uploads carry their SHA-256 in the object metadata
-and downloads are checked against it (or against the ETag, the MD5 of a single-part object).
+again from the beginning, with backoff. Uploads carry their SHA-256 in the object metadata;
+downloads are checked against it, else against the object's S3 checksum (``x-amz-checksum-*``,
+read with ``ChecksumMode``), else against the ETag only where S3 defines it as the MD5 (a
+single-part object without SSE-KMS or SSE-C encryption), else by size.
+
+``KUBETUNE_S3_SSE_C_KEY``: the customer key (32 bytes) of objects stored with SSE-C; sent on
+every read and write, never logged.
 
 ``KUBETUNE_DATA_ROOTS`` (comma-separated folders and/or ``s3://bucket/prefix``): when set,
 data URIs must lie under one of them; ``..`` and symlinks that lead outside are refused. Every URI
@@ -112,7 +117,7 @@ def _fetch_s3(uri: str, cache_dir: str | Path) -> Path:
 
     if key and not key.endswith("/"):  # s3://bucket and s3://bucket/prefix/ name folders, never one object
         try:
-            client.head_object(Bucket=bucket, Key=key)
+            client.head_object(Bucket=bucket, Key=key, **sse_c_args())
             target = target_root / Path(key).name
             target.parent.mkdir(parents=True, exist_ok=True)
             _download_verified(client, bucket, key, target)
@@ -221,35 +226,83 @@ class _ChecksumMismatch(Exception):
     pass
 
 
+#: Full-object checksums S3 can return (``x-amz-checksum-*``) that botocore computes without
+#: the optional CRT extension, strongest first; CRC32C and CRC64NVME need awscrt.
+_S3_CHECKSUMS = ("SHA256", "SHA1", "CRC32")
+
+SSE_C_KEY_ENV = "KUBETUNE_S3_SSE_C_KEY"
+
+
+def sse_c_args() -> dict[str, str]:
+    """The SSE-C arguments of every S3 call: empty unless ``KUBETUNE_S3_SSE_C_KEY`` is set."""
+    key = os.environ.get(SSE_C_KEY_ENV)
+    return {"SSECustomerAlgorithm": "AES256", "SSECustomerKey": key} if key else {}
+
+
+def _s3_checksum(head: dict) -> tuple[str, str] | None:
+    """``(algorithm, base64 value)`` of a full-object checksum S3 stored, if one can be checked."""
+    if head.get("ChecksumType", "FULL_OBJECT") != "FULL_OBJECT":
+        return None  # COMPOSITE: a checksum of part checksums, not of the bytes
+    for algorithm in _S3_CHECKSUMS:
+        value = head.get(f"Checksum{algorithm}")
+        if value and "-" not in value:
+            return algorithm, value
+    return None
+
+
+def _b64_checksum(path: Path, algorithm: str) -> str:
+    from botocore.httpchecksum import Crc32Checksum, Sha1Checksum, Sha256Checksum
+
+    h = {"SHA256": Sha256Checksum, "SHA1": Sha1Checksum, "CRC32": Crc32Checksum}[algorithm]()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.b64digest()
+
+
+def _etag_is_md5(head: dict) -> bool:
+    # S3 defines the ETag as the MD5 of the bytes only for single-part objects stored in plain
+    # text or with SSE-S3; with SSE-KMS (aws:kms, aws:kms:dsse) or SSE-C it is some other
+    # 32-hex value, and a multipart ETag ends in "-<parts>".
+    etag = head.get("ETag", "").strip('"')
+    encrypted = str(head.get("ServerSideEncryption", "")).startswith("aws:kms") or head.get("SSECustomerAlgorithm")
+    return len(etag) == 32 and "-" not in etag and not encrypted
+
+
 def _download_verified(client, bucket: str, key: str, dest: Path) -> None:
     """Download to a temporary name, check size and checksum against S3's, then rename (atomic).
 
-    The checksum is the SHA-256 ``upload_dir`` put in the metadata, else the ETag when it is a
-    plain MD5 (single-part uploads); a multipart object without our metadata is size-checked only.
-    A mismatch is downloaded again; a persistent one is an error.
+    The checksum is, in this order: the SHA-256 ``upload_dir`` put in the metadata; the
+    full-object checksum S3 stored (``x-amz-checksum-*``, SDKs send one with every upload);
+    the ETag where it is an MD5 (see ``_etag_is_md5``). An object with none of them is checked
+    by size only. A mismatch is downloaded again; a persistent one is an error.
     """
     tmp = dest.with_name(dest.name + ".part")
     where = f"s3://{bucket}/{key}"
-    mismatches = []
+    sse_c = sse_c_args()
 
     def attempt():
         tmp.unlink(missing_ok=True)
-        client.download_file(bucket, key, str(tmp))
-        head = client.head_object(Bucket=bucket, Key=key)
+        client.download_file(bucket, key, str(tmp), ExtraArgs=sse_c or None)
+        head = client.head_object(Bucket=bucket, Key=key, ChecksumMode="ENABLED", **sse_c)
         size = tmp.stat().st_size
         if size != head["ContentLength"]:
             raise _ChecksumMismatch(f"downloaded {size} bytes, expected {head['ContentLength']}")
         want = (head.get("Metadata") or {}).get(SHA256_META)
-        etag = head.get("ETag", "").strip('"')
+        stored = _s3_checksum(head)
         if want:
             got = sha256_file(tmp)
             if got != want:
-                mismatches.append(got)
                 raise _ChecksumMismatch(f"sha256 {got} does not match the stored {want}")
-        elif etag and "-" not in etag and len(etag) == 32:
+        elif stored:
+            algorithm, value = stored
+            got = _b64_checksum(tmp, algorithm)
+            if got != value:
+                raise _ChecksumMismatch(f"{algorithm.lower()} {got} does not match the stored {value}")
+        elif _etag_is_md5(head):
             got = _md5_file(tmp)
+            etag = head["ETag"].strip('"')
             if got != etag:
-                mismatches.append(got)
                 raise _ChecksumMismatch(f"md5 {got} does not match the ETag {etag}")
 
     try:
@@ -271,8 +324,8 @@ def upload_dir(local_dir: str | Path, uri: str) -> list[str]:
         digest = sha256_file(path)
 
         def attempt(path=path, key=key, digest=digest):
-            client.upload_file(str(path), bucket, key, ExtraArgs={"Metadata": {SHA256_META: digest}})
-            head = client.head_object(Bucket=bucket, Key=key)
+            client.upload_file(str(path), bucket, key, ExtraArgs={"Metadata": {SHA256_META: digest}, **sse_c_args()})
+            head = client.head_object(Bucket=bucket, Key=key, **sse_c_args())
             stored = (head.get("Metadata") or {}).get(SHA256_META)
             if head["ContentLength"] != path.stat().st_size or stored != digest:
                 raise _ChecksumMismatch(f"stored object has {head['ContentLength']} bytes / sha256 {stored}")

@@ -507,7 +507,7 @@ def run_training(stage: str, cfg: TrainConfig, tokenized_dir: str | Path, output
     from kubetune import launch
     from kubetune.tracking import log_metrics, log_params, maybe_stage
 
-    if model is None and not launch.is_torchrun_worker() and launch.nproc_per_node() > 1:
+    if model is None and not launch.is_torchrun_worker() and (launch.num_nodes() > 1 or launch.nproc_per_node() > 1):
         return _run_under_torchrun(stage, cfg, tokenized_dir, output_dir, workspace, ctx)
     if int(os.environ.get("RANK", "0")) != 0:
         ctx = None  # one MLflow run per stage, owned by rank 0
@@ -540,7 +540,12 @@ def _run_under_torchrun(stage, cfg, tokenized_dir, output_dir, workspace, ctx) -
     spec = {"stage": stage, "cfg": asdict(cfg), "tokenized_dir": str(tokenized_dir),
             "output_dir": str(output_dir), "workspace": str(workspace),
             "ctx": asdict(ctx) if ctx is not None else None, "result": str(job / "result.json")}
-    (job / "config.json").write_text(json.dumps(spec))
-    launch.run_training(str(job / "config.json"))
+    if launch.num_nodes() > 1:
+        from kubetune.trainjob import train_on_nodes
+
+        spec = train_on_nodes(job, spec, launch.num_nodes())
+    else:
+        (job / "config.json").write_text(json.dumps(spec))
+        launch.run_training(str(job / "config.json"))
     result = json.loads((job / "result.json").read_text())
     return TrainResult(metrics=result["metrics"], output_dir=result["output_dir"], losses=result.get("losses", []))

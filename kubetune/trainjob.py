@@ -1,9 +1,10 @@
 """Multi-node training: run the training entry point as a Kubeflow Trainer job.
 
-A KFP task holds one pod, so training across several nodes runs as a separate job that a
-small launcher task creates and watches. ``build_manifest`` writes the job: a Kubeflow
-Trainer ``TrainJob`` (``trainer.kubeflow.org/v1alpha1``, Trainer v2) or, on clusters with
-the older training operator, a ``PyTorchJob`` (``kubeflow.org/v1``). ``run_job`` creates
+A KFP task holds one pod, so training across several nodes runs as a separate job that the
+training step creates and watches (``train_on_nodes``, when the pipeline's ``nodes`` is above
+1). ``build_manifest`` writes the job: a Kubeflow Trainer ``TrainJob``
+(``trainer.kubeflow.org/v1alpha1``, the API of Trainer v2.3, built from its Python models) or,
+on clusters with the older training operator, a ``PyTorchJob`` (``kubeflow.org/v1``). ``run_job`` creates
 it through the Kubernetes API, streams the rank-0 pod's log into the task's log, fails
 when the job fails and deletes the job at the end, whatever the outcome.
 
@@ -13,23 +14,36 @@ point a single pod runs (``kubetune.launch``). The operator sets the ``PET_NNODE
 variables that torchrun reads, so the command needs no rendezvous arguments. The config
 file and the checkpoints live on the shared workspace volume, which every node mounts.
 
-The launcher's service account needs the RBAC in ``manifests/base/launcher-rbac.yaml``.
+The launching pod's service account needs the RBAC in ``manifests/base/launcher-rbac.yaml``;
+the job's nodes run as the same service account.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
+import os
+import shutil
 import secrets
 import signal
 import sys
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Literal
 
 from kubetune.image import TRAIN_IMAGE
-from kubetune.kube import MLFLOW_OPTIONAL_SECRET_KEYS, MLFLOW_SECRET_KEYS, S3_SECRET_KEYS, WORKSPACE_ENV, Profile
+from kubetune.kube import (
+    MLFLOW_OPTIONAL_SECRET_KEYS,
+    MLFLOW_SECRET_KEYS,
+    PROFILE_ENV,
+    S3_SECRET_KEYS,
+    SERVICE_ACCOUNT_ENV,
+    WORKSPACE_ENV,
+    Profile,
+)
 from kubetune.launch import ENTRY_MODULE
 
 Api = Literal["trainjob", "pytorchjob"]
@@ -129,6 +143,82 @@ def _volumes(profile: Profile) -> tuple[list[dict[str, Any]], list[dict[str, Any
     return volumes, mounts
 
 
+#: Pod Security "restricted": what every training pod and container declares, so the job runs
+#: in namespaces that enforce it (Kubeflow profile namespaces can).
+POD_SECURITY: dict[str, Any] = {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
+CONTAINER_SECURITY: dict[str, Any] = {
+    "allowPrivilegeEscalation": False,
+    "capabilities": {"drop": ["ALL"]},
+    "runAsNonRoot": True,
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+
+#: Owner of kubetune's entry in a TrainJob's ``spec.runtimePatches`` (each writer, Kueue or
+#: the SDK, keeps its own entry, keyed by manager).
+PATCH_MANAGER = "kubetune.io/launcher"
+
+
+def _trainjob(meta, config_path, num_nodes, nproc, profile, image, runtime, module, env, volumes, mounts,
+              service_account) -> dict[str, Any]:
+    # Built from the Trainer API's own models (kubeflow_trainer_api, the types TrainerClient
+    # sends): a field the v2.3 API does not have cannot be written. Placement, volume and
+    # security go into spec.runtimePatches, which replaced podTemplateOverrides in Trainer v2.2
+    # (the API server prunes the old field, and with it the PVC and node selector).
+    from kubeflow.trainer.constants import constants
+    from kubeflow_trainer_api import models as m
+
+    container = m.TrainerV1alpha1ContainerPatch(
+        name=constants.NODE,
+        volumeMounts=[m.IoK8sApiCoreV1VolumeMount.from_dict(v) for v in mounts] or None,
+        securityContext=m.IoK8sApiCoreV1SecurityContext.from_dict(CONTAINER_SECURITY),
+    )
+    pod = m.TrainerV1alpha1PodSpecPatch(
+        containers=[container],
+        volumes=[m.IoK8sApiCoreV1Volume.from_dict(v) for v in volumes] or None,
+        nodeSelector=dict(profile.node_selector) or None,
+        tolerations=[m.IoK8sApiCoreV1Toleration.from_dict(t) for t in _tolerations(profile)] or None,
+        securityContext=m.IoK8sApiCoreV1PodSecurityContext.from_dict(POD_SECURITY),
+        serviceAccountName=service_account,
+    )
+    patch = m.TrainerV1alpha1RuntimePatch(
+        manager=PATCH_MANAGER,
+        trainingRuntimeSpec=m.TrainerV1alpha1TrainingRuntimeSpecPatch(
+            template=m.TrainerV1alpha1JobSetTemplatePatch(
+                spec=m.TrainerV1alpha1JobSetSpecPatch(
+                    replicatedJobs=[
+                        m.TrainerV1alpha1ReplicatedJobPatch(
+                            name=constants.NODE,
+                            template=m.TrainerV1alpha1JobTemplatePatch(
+                                spec=m.TrainerV1alpha1JobSpecPatch(
+                                    template=m.TrainerV1alpha1PodTemplatePatch(spec=pod)
+                                )
+                            ),
+                        )
+                    ]
+                )
+            )
+        ),
+    )
+    job = m.TrainerV1alpha1TrainJob(
+        apiVersion=constants.API_VERSION,
+        kind=constants.TRAINJOB_KIND,
+        metadata=m.IoK8sApimachineryPkgApisMetaV1ObjectMeta.from_dict(meta),
+        spec=m.TrainerV1alpha1TrainJobSpec(
+            runtimeRef=m.TrainerV1alpha1RuntimeRef(name=runtime),
+            trainer=m.TrainerV1alpha1Trainer(
+                image=image,
+                command=command(config_path, module),
+                env=[m.IoK8sApiCoreV1EnvVar.from_dict(e) for e in env] or None,
+                numNodes=num_nodes,
+                numProcPerNode=nproc,
+                resourcesPerNode=m.IoK8sApiCoreV1ResourceRequirements.from_dict(_resources(profile)),
+            ),
+            runtimePatches=[patch],
+        ),
+    )
+    return job.to_dict()
+
+
 def build_manifest(
     name: str,
     config_path: str,
@@ -141,6 +231,7 @@ def build_manifest(
     runtime: str = "torch-distributed",
     module: str = ENTRY_MODULE,
     labels: dict[str, str] | None = None,
+    service_account: str | None = None,
 ) -> dict[str, Any]:
     """Write the job that trains on ``num_nodes`` nodes with ``profile.gpus`` GPUs each.
 
@@ -156,6 +247,8 @@ def build_manifest(
             ``torch-distributed``); unused for a PyTorchJob.
         module: Entry point module run by torchrun on every node.
         labels: Extra labels on the job (e.g. the KFP run id).
+        service_account: Service account of the training pods (workload identity for S3,
+            image pulls); ``None`` keeps the namespace's ``default``.
 
     Returns:
         The manifest as a dict, ready for the API or ``yaml.safe_dump``.
@@ -176,28 +269,8 @@ def build_manifest(
     head = {"apiVersion": f"{kind['group']}/{kind['version']}", "kind": kind["kind"], "metadata": meta}
 
     if api == "trainjob":
-        pod_spec: dict[str, Any] = {}
-        if volumes:
-            pod_spec["volumes"] = volumes
-            pod_spec["containers"] = [{"name": CONTAINER[api], "volumeMounts": mounts}]
-        if profile.node_selector:
-            pod_spec["nodeSelector"] = dict(profile.node_selector)
-        if profile.tolerations:
-            pod_spec["tolerations"] = _tolerations(profile)
-        spec: dict[str, Any] = {
-            "runtimeRef": {"name": runtime},
-            "trainer": {
-                "image": image,
-                "command": command(config_path, module),
-                "env": env,
-                "numNodes": num_nodes,
-                "numProcPerNode": nproc,
-                "resourcesPerNode": _resources(profile),
-            },
-        }
-        if pod_spec:
-            spec["podTemplateOverrides"] = [{"targetJobs": [{"name": "node"}], "spec": pod_spec}]
-        return {**head, "spec": spec}
+        return _trainjob(meta, config_path, num_nodes, nproc, profile, image, runtime, module, env, volumes, mounts,
+                         service_account)
 
     container = {
         "name": CONTAINER[api],
@@ -206,8 +279,12 @@ def build_manifest(
         "env": env,
         "resources": _resources(profile),
         "volumeMounts": mounts,
+        "securityContext": copy.deepcopy(CONTAINER_SECURITY),
     }
-    template_spec: dict[str, Any] = {"containers": [container], "volumes": volumes}
+    template_spec: dict[str, Any] = {"containers": [container], "volumes": volumes,
+                                     "securityContext": copy.deepcopy(POD_SECURITY)}
+    if service_account:
+        template_spec["serviceAccountName"] = service_account
     if profile.node_selector:
         template_spec["nodeSelector"] = dict(profile.node_selector)
     if profile.tolerations:
@@ -260,7 +337,8 @@ def api_client_from_environment():
     try:
         config.load_incluster_config()
     except config.ConfigException:
-        config.load_kube_config()
+        # KUBECONFIG read now: the client library reads it once, when first imported.
+        config.load_kube_config(config_file=os.environ.get("KUBECONFIG") or None)
     return client.ApiClient()
 
 
@@ -379,6 +457,7 @@ def launch(
     api_client=None,
     poll_s: float = 10.0,
     timeout_s: float | None = None,
+    service_account: str | None = None,
 ) -> dict[str, Any]:
     """Train on ``num_nodes`` nodes and wait: ``build_manifest`` then ``run_job``.
 
@@ -394,6 +473,7 @@ def launch(
         api_client: Kubernetes API client; defaults to in-cluster or kubeconfig.
         poll_s: Seconds between status reads.
         timeout_s: Give up after this long.
+        service_account: Service account of the training pods.
 
     Returns:
         The finished job object.
@@ -407,8 +487,53 @@ def launch(
         api=api,
         namespace=namespace or current_namespace(),
         runtime=runtime,
+        service_account=service_account,
     )
     return run_job(manifest, api_client=api_client, poll_s=poll_s, timeout_s=timeout_s)
+
+
+def profile_from_env() -> Profile:
+    """The cluster profile the pipeline was compiled with (``KUBETUNE_PROFILE_JSON``).
+
+    Raises:
+        KubetuneError: outside a task compiled with a profile (nothing says how big a node is).
+    """
+    from kubetune.errors import KubetuneError
+
+    raw = os.environ.get(PROFILE_ENV)
+    if not raw:
+        raise KubetuneError(f"nodes > 1 needs a pipeline compiled with a cluster profile ({PROFILE_ENV} is not set)")
+    return Profile.from_dict(json.loads(raw))
+
+
+def train_on_nodes(job: Path, spec: dict[str, Any], nodes: int, **launch_args) -> dict[str, Any]:
+    """Run one training stage as a TrainJob of ``nodes`` nodes, from the stage's own pod.
+
+    The job's pods see only the shared workspace, so the tokenized data is copied into
+    ``job`` first and the model is written there and copied to the stage's output after.
+
+    Args:
+        job: A fresh folder on the workspace volume (``$KUBETUNE_WORKSPACE/jobs/...``).
+        spec: The ``kubetune.train_entry`` config of the stage (stage, cfg, folders, ctx).
+        nodes: Nodes in the job.
+        **launch_args: Passed to ``launch`` (``api_client``, ``poll_s``, ``namespace`` ...).
+
+    Returns:
+        ``spec`` as the job ran it, its ``result`` file holding the stage's result with the
+        caller's ``output_dir``.
+    """
+    profile = profile_from_env()
+    tokenized, model = job / "tokenized", job / "model"
+    shutil.copytree(spec["tokenized_dir"], tokenized, dirs_exist_ok=True)
+    ran = {**spec, "tokenized_dir": str(tokenized), "output_dir": str(model), "result": str(job / "result.json")}
+    (job / "config.json").write_text(json.dumps(ran))
+    launch_args.setdefault("service_account", os.environ.get(SERVICE_ACCOUNT_ENV) or None)
+    launch(str(job / "config.json"), num_nodes=nodes, profile=profile, **launch_args)
+    shutil.copytree(model, spec["output_dir"], dirs_exist_ok=True)
+    shutil.rmtree(tokenized, ignore_errors=True)
+    result = json.loads(Path(ran["result"]).read_text())
+    Path(ran["result"]).write_text(json.dumps({**result, "output_dir": str(spec["output_dir"])}))
+    return ran
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -423,6 +548,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--namespace", default=None)
     parser.add_argument("--runtime", default="torch-distributed")
     parser.add_argument("--image", default=TRAIN_IMAGE)
+    parser.add_argument("--service-account", default=None, help="service account of the training pods")
     parser.add_argument("--dry-run", action="store_true", help="print the manifest and exit")
     args = parser.parse_args(argv)
     profile = load_profile(args.profile)
@@ -438,6 +564,7 @@ def main(argv: list[str] | None = None) -> int:
             api=args.api,
             namespace=args.namespace or current_namespace(),
             runtime=args.runtime,
+            service_account=args.service_account,
         )
         print(yaml.safe_dump(manifest, sort_keys=False))
         return 0
@@ -452,6 +579,7 @@ def main(argv: list[str] | None = None) -> int:
         image=args.image,
         namespace=args.namespace,
         runtime=args.runtime,
+        service_account=args.service_account,
     )
     return 0
 

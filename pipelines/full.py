@@ -35,6 +35,7 @@ def build(profile: "kube.Profile | None" = None):
         eval_settings: dict = {"max_examples": 48, "max_new_tokens": 40, "batch_size": 48},
         register_settings: dict = {},
         force: bool = False,
+        nodes: int = 1,
     ) -> str:
         run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
         lineage = dict(model_name=model_name, pipeline=NAME, run_id=run_id)
@@ -46,7 +47,7 @@ def build(profile: "kube.Profile | None" = None):
             tokens = tokenize_data(dataset=data.outputs["dataset"], base_model=base_model, max_length=max_length,
                                    model_policy=train_settings)
             trained = train_full(tokenized=tokens.outputs["tokenized"], base_model=base_model, max_steps=max_steps,
-                                 learning_rate=learning_rate, settings=train_settings, **lineage)
+                                 learning_rate=learning_rate, settings=train_settings, nodes=nodes, **lineage)
             scored = evaluate(model=trained.outputs["model"], dataset=data.outputs["dataset"],
                               tokenized=tokens.outputs["tokenized"], base_model=base_model,
                               settings=eval_settings, model_policy=train_settings, **lineage)

@@ -52,6 +52,7 @@ def build(profile: "kube.Profile | None" = None):
         eval_settings: dict = {"max_examples": 48, "max_new_tokens": 40, "batch_size": 48},
         register_settings: dict = {},
         force: bool = False,
+        nodes: int = 1,
     ) -> str:
         run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
         lineage = dict(model_name=model_name, pipeline=NAME, run_id=run_id)
@@ -65,7 +66,7 @@ def build(profile: "kube.Profile | None" = None):
                                    packing=packing.output, model_policy=train_settings)
             trained = train_peft(tokenized=tokens.outputs["tokenized"], base_model=base_model, method=method,
                                  max_steps=max_steps, learning_rate=learning_rate, lora_rank=lora_rank,
-                                 settings=train_settings, **lineage)
+                                 settings=train_settings, nodes=nodes, **lineage)
             scored = evaluate(model=trained.outputs["model"], dataset=data.outputs["dataset"],
                               tokenized=tokens.outputs["tokenized"], base_model=base_model,
                               settings=eval_settings, model_policy=train_settings, **lineage)

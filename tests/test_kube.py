@@ -63,6 +63,7 @@ def test_gpu_step_carries_accelerator_limits_tolerations_volume_and_secrets(tmp_
     assert (res["resourceCpuLimit"], res["resourceMemoryLimit"]) == ("88", "1000Gi")
     assert (res["resourceCpuRequest"], res["resourceMemoryRequest"]) == ("88", "1000Gi")
     env = {e["name"]: e["value"] for e in train["env"]}
+    assert Profile.from_dict(json.loads(env.pop("KUBETUNE_PROFILE_JSON"))) == load_profile("a100x8")
     assert env == {"KUBETUNE_NPROC_PER_NODE": "8", "KUBETUNE_WORKSPACE": "/workspace",
                    "HF_HOME": "/workspace/cache/huggingface", "KUBETUNE_HOME": "/workspace/cache/kubetune",
                    "KUBETUNE_GIT_COMMIT": kube._compile_commit(), "KUBETUNE_IMAGE_REF": "python:3.11-slim",

