@@ -429,11 +429,13 @@ def get_alias(model_name: str, alias: str):
 
 
 def download_version(model_name: str, version: str, dst: str | Path) -> Path:
-    """Download a registered version's files (the folder ``train`` wrote) to ``dst``."""
+    """Download a registered version and return the folder ``train`` wrote (inside an LLM pyfunc)."""
     import mlflow
 
-    return Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{model_name}/{version}",
-                                                    dst_path=str(dst)))
+    from kubetune.llm_pyfunc import trained_folder
+
+    return trained_folder(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{model_name}/{version}",
+                                                              dst_path=str(dst)))
 
 
 def create_version(model_name: str, model_dir: str | Path, tags: dict[str, str], description: str = ""):

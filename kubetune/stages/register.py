@@ -18,6 +18,7 @@ from pathlib import Path
 
 from kubetune.config import setting
 from kubetune.errors import ConfigError, StageError
+from kubetune.llm_pyfunc import log_version
 from kubetune.registry_ops import Decision, Gates, check_gates, model_card
 from kubetune.tracking import RunContext, maybe_stage
 
@@ -146,8 +147,8 @@ def register(cfg: RegisterConfig, model_dir: str | Path, report_path: str | Path
         provisional = model_card(cfg.model_name, "(new)", manifest, report, decision, in_force, ctx.pipeline,
                                  ctx.pipeline_run_id, run_id)
         tracking.log_text(provisional, "model/README.md")
-        mv = tracking.create_version(cfg.model_name, model_dir, tags,
-                                     description=f"{manifest.get('method')} on {manifest.get('base_model')}")
+        mv = log_version(cfg.model_name, model_dir, tags, card=provisional,
+                         description=f"{manifest.get('method')} on {manifest.get('base_model')}")
         version = str(mv.version)
         tracking.move_alias(cfg.model_name, tracking.CHALLENGER, version,
                             expected_current=_holder(cfg.model_name, tracking.CHALLENGER))
