@@ -84,6 +84,12 @@ def cmd_models(args) -> int:
     return 0
 
 
+def cmd_deploy(args) -> int:
+    from kubetune.deploy import deploy_command
+
+    return deploy_command(args)
+
+
 def cmd_schedule(args) -> int:
     from kubetune.schedule import format_schedules, schedule
 
@@ -218,6 +224,10 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("models", help="a registered model's versions: aliases, metrics, decisions, lineage")
     m.add_argument("name", help="registered model name")
     m.set_defaults(func=cmd_models)
+
+    from kubetune.deploy import add_deploy_parser
+
+    add_deploy_parser(sub, cmd_deploy)
 
     s = sub.add_parser("schedule", help="retrain on a schedule: a KFP recurring run of a pipeline")
     s.add_argument("pipeline")

@@ -265,3 +265,47 @@ def stop(proc: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+# ---------------------------------------------------------------- the command
+
+
+def add_deploy_parser(sub, func) -> None:
+    """``kubetune deploy NAME[@ALIAS]``: its arguments (the stage's settings)."""
+    d = sub.add_parser("deploy", help="serve a registered version (KServe on a cluster, mlflow models serve "
+                                      "locally), smoke-test it, roll the champion back if it fails")
+    d.add_argument("model", metavar="NAME[@ALIAS]", help="registered model, alias or version (default: @champion)")
+    d.add_argument("--target", choices=["auto", "local", "cluster"], default="auto",
+                   help="cluster: a KServe InferenceService through your kubeconfig; local: mlflow models serve "
+                        "(auto: cluster inside a pod, else local)")
+    d.add_argument("--namespace", default="", help="namespace of the InferenceService")
+    d.add_argument("--endpoint", default="", help="base URL for the smoke test (default: the service's status.url)")
+    d.add_argument("--prompt", action="append", help="a smoke prompt (repeatable; default: two short questions)")
+    d.add_argument("--keep", action="store_true", help="locally: keep serving after the smoke test")
+    d.add_argument("--port", type=int, default=0, help="locally: port to serve on (default: a free one)")
+    d.add_argument("--no-rollback", action="store_true", help="leave the champion where it is on failure")
+    d.add_argument("--render", action="store_true", help="print the InferenceService YAML and stop")
+    d.set_defaults(func=func)
+
+
+def deploy_command(args) -> int:
+    """Run the deploy stage for the CLI; print the outcome in a few lines."""
+    import yaml
+
+    from kubetune.stages.deploy import DeployConfig, deploy
+
+    name, _, alias = args.model.partition("@")
+    cfg = DeployConfig(model_name=name, alias=alias or "champion", target=args.target, namespace=args.namespace,
+                       endpoint=args.endpoint, keep_serving=args.keep, port=args.port, rollback=not args.no_rollback,
+                       **({"smoke_prompts": args.prompt} if args.prompt else {}))
+    if args.render:
+        target = describe(cfg.model_name, cfg.alias)
+        print(yaml.safe_dump(render(target, namespace=cfg.namespace or "default", gpus=cfg.gpus), sort_keys=False))
+        return 0
+    result = deploy(cfg)
+    print(f"deployed {name} v{result.version} ({result.runtime}) at {result.url}")
+    for prompt, answer in zip(cfg.smoke_prompts, result.answers):
+        print(f"  {prompt!r} -> {answer[:80]!r}")
+    if result.pid:
+        print(f"  serving (pid {result.pid}); stop it with: kill {result.pid}")
+    return 0

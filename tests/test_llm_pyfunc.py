@@ -47,6 +47,7 @@ def _register(name: str, folder: Path) -> str:
     from kubetune import tracking
     from kubetune.llm_pyfunc import log_version
 
+    mlflow.set_experiment(name)  # this test's own store: no experiment id left over from another test
     with mlflow.start_run(run_name="register") as run:
         mv = log_version(name, folder, {"kubetune.method": "x"}, description="d", card=f"# {name} card\n")
     tracking.move_alias(name, tracking.CHAMPION, str(mv.version), expected_current=None)
