@@ -52,7 +52,7 @@ def better(a: float, b: float, metric: str, margin: float) -> bool:
 
 def check_gates(metric: str, candidate: dict, base: dict | None, champion: dict | None,
                 champion_version: str | None, forgetting: float | None, gates: Gates,
-                evaluated: bool = True) -> Decision:
+                evaluated: bool = True, benchmarks: str | None = None) -> Decision:
     """Decide whether a candidate earns `champion`; every check is named and explained.
 
     Checks, in order (the first failure is the reason):
@@ -61,7 +61,8 @@ def check_gates(metric: str, candidate: dict, base: dict | None, champion: dict 
       champion:    beats the champion on ``metric`` by ``min_improvement`` (passes when none);
       base:        not worse than the base model on ``metric`` (for MoA: the best single
                    proposer), so a first run that made things worse never becomes champion;
-      forgetting:  general-perplexity rise at most ``max_forgetting`` (off when negative).
+      forgetting:  general-perplexity rise at most ``max_forgetting`` (off when negative);
+      benchmarks:  evaluate's verdict on the lm-eval benchmarks (``kubetune.benchmarks.gate``), when run.
     """
     checks: dict[str, str] = {}
     missing = []
@@ -109,6 +110,9 @@ def check_gates(metric: str, candidate: dict, base: dict | None, champion: dict 
     else:
         checks["forgetting"] = f"pass: forgetting {forgetting:+.1%} within {gates.max_forgetting:.1%}"
 
+    if benchmarks:
+        checks["benchmarks"] = benchmarks
+
     failed = [v for k, v in checks.items() if v.startswith("fail")]
     if failed:
         return Decision(False, failed[0][len("fail: "):], checks)
@@ -138,7 +142,7 @@ def model_card(model_name: str, version: str, manifest: dict, report: dict, deci
     cand, base, champ = report["candidate"], report.get("base") or {}, report.get("champion")
     train = manifest.get("train") or {}
     keys = [k for k in ("exact_match", "field_accuracy", "rouge_l", "val_loss", "val_perplexity",
-                        "general_perplexity") if k in cand]
+                        "general_perplexity") if k in cand] + sorted(k for k in cand if k.startswith("bench_"))
 
     def fmt(d, k):
         v = (d or {}).get(k)

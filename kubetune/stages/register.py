@@ -76,7 +76,8 @@ def decide_all(report: dict, cfg: RegisterConfig) -> Decision:
     """The gate checks on evaluate's numbers (see ``kubetune.registry_ops.check_gates``)."""
     return check_gates(report["primary_metric"], report["candidate"], report.get("base"), report.get("champion"),
                        None if report.get("champion_version") is None else str(report["champion_version"]),
-                       report.get("forgetting"), gates(report, cfg), evaluated=bool(report.get("evaluated")))
+                       report.get("forgetting"), gates(report, cfg), evaluated=bool(report.get("evaluated")),
+                       benchmarks=report.get("benchmark_gate"))
 
 
 def decide(report: dict, cfg: RegisterConfig) -> tuple[bool, str]:
