@@ -295,8 +295,11 @@ def models_table(model_name: str) -> str:
         return f"no versions of {model_name}"
     history = tracking.alias_history(model_name, tracking.CHAMPION)
     aliases = tracking.version_aliases(model_name)
-    header = ["version", "aliases", "metric", "value", "base", "forgetting", "decision", "data", "method",
-              "pipeline run", "mlflow run"]
+    # One column per benchmark any version was scored on (the candidate's score; "-" where not run).
+    benches = sorted({k[len("eval."):] for mv in versions for k in mv.tags if k.startswith("eval.bench_")})
+    header = ["version", "aliases", "metric", "value", "base", "forgetting",
+              *(b[len("bench_"):] for b in benches), "decision", "deployed", "data", "method", "pipeline run",
+              "mlflow run"]
     rows = []
     for mv in versions:
         t = mv.tags
@@ -307,8 +310,9 @@ def models_table(model_name: str) -> str:
         rows.append([
             f"v{mv.version}", ",".join(aliases.get(str(mv.version), [])) or "-", metric,
             _num(t.get(f"eval.{metric}")), _num(t.get(f"base.{metric}")),
-            _pct(t.get("eval.forgetting")), decision + (" (rolled back)" if t.get("kubetune.rolled_back") else ""),
-            t.get("kubetune.data_fingerprint", "")[:8], t.get("kubetune.method", ""),
+            _pct(t.get("eval.forgetting")), *(_num(t.get(f"eval.{b}")) for b in benches),
+            decision + (" (rolled back)" if t.get("kubetune.rolled_back") else ""),
+            _deployed(t.get("kubetune.deploy", "")), t.get("kubetune.data_fingerprint", "")[:8], t.get("kubetune.method", ""),
             t.get("kubetune.pipeline_run_id", "")[:12], (mv.run_id or "")[:8]])
     widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header] + rows]
@@ -319,6 +323,13 @@ def models_table(model_name: str) -> str:
     if reasons:
         lines += ["decisions:", *reasons]
     return "\n".join(lines)
+
+
+def _deployed(tag: str) -> str:
+    """The deploy tag in a word: where it serves, or that its smoke test failed."""
+    if not tag:
+        return "-"
+    return "failed" if tag.startswith("failed") else tag.split(":", 1)[0]
 
 
 def _num(v: Any) -> str:

@@ -70,7 +70,7 @@ def test_the_schema_check_rejects_a_broken_object(isvc_schema):
 # ---------------------------------------------------------------- registry -> runtime
 
 
-def _version(name: str, folder: Path, method: str, base: str, alias: bool = True) -> str:
+def _version(name: str, folder: Path, method: str, base: str, alias: bool = True, tags: dict | None = None) -> str:
     import mlflow
 
     from kubetune import tracking
@@ -78,7 +78,7 @@ def _version(name: str, folder: Path, method: str, base: str, alias: bool = True
 
     mlflow.set_experiment(name)  # this test's own store: no experiment id left over from another test
     with mlflow.start_run(run_name="register"):
-        mv = log_version(name, folder, {"kubetune.method": method, "kubetune.base_model": base})
+        mv = log_version(name, folder, {"kubetune.method": method, "kubetune.base_model": base, **(tags or {})})
     if alias:
         holder = tracking.get_alias(name, tracking.CHAMPION)
         tracking.move_alias(name, tracking.CHAMPION, str(mv.version),
@@ -237,6 +237,24 @@ def test_failed_deploy_rolls_the_champion_back(failure, cluster, lora_folder, ml
     assert why in str(err.value) and "champion: v2 -> v1 (rollback)" in str(err.value)
     assert str(tracking.get_alias("tickets", tracking.CHAMPION).version) == "1"
     assert why in tracking.get_version("tickets", "2").tags["kubetune.deploy"]
+
+
+def test_models_table_shows_aliases_scores_and_deploys(cluster, lora_folder, mlflow_uri):
+    from kubetune.registry_ops import models_table
+    from kubetune.stages.deploy import DeployConfig, deploy
+
+    scores = {"kubetune.primary_metric": "exact_match", "eval.exact_match": "0.5", "base.exact_match": "0.1",
+              "eval.bench_kubetune_arithmetic": "0.4167"}
+    _version("tickets", lora_folder, "lora", "smollm2-135m-instruct", tags=scores)
+    deploy(DeployConfig(model_name="tickets", target="cluster", namespace="team-a", ready_timeout=5))
+    _version("tickets", lora_folder, "lora", "smollm2-135m-instruct", alias=False,
+             tags={**scores, "eval.exact_match": "0.25"})
+    header, v2, v1 = [line.split() for line in models_table("tickets").splitlines()[:3]]  # newest first
+    assert header[:9] == ["version", "aliases", "metric", "value", "base", "forgetting", "kubetune_arithmetic",
+                          "decision", "deployed"]
+    assert v1[:6] == ["v1", "champion", "exact_match", "0.5000", "0.1000", "-"]
+    assert v1[6] == "0.4167" and "cluster" in v1
+    assert v2[:4] == ["v2", "-", "exact_match", "0.2500"]
 
 
 def test_local_deploy_serves_and_answers(lora_folder, mlflow_uri, tmp_path):
