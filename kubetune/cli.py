@@ -21,7 +21,12 @@ def _params(args) -> dict:
 def cmd_run(args) -> int:
     from kubetune.runner import format_summary, run_local
 
-    summary = run_local(args.pipeline, _params(args))
+    if args.help or not args.pipeline:
+        from kubetune.run_ui import run_help
+
+        print(run_help(args.pipeline, args.parser))
+        return 0 if args.help else 2
+    summary = run_local(args.pipeline, _params(args), verbose=args.verbose)
     print(format_summary(summary))
     return 0
 
@@ -163,11 +168,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"kubetune {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
-    r = sub.add_parser("run", help="run a pipeline locally through kfp.local")
-    r.add_argument("pipeline")
+    r = sub.add_parser("run", help="run a pipeline locally through kfp.local", add_help=False)
+    r.add_argument("pipeline", nargs="?", help="pipeline name ('kubetune run NAME --help' lists its parameters)")
+    r.add_argument("-h", "--help", action="store_true", help="show this help (with NAME: its parameters)")
+    r.add_argument("--verbose", action="store_true", help="stream the tasks' full logs (always in .kubetune/logs/)")
     r.add_argument("--config", help="YAML file of pipeline parameters")
     r.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one parameter (repeatable)")
-    r.set_defaults(func=cmd_run)
+    r.set_defaults(func=cmd_run, parser=r)
 
     c = sub.add_parser("compile", help="compile pipelines to KFP YAML")
     c.add_argument("pipeline", nargs="*", help="pipelines to compile (default: all)")

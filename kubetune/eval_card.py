@@ -37,7 +37,8 @@ def render(report: dict) -> str:
     verdict = [
         f"- beats the base model on `{metric}`: **{'yes' if report.get('beats_base') else 'no'}**",
         f"- beats the champion on `{metric}` (margin {report.get('min_improvement', 0)}): "
-        f"**{'yes' if report.get('beats_champion') else 'no'}**" + ("" if version is not None else " (no champion yet)"),
+        f"**{'yes' if report.get('beats_champion') else 'no'}**"
+        + ("" if version is not None else " (no champion yet)"),
         f"- forgetting (general-text perplexity vs base): {'n/a' if forgetting is None else f'{forgetting:+.1%}'}",
     ]
     if report.get("benchmark_gate"):

@@ -312,7 +312,8 @@ def models_table(model_name: str) -> str:
             _num(t.get(f"eval.{metric}")), _num(t.get(f"base.{metric}")),
             _pct(t.get("eval.forgetting")), *(_num(t.get(f"eval.{b}")) for b in benches),
             decision + (" (rolled back)" if t.get("kubetune.rolled_back") else ""),
-            _deployed(t.get("kubetune.deploy", "")), t.get("kubetune.data_fingerprint", "")[:8], t.get("kubetune.method", ""),
+            _deployed(t.get("kubetune.deploy", "")), t.get("kubetune.data_fingerprint", "")[:8],
+            t.get("kubetune.method", ""),
             t.get("kubetune.pipeline_run_id", "")[:12], (mv.run_id or "")[:8]])
     widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header] + rows]

@@ -54,13 +54,16 @@ def _git_commit() -> str:
     return git_commit()
 
 
-def run_local(name: str, params: dict[str, Any] | None = None, workdir: str | Path | None = None) -> dict:
+def run_local(name: str, params: dict[str, Any] | None = None, workdir: str | Path | None = None,
+              verbose: bool = True) -> dict:
     """Run pipeline ``name`` through ``kfp.local`` (no cluster, no Docker) and return register's summary.
 
     Args:
         name: Pipeline name (``kubetune pipelines`` lists them).
         params: Pipeline parameters to override.
         workdir: Where MLflow's SQLite file, the KFP outputs and checkpoints go (default: cwd).
+        verbose: Stream kfp.local's whole output; otherwise one line per task (``kubetune.run_ui``).
+            The full log is in ``.kubetune/logs/`` either way.
 
     Raises:
         ConfigError: unknown or ill-typed parameters.
@@ -75,8 +78,11 @@ def run_local(name: str, params: dict[str, Any] | None = None, workdir: str | Pa
     local.init(runner=local.SubprocessRunner(use_venv=False),
                pipeline_root=str(workdir / ".kubetune" / "local_outputs"))
     t0 = time.time()
+    from kubetune.run_ui import task_lines
+
     try:
-        task = module.pipeline(**params)
+        with task_lines(workdir / ".kubetune" / "logs" / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.log", verbose):
+            task = module.pipeline(**params)
     except RuntimeError as e:
         raise KubetuneError(f"pipeline '{name}' failed: {e} (the task's own error is in its log above)") from None
     summary = json.loads(task.output)

@@ -68,7 +68,8 @@ def test_evaluate_scores_benchmarks_for_candidate_and_base_and_writes_the_card(t
     folder = _trained("lora", Path(tiny_llama), tmp_path / "trained")
     cfg = EvaluateConfig(base_model=str(tiny_llama), max_examples=4, max_new_tokens=4, batch_size=4,
                          benchmarks=["kubetune_arithmetic"], benchmark_limit=8, max_benchmark_drop=0.02)
-    report = evaluate(cfg, folder, ds, tok, tmp_path / "eval.json", ctx=RunContext("tiny-bench", "run-1", "peft")).report
+    ctx = RunContext("tiny-bench", "run-1", "peft")
+    report = evaluate(cfg, folder, ds, tok, tmp_path / "eval.json", ctx=ctx).report
     for who in ("candidate", "base"):
         assert 0.0 <= report[who]["bench_kubetune_arithmetic"] <= 1.0
     assert report["benchmark_gate"] == benchmarks.gate(report["candidate"], report["base"], None, 0.02)

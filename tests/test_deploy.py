@@ -32,8 +32,8 @@ def _validate(obj: dict, schema: dict) -> None:
 
 LORA = Target("tickets-peft", "3", "lora", "HuggingFaceTB/SmolLM2-135M-Instruct",
               "s3://mlflow/1/models/m-1/artifacts/artifacts/model", "vllm", None)
-FULL = Target("tickets-full", "2", "full", "smollm2-135m-instruct", "s3://mlflow/1/models/m-2/artifacts/artifacts/model",
-              "vllm", None)
+FULL = Target("tickets-full", "2", "full", "smollm2-135m-instruct",
+              "s3://mlflow/1/models/m-2/artifacts/artifacts/model", "vllm", None)
 PYFUNC = Target("tickets_head", "1", "feature-extraction", "minilm-l6-v2", "s3://mlflow/1/models/m-3/artifacts",
                 "mlflow", "text")
 
