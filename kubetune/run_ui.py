@@ -19,14 +19,15 @@ import json
 import re
 import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _START = re.compile(r"Executing task '([^']+)'")
 _END = re.compile(r"Task '([^']+)' finished with status (\w+)")
-_STEP = re.compile(r"\|\s*(\d+)/(\d+) \[")  # tqdm: " 40%|####      | 12/30 [00:10<00:15, ..."
+# The trainer's tqdm line has no description (" 40%|####      | 12/30 [00:10<00:15, ..."); other bars
+# in a training task (loading weights, tokenizing) have one and are not training progress.
+_STEP = re.compile(r"^\s*\d+%\|[^|]*\|\s*(\d+)/(\d+) \[")
 _OUTPUT = re.compile(r"^\s{4}(\w+): (.*)$")
 _URI = re.compile(r"uri='([^']+)'")
 # Tasks whose progress lines are the trainer's (the only long steps with a step count).
@@ -174,10 +175,8 @@ def task_lines(log_path: str | Path, verbose: bool = False):
     log_path = Path(log_path)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     terminal = sys.stdout
-    with open(log_path, "a", buffering=1) as log, warnings.catch_warnings():
-        if not verbose:
-            # kfp.local's note that the task image is not a "python" image: ours is the project image.
-            warnings.filterwarnings("ignore", message="You may be attemping to run a task", category=RuntimeWarning)
+    # Warnings (kfp.local's note that our image is not named "python") go to sys.stderr: the log.
+    with open(log_path, "a", buffering=1) as log:
         stream = TaskLines(log, terminal, verbose)
         old = sys.stdout, sys.stderr
         sys.stdout = sys.stderr = stream

@@ -1,6 +1,9 @@
 """A quiet local run: one line per task, a training bar, full logs in a file; `kubetune run NAME --help`."""
 
 
+import sys
+import warnings
+
 from kfp import dsl
 
 from kubetune.image import CPU_IMAGE
@@ -18,6 +21,8 @@ def train_tiny(steps: int) -> dict:
     from tqdm import tqdm
 
     print("a very chatty line of trainer output")
+    for _ in tqdm(range(3), desc="Loading weights", file=sys.stderr, mininterval=0):
+        pass  # a bar that is not training progress
     for _ in tqdm(range(steps), file=sys.stderr, mininterval=0):
         pass
     return {"train_loss": 0.5, "steps": steps}
@@ -48,8 +53,13 @@ def test_quiet_run_shows_one_line_per_task_and_logs_everything(tmp_path, capsys)
 
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "outputs"))
     log = tmp_path / "logs" / "tiny.log"
-    with task_lines(log, verbose=False):
-        tiny(steps=5)
+    with warnings.catch_warnings():
+        # As outside pytest (which records warnings instead): printed to sys.stderr, every time.
+        warnings.simplefilter("always")
+        warnings.showwarning = lambda msg, cat, path, line, file=None, text=None: sys.stderr.write(
+            warnings.formatwarning(msg, cat, path, line, text))
+        with task_lines(log, verbose=False):
+            tiny(steps=5)
     shown = capsys.readouterr()
     lines = [line for line in shown.out.replace("\r", "\n").splitlines() if line.strip() and "%|" not in line]
     assert len(lines) == 3, shown.out  # two tasks and where the full log is
@@ -58,10 +68,11 @@ def test_quiet_run_shows_one_line_per_task_and_logs_everything(tmp_path, capsys)
     assert lines[1].endswith("v3 challenger,champion (beats v2)")
     assert lines[2] == f"  full log: {log}"
     assert "5/5" in shown.out  # the training bar drawn from the trainer's progress lines
+    assert "3/3" not in shown.out  # and only from those
     for noise in ("RuntimeWarning", "Streamed logs", "chatty", "executor"):
         assert noise not in shown.out + shown.err
     text = log.read_text()
-    assert "chatty" in text and "Executing task" in text and "train_loss" in text
+    assert "chatty" in text and "Executing task" in text and "train_loss" in text and "RuntimeWarning" in text
 
 
 def test_verbose_run_streams_the_log(tmp_path, capsys):
