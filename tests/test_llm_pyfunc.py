@@ -13,6 +13,25 @@ PROMPT = "my router is broken, please help"
 NEW_TOKENS = 6
 
 
+@pytest.fixture(scope="module")
+def talking_llama(tiny_llama, tmp_path_factory) -> Path:
+    """The tiny Llama with an output layer of its own.
+
+    With tied embeddings the random model repeats the prompt's last token (a newline) and every
+    answer strips to '', which would make any two models look alike.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, tie_word_embeddings=False)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        model.lm_head.weight.normal_(0.0, 1.0)
+    out = tmp_path_factory.mktemp("talking-llama")
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_llama).save_pretrained(out)
+    return out
+
+
 def _trained(kind: str, tiny_llama: Path, out: Path) -> Path:
     """A folder shaped like the training stage's output for ``kind`` (untrained weights will do)."""
     from transformers import AutoTokenizer
@@ -35,6 +54,10 @@ def _trained(kind: str, tiny_llama: Path, out: Path) -> Path:
         (out / "kubetune_method.json").write_text(json.dumps({"method": "dpo", "base_model": str(tiny_llama)}))
         return out
     model = apply_method(load_base_model(tiny_llama), kind, PeftSettings(num_virtual_tokens=4), tokenizer=tok)
+    with torch.no_grad():  # "trained": adapters that change the answers (LoRA starts as a no-op)
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0.0, 0.5)
     save_trained(model, out, tokenizer=tok)
     manifest = json.loads((out / "kubetune_method.json").read_text())
     (out / "kubetune_method.json").write_text(json.dumps({**manifest, "base_model": str(tiny_llama)}))
@@ -64,9 +87,10 @@ def _expected(folder: Path) -> list[str]:
 
 
 @pytest.mark.parametrize("kind", ["lora", "prompt", "prefix", "ia3", "adapter", "full", "moe", "dpo"])
-def test_champion_loads_as_pyfunc_and_answers(kind, tiny_llama, mlflow_uri, tmp_path):
+def test_champion_loads_as_pyfunc_and_answers(kind, talking_llama, mlflow_uri, tmp_path):
     import mlflow
 
+    tiny_llama = talking_llama
     folder = _trained(kind, Path(tiny_llama), tmp_path / "trained")
     name = f"tiny-{kind.replace('_', '-')}"
     run_id = _register(name, folder)
@@ -74,7 +98,13 @@ def test_champion_loads_as_pyfunc_and_answers(kind, tiny_llama, mlflow_uri, tmp_
     model = mlflow.pyfunc.load_model(f"models:/{name}@champion")
     answers = model.predict([PROMPT], params={"max_new_tokens": NEW_TOKENS})
     assert answers == _expected(folder)
-    assert isinstance(answers[0], str)
+    assert isinstance(answers[0], str) and answers[0].strip()
+    if kind not in ("full", "moe", "dpo"):  # the adapter is applied, not just its base
+        from kubetune.stages.evaluate import generate
+        from kubetune.models import load_causal_lm
+
+        assert answers != generate(load_causal_lm(str(tiny_llama)), model.unwrap_python_model().tokenizer,
+                                   [[{"role": "user", "content": PROMPT}]], NEW_TOKENS, 1)
     assert model.metadata.get_input_schema().input_types() == [__import__("mlflow").types.DataType.string]
 
     # One LoggedModel, output of the register run and source of the version.
@@ -106,12 +136,12 @@ def test_download_version_returns_the_trained_folder(tiny_llama, mlflow_uri, tmp
     assert {p.name for p in got.iterdir()} == {p.name for p in folder.iterdir()} | {"README.md"}
 
 
-def test_mlflow_models_serve_answers_invocations(tiny_llama, mlflow_uri, tmp_path):
+def test_mlflow_models_serve_answers_invocations(talking_llama, mlflow_uri, tmp_path):
     """The real `mlflow models serve` process on the champion, over HTTP."""
     from kubetune.deploy import serve_local, stop
     from kubetune.testing import free_port, wait_http
 
-    folder = _trained("lora", Path(tiny_llama), tmp_path / "trained")
+    folder = _trained("lora", Path(talking_llama), tmp_path / "trained")
     _register("tiny-serve", folder)
     port = free_port()
     proc = serve_local("models:/tiny-serve@champion", port, tmp_path / "serve.log")
@@ -123,4 +153,4 @@ def test_mlflow_models_serve_answers_invocations(tiny_llama, mlflow_uri, tmp_pat
         answer = json.loads(urllib.request.urlopen(req, timeout=60).read())
     finally:
         stop(proc)
-    assert answer == {"predictions": _expected(folder)}
+    assert answer == {"predictions": _expected(folder)} and answer["predictions"][0].strip()
