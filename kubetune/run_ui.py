@@ -78,6 +78,9 @@ class TaskLines(io.TextIOBase):
         if self.current is not None:
             if m := _OUTPUT.match(line):
                 self.current["outputs"][m.group(1)] = m.group(2)
+            elif line.startswith("      ") and self.current["outputs"]:  # an artifact's further lines (uri=...)
+                last = next(reversed(self.current["outputs"]))
+                self.current["outputs"][last] += " " + line.strip()
             elif line.strip().startswith("---") or not line.strip():
                 if self.current["outputs"] or line.strip().startswith("---"):
                     self._close_outputs()
@@ -128,6 +131,13 @@ def task_line(t: dict) -> str:
 
 def _value(text: str) -> Any:
     text = text.strip()
+    if len(text) > 1 and text[0] == text[-1] == "'":
+        # kfp.local quotes string outputs without escaping ('{"reason": "the base model's ..."}')
+        text = text[1:-1]
+        try:
+            return json.loads(text)
+        except ValueError:
+            return text
     for parse in (json.loads, ast.literal_eval):
         try:
             value = parse(text)
@@ -159,7 +169,7 @@ def key_metric(task: str, outputs: dict[str, str]) -> str:
                 (f" ({out['reason']})" if out.get("reason") else "")
         if "deployed" in out:
             return f"deployed {out.get('url')}" if out["deployed"] else str(out.get("reason", ""))
-        for k in ("train_loss", "loss", "final_loss", "accuracy", "reward_last", "val_loss"):
+        for k in ("train_loss_last", "train_loss", "loss", "accuracy", "reward_last", "val_loss"):
             if isinstance(out.get(k), (int, float)):
                 return f"{k} {out[k]:.4f}"
     if "unchanged" in outputs:

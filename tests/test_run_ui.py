@@ -37,7 +37,7 @@ def report_tiny(metrics: dict) -> str:
     """
     import json
 
-    return json.dumps({"version": "3", "aliases": ["challenger", "champion"], "reason": "beats v2"})
+    return json.dumps({"version": "3", "aliases": ["challenger", "champion"], "reason": "beats v2's 0.4"})
 
 
 @dsl.pipeline(name="tiny")
@@ -65,7 +65,7 @@ def test_quiet_run_shows_one_line_per_task_and_logs_everything(tmp_path, capsys)
     assert len(lines) == 3, shown.out  # two tasks and where the full log is
     assert lines[0].split()[:2] == ["train-tiny", "SUCCESS"] and lines[0].endswith("train_loss 0.5000")
     assert lines[1].split()[:2] == ["report-tiny", "SUCCESS"]
-    assert lines[1].endswith("v3 challenger,champion (beats v2)")
+    assert lines[1].endswith("v3 challenger,champion (beats v2's 0.4)")
     assert lines[2] == f"  full log: {log}"
     assert "5/5" in shown.out  # the training bar drawn from the trainer's progress lines
     assert "3/3" not in shown.out  # and only from those
@@ -98,3 +98,26 @@ def test_run_help_lists_the_pipeline_parameters_with_defaults_and_help(capsys):
     assert rows["base_model"].endswith('Base model reference. ["smollm2-135m-instruct"]')
     assert "smoke-test" in rows["deploy"] and rows["deploy"].endswith("[False]")
     assert all(line.rstrip().endswith("]") and len(line.split()) > 2 for line in rows.values())
+
+
+def test_evaluate_line_reads_the_primary_metric_from_the_report_artifact(tmp_path):
+    """kfp.local lists an artifact over several lines; evaluate's key metric is in the report it points to."""
+    import io
+    import json
+
+    from kubetune.run_ui import TaskLines
+
+    report = tmp_path / "report"
+    report.write_text(json.dumps({"primary_metric": "exact_match", "candidate": {"exact_match": 0.25},
+                                  "base": {"exact_match": 0.0625}}))
+    terminal = io.StringIO()
+    stream = TaskLines(io.StringIO(), terminal)
+    stream.write("04:12:43.619 - INFO - Executing task \x1b[96m'evaluate'\x1b[0m\n")
+    stream.write("04:35:56.407 - INFO - Task \x1b[96m'evaluate'\x1b[0m finished with status \x1b[92mSUCCESS\x1b[0m\n")
+    stream.write("04:35:56.407 - INFO - Task 'evaluate' outputs:\n")
+    stream.write("    report: Artifact( name='report',\n")
+    stream.write(f"                      uri='{report}',\n")
+    stream.write("                      metadata={} )\n\n")
+    stream.close_run()
+    assert terminal.getvalue().rstrip().endswith("evaluate                     SUCCESS       0.0 s  "
+                                                 "exact_match 0.2500 (base 0.0625)")
