@@ -11,10 +11,13 @@ from kubetune.registry_ops import LOWER_IS_BETTER
 ORDER = ("exact_match", "field_accuracy", "rouge_l", "val_loss", "val_perplexity", "general_perplexity")
 
 
-def _cell(text) -> str:
-    # A table cell: one line, pipes escaped, long answers cut.
+def _cell(text, tail: bool = False) -> str:
+    # A table cell: one line, pipes escaped, long text cut (prompts from the front: their end is
+    # the example, their start the shared instruction).
     text = " ".join(str(text).split()).replace("|", "\\|")
-    return text if len(text) <= 120 else text[:117] + "..."
+    if len(text) <= 120:
+        return text
+    return "..." + text[-117:] if tail else text[:117] + "..."
 
 
 def _num(v) -> str:
@@ -44,7 +47,7 @@ def render(report: dict) -> str:
     if report.get("benchmark_gate"):
         verdict.append(f"- benchmarks: {report['benchmark_gate']}")
     samples = cand.get("samples") or []
-    sample_rows = "\n".join(f"| {_cell(s['prompt'])} | {_cell(s['reference'])} | {_cell(s['prediction'])} | "
+    sample_rows = "\n".join(f"| {_cell(s['prompt'], tail=True)} | {_cell(s['reference'])} | {_cell(s['prediction'])} | "
                             f"{'yes' if s.get('correct', _same(s)) else 'no'} |" for s in samples)
     out = [f"# Evaluation: candidate vs base vs {champ_head}", "",
            f"Primary metric `{metric}`; {report.get('validation_examples', 'n/a')} validation examples, "
