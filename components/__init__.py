@@ -7,6 +7,7 @@ a cluster (in the image named by ``kubetune.image``).
 
 from kubetune.components.compare_report import compare_report
 from kubetune.components.embed import embed
+from kubetune.components.deploy import deploy
 from kubetune.components.dpo import dpo
 from kubetune.components.aggregate_moa import aggregate_moa
 from kubetune.components.evaluate import evaluate
@@ -26,6 +27,6 @@ from kubetune.components.train_moe import train_moe
 from kubetune.components.train_peft import train_peft
 
 __all__ = ["aggregate_moa", "compare_report", "evaluate_moa", "propose",
-           "dpo", "evaluate_policy", "ppo", "preference_sft_data", "reward_model",
+           "deploy", "dpo", "evaluate_policy", "ppo", "preference_sft_data", "reward_model",
            "embed", "evaluate", "evaluate_head", "finalize", "ingest", "register", "register_skipped", "tokenize_data",
            "train_full", "train_head", "train_moe", "train_peft"]

@@ -6,7 +6,8 @@ from kubetune.image import TRAIN_IMAGE
 @dsl.component(base_image=TRAIN_IMAGE)
 def evaluate(model: dsl.Input[dsl.Model], dataset: dsl.Input[dsl.Dataset], tokenized: dsl.Input[dsl.Dataset],
              base_model: str, model_name: str, pipeline: str, run_id: str, metrics: dsl.Output[dsl.Metrics],
-             report: dsl.Output[dsl.Artifact], settings: dict = {}, model_policy: dict = {}):
+             report: dsl.Output[dsl.Artifact], card: dsl.Output[dsl.Markdown], settings: dict = {},
+             model_policy: dict = {}):
     """Candidate vs base vs champion: loss, task metric, forgetting, and the verdict.
 
     Args:
@@ -19,12 +20,15 @@ def evaluate(model: dsl.Input[dsl.Model], dataset: dsl.Input[dsl.Dataset], token
         run_id: KFP run id (lineage).
         metrics: KFP metrics shown in the UI.
         report: eval.json with every number and the verdict.
+        card: The evaluation card (candidate vs base vs champion, samples, verdict) the KFP UI shows.
         settings: Further EvaluateConfig settings by name (validated).
         model_policy: The run's loading policy: trust_remote_code and allow_pickle of train_settings.
     """
     from dataclasses import asdict
+    from pathlib import Path
 
     from kubetune.config import from_dict
+    from kubetune.eval_card import render
     from kubetune.models import LoadPolicy
     from kubetune.stages.evaluate import EvaluateConfig
     from kubetune.stages.evaluate import evaluate as stage
@@ -34,6 +38,7 @@ def evaluate(model: dsl.Input[dsl.Model], dataset: dsl.Input[dsl.Dataset], token
                                      "base_model": base_model, "model_name": model_name}, "evaluate settings")
     result = stage(cfg, model.path, dataset.path, tokenized.path, report.path,
                    ctx=RunContext(model_name, run_id, pipeline))
+    Path(card.path).write_text(render(result.report))
     for who in ("candidate", "base"):
         for k, v in result.report[who].items():
             if isinstance(v, (int, float)):

@@ -21,7 +21,12 @@ def _params(args) -> dict:
 def cmd_run(args) -> int:
     from kubetune.runner import format_summary, run_local
 
-    summary = run_local(args.pipeline, _params(args))
+    if args.help or not args.pipeline:
+        from kubetune.run_ui import run_help
+
+        print(run_help(args.pipeline, args.parser))
+        return 0 if args.help else 2
+    summary = run_local(args.pipeline, _params(args), verbose=args.verbose)
     print(format_summary(summary))
     return 0
 
@@ -105,6 +110,12 @@ def cmd_models(args) -> int:
     return 0
 
 
+def cmd_deploy(args) -> int:
+    from kubetune.deploy import deploy_command
+
+    return deploy_command(args)
+
+
 def cmd_schedule(args) -> int:
     from kubetune.schedule import format_schedules, schedule
 
@@ -180,11 +191,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"kubetune {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
-    r = sub.add_parser("run", help="run a pipeline locally through kfp.local")
-    r.add_argument("pipeline")
+    r = sub.add_parser("run", help="run a pipeline locally through kfp.local", add_help=False)
+    r.add_argument("pipeline", nargs="?", help="pipeline name ('kubetune run NAME --help' lists its parameters)")
+    r.add_argument("-h", "--help", action="store_true", help="show this help (with NAME: its parameters)")
+    r.add_argument("--verbose", action="store_true", help="stream the tasks' full logs (always in .kubetune/logs/)")
     r.add_argument("--config", help="YAML file of pipeline parameters")
     r.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one parameter (repeatable)")
-    r.set_defaults(func=cmd_run)
+    r.set_defaults(func=cmd_run, parser=r)
 
     c = sub.add_parser("compile", help="compile pipelines to KFP YAML")
     c.add_argument("pipeline", nargs="*", help="pipelines to compile (default: all)")
@@ -254,6 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--poll", type=float, default=15.0, help="with --wait: seconds between state checks")
     _kfp_options(sm)
     sm.set_defaults(func=cmd_submit)
+    from kubetune.deploy import add_deploy_parser
+
+    add_deploy_parser(sub, cmd_deploy)
 
     s = sub.add_parser("schedule", help="retrain on a schedule: a KFP recurring run of a pipeline")
     s.add_argument("pipeline")

@@ -52,7 +52,7 @@ def better(a: float, b: float, metric: str, margin: float) -> bool:
 
 def check_gates(metric: str, candidate: dict, base: dict | None, champion: dict | None,
                 champion_version: str | None, forgetting: float | None, gates: Gates,
-                evaluated: bool = True, first_beats_base: bool = True) -> Decision:
+                evaluated: bool = True, first_beats_base: bool = True, benchmarks: str | None = None) -> Decision:
     """Decide whether a candidate earns `champion`; every check is named and explained.
 
     Checks, in order (the first failure is the reason):
@@ -63,7 +63,9 @@ def check_gates(metric: str, candidate: dict, base: dict | None, champion: dict 
                    proposer), and strictly better for a first version (no champion yet) when
                    ``first_beats_base``, so a first run that made things worse, or changed
                    nothing, never becomes champion;
-      forgetting:  general-perplexity rise at most ``max_forgetting`` (off when negative).
+      forgetting:  general-perplexity rise at most ``max_forgetting`` (off when negative);
+      benchmarks:  evaluate's verdict on the lm-eval benchmarks (``kubetune.benchmarks.gate``), when run.
+
     """
     checks: dict[str, str] = {}
     missing = []
@@ -116,6 +118,9 @@ def check_gates(metric: str, candidate: dict, base: dict | None, champion: dict 
     else:
         checks["forgetting"] = f"pass: forgetting {forgetting:+.1%} within {gates.max_forgetting:.1%}"
 
+    if benchmarks:
+        checks["benchmarks"] = benchmarks
+
     failed = [v for k, v in checks.items() if v.startswith("fail")]
     if failed:
         return Decision(False, failed[0][len("fail: "):], checks)
@@ -145,7 +150,7 @@ def model_card(model_name: str, version: str, manifest: dict, report: dict, deci
     cand, base, champ = report["candidate"], report.get("base") or {}, report.get("champion")
     train = manifest.get("train") or {}
     keys = [k for k in ("exact_match", "field_accuracy", "rouge_l", "val_loss", "val_perplexity",
-                        "general_perplexity") if k in cand]
+                        "general_perplexity") if k in cand] + sorted(k for k in cand if k.startswith("bench_"))
 
     def fmt(d, k):
         v = (d or {}).get(k)
@@ -333,8 +338,11 @@ def models_table(model_name: str) -> str:
                             f"lists registered models at {tracking.tracking_uri()})")
     history = tracking.alias_history(model_name, tracking.CHAMPION)
     aliases = tracking.version_aliases(model_name)
-    header = ["version", "aliases", "metric", "value", "base", "forgetting", "decision", "data", "method",
-              "pipeline run", "mlflow run"]
+    # One column per benchmark any version was scored on (the candidate's score; "-" where not run).
+    benches = sorted({k[len("eval."):] for mv in versions for k in mv.tags if k.startswith("eval.bench_")})
+    header = ["version", "aliases", "metric", "value", "base", "forgetting",
+              *(b[len("bench_"):] for b in benches), "decision", "deployed", "data", "method", "pipeline run",
+              "mlflow run"]
     rows = []
     for mv in versions:
         t = mv.tags
@@ -345,8 +353,10 @@ def models_table(model_name: str) -> str:
         rows.append([
             f"v{mv.version}", ",".join(aliases.get(str(mv.version), [])) or "-", metric,
             _num(t.get(f"eval.{metric}")), _num(t.get(f"base.{metric}")),
-            _pct(t.get("eval.forgetting")), decision + (" (rolled back)" if t.get("kubetune.rolled_back") else ""),
-            t.get("kubetune.data_fingerprint", "")[:8], t.get("kubetune.method", ""),
+            _pct(t.get("eval.forgetting")), *(_num(t.get(f"eval.{b}")) for b in benches),
+            decision + (" (rolled back)" if t.get("kubetune.rolled_back") else ""),
+            _deployed(t.get("kubetune.deploy", "")), t.get("kubetune.data_fingerprint", "")[:8],
+            t.get("kubetune.method", ""),
             t.get("kubetune.pipeline_run_id", "")[:12], (mv.run_id or "")[:8]])
     widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header] + rows]
@@ -357,6 +367,13 @@ def models_table(model_name: str) -> str:
     if reasons:
         lines += ["decisions:", *reasons]
     return "\n".join(lines)
+
+
+def _deployed(tag: str) -> str:
+    """The deploy tag in a word: where it serves, or that its smoke test failed."""
+    if not tag:
+        return "-"
+    return "failed" if tag.startswith("failed") else tag.split(":", 1)[0]
 
 
 def _num(v: Any) -> str:

@@ -73,13 +73,16 @@ def _git_commit() -> str:
     return git_commit()
 
 
-def run_local(name: str, params: dict[str, Any] | None = None, workdir: str | Path | None = None) -> dict:
+def run_local(name: str, params: dict[str, Any] | None = None, workdir: str | Path | None = None,
+              verbose: bool = True) -> dict:
     """Run pipeline ``name`` through ``kfp.local`` (no cluster, no Docker) and return register's summary.
 
     Args:
         name: Pipeline name (``kubetune pipelines`` lists them).
         params: Pipeline parameters to override.
         workdir: Where MLflow's SQLite file, the KFP outputs and checkpoints go (default: cwd).
+        verbose: Stream kfp.local's whole output; otherwise one line per task (``kubetune.run_ui``).
+            The full log is in ``.kubetune/logs/`` either way.
 
     Raises:
         ConfigError: unknown, ill-typed or out-of-range parameters or settings, a missing base model
@@ -101,8 +104,11 @@ def run_local(name: str, params: dict[str, Any] | None = None, workdir: str | Pa
     local.init(runner=local.SubprocessRunner(use_venv=False),
                pipeline_root=str(workdir / ".kubetune" / "local_outputs"))
     t0 = time.time()
+    from kubetune.run_ui import task_lines
+
     try:
-        task = module.pipeline(**params)
+        with task_lines(workdir / ".kubetune" / "logs" / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.log", verbose):
+            task = module.pipeline(**params)
     except RuntimeError as e:
         _end_runs(launch, "FAILED")
         raise KubetuneError(f"pipeline '{name}' failed: {e} (the task's own error is in its log above)") from None

@@ -451,50 +451,13 @@ def get_alias(model_name: str, alias: str):
 
 
 def download_version(model_name: str, version: str, dst: str | Path) -> Path:
-    """Download a registered version's files (the folder ``train`` wrote) to ``dst``."""
+    """Download a registered version and return the folder ``train`` wrote (inside an LLM pyfunc)."""
     import mlflow
 
-    return Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{model_name}/{version}",
-                                                    dst_path=str(dst)))
+    from kubetune.llm_pyfunc import trained_folder
 
-
-def log_model_files(model_dir: str | Path) -> str:
-    """Upload ``model_dir`` to the active run (``model/``) and return its artifact URI.
-
-    The slow half of registering (the weights travel), done before the alias lock is taken.
-    """
-    import mlflow
-
-    mlflow.log_artifacts(str(model_dir), artifact_path="model")
-    return mlflow.get_artifact_uri("model")
-
-
-def create_version(model_name: str, source: str, tags: dict[str, str], description: str = ""):
-    """Register ``source`` (from ``log_model_files``) as a new version with all its tags (waits for READY)."""
-    import time
-
-    import mlflow
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient()
-    try:
-        client.create_registered_model(model_name, description="Registered by kubetune.")
-    except MlflowException as e:
-        if not already_exists(e):
-            raise
-    run_id = mlflow.active_run().info.run_id
-    mv = client.create_model_version(model_name, source=source, run_id=run_id,
-                                     tags={k: str(v) for k, v in tags.items()}, description=description)
-    for _ in range(60):
-        if mv.status == "READY":
-            break
-        time.sleep(1)
-        mv = client.get_model_version(model_name, mv.version)
-    if mv.status != "READY":
-        raise StageError(f"register: model version {model_name}/{mv.version} is {mv.status}, not READY "
-                         "after 60 s; see the MLflow server's log")
-    return mv
+    return trained_folder(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{model_name}/{version}",
+                                                              dst_path=str(dst)))
 
 
 def find_version(model_name: str, tag: str, value: str):

@@ -14,6 +14,7 @@ from kfp import dsl
 from kubetune import kube
 from kubetune.lifecycle import run_settings
 from kubetune.components import dpo, evaluate_policy, ingest, register, register_skipped, reward_model
+from kubetune.components import deploy as serve
 from kubetune.models import DEFAULT_BASE_MODEL
 
 NAME = "dpo"
@@ -38,6 +39,7 @@ def build(profile: "kube.Profile | None" = None):
         eval_settings: dict = {},
         register_settings: dict = {},
         force: bool = False,
+        deploy: bool = False,
     ) -> str:
         run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
         lineage = dict(model_name=model_name, pipeline=NAME, run_id=run_id)
@@ -58,12 +60,14 @@ def build(profile: "kube.Profile | None" = None):
                                      settings=eval_settings, **lineage)
             registered = register(model=trained.outputs["model"], report=scored.outputs["report"],
                                   max_forgetting=max_forgetting, settings=register_settings, **lineage)
+            with dsl.If(deploy == True, name="deploy"):  # noqa: E712 - a KFP condition
+                served = serve(registered=registered.output, **lineage)
         with dsl.Else(name="data-unchanged"):
             skipped = register_skipped(fingerprint=prefs.outputs["Output"], **lineage)
 
-        kube.on_cluster(profile, cpu=[prefs, skipped], gpu=[trained, judge], eval=[scored], once=[registered])
+        kube.on_cluster(profile, cpu=[prefs, skipped, served], gpu=[trained, judge], eval=[scored], once=[registered])
         # No step is a pure function of its inputs (see pipelines/peft.py).
-        for task in (prefs, trained, judge, scored, registered, skipped):
+        for task in (prefs, trained, judge, scored, registered, served, skipped):
             kube.no_cache(task)
         return dsl.OneOf(registered.output, skipped.output)
 

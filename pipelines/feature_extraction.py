@@ -16,6 +16,7 @@ from kfp import dsl
 from kubetune import kube
 from kubetune.lifecycle import run_settings
 from kubetune.components import embed, evaluate_head, ingest, register, register_skipped, train_head
+from kubetune.components import deploy as serve
 
 NAME = "feature-extraction"
 DESCRIPTION = "Frozen backbone (encoder or LLM) + trained classification head; registers a text-to-label model."
@@ -36,6 +37,7 @@ def build(profile: "kube.Profile | None" = None):
         eval_settings: dict = {},
         register_settings: dict = {},
         force: bool = False,
+        deploy: bool = False,
     ) -> str:
         run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
         lineage = dict(model_name=model_name, pipeline=NAME, run_id=run_id)
@@ -52,14 +54,16 @@ def build(profile: "kube.Profile | None" = None):
                                    dataset=data.outputs["dataset"], settings=eval_settings, **lineage)
             registered = register(model=trained.outputs["model"], report=scored.outputs["report"],
                                   settings=register_settings, **lineage)
+            with dsl.If(deploy == True, name="deploy"):  # noqa: E712 - a KFP condition
+                served = serve(registered=registered.output, **lineage)
         with dsl.Else(name="data-unchanged"):
             skipped = register_skipped(fingerprint=data.outputs["Output"], **lineage)
 
         # The head trains in seconds on the CPU; only the backbone pass wants an accelerator.
-        kube.on_cluster(profile, cpu=[data, trained, scored, skipped], eval=[features], once=[registered])
+        kube.on_cluster(profile, cpu=[data, trained, scored, skipped, served], eval=[features], once=[registered])
         # No step is a pure function of its inputs: the data behind a URI changes (retraining on
         # fresh data), evaluate reads the current champion, register writes the registry.
-        for task in (data, features, trained, scored, registered, skipped):
+        for task in (data, features, trained, scored, registered, served, skipped):
             kube.no_cache(task)
         return dsl.OneOf(registered.output, skipped.output)
 

@@ -13,6 +13,7 @@ from kfp import dsl
 from kubetune import kube
 from kubetune.lifecycle import run_settings
 from kubetune.components import evaluate, ingest, register, register_skipped, tokenize_data, train_full
+from kubetune.components import deploy as serve
 from kubetune.models import DEFAULT_BASE_MODEL
 
 NAME = "full"
@@ -36,6 +37,7 @@ def build(profile: "kube.Profile | None" = None):
         register_settings: dict = {},
         force: bool = False,
         nodes: int = 1,
+        deploy: bool = False,
     ) -> str:
         run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
         lineage = dict(model_name=model_name, pipeline=NAME, run_id=run_id)
@@ -53,13 +55,15 @@ def build(profile: "kube.Profile | None" = None):
                               settings=eval_settings, model_policy=train_settings, **lineage)
             registered = register(model=trained.outputs["model"], report=scored.outputs["report"],
                                   max_forgetting=max_forgetting, settings=register_settings, **lineage)
+            with dsl.If(deploy == True, name="deploy"):  # noqa: E712 - a KFP condition
+                served = serve(registered=registered.output, **lineage)
         with dsl.Else(name="data-unchanged"):
             skipped = register_skipped(fingerprint=data.outputs["Output"], **lineage)
 
-        kube.on_cluster(profile, cpu=[data, tokens, skipped], gpu=[trained], eval=[scored], once=[registered])
+        kube.on_cluster(profile, cpu=[data, tokens, skipped, served], gpu=[trained], eval=[scored], once=[registered])
         # No step is a pure function of its inputs: the data behind a URI changes (retraining on
         # fresh data), evaluate reads the current champion, register writes the registry.
-        for task in (data, tokens, trained, scored, registered, skipped):
+        for task in (data, tokens, trained, scored, registered, served, skipped):
             kube.no_cache(task)
         return dsl.OneOf(registered.output, skipped.output)
 

@@ -14,6 +14,7 @@ from kfp import dsl
 from kubetune import kube
 from kubetune.lifecycle import run_settings
 from kubetune.components import evaluate, ingest, register, register_skipped, tokenize_data, train_full, train_peft
+from kubetune.components import deploy as serve
 from kubetune.models import DEFAULT_BASE_MODEL
 from kubetune.pipelines.peft import packing_for
 
@@ -39,6 +40,7 @@ def build(profile: "kube.Profile | None" = None):
         eval_settings: dict = {"max_examples": 48, "batch_size": 48},
         register_settings: dict = {},
         force: bool = False,
+        deploy: bool = False,
     ) -> str:
         run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
         lineage = dict(model_name=model_name, pipeline=NAME, run_id=run_id)
@@ -54,7 +56,9 @@ def build(profile: "kube.Profile | None" = None):
                               model_policy=train_settings, **lineage)
             registered = register(model=trained.outputs["model"], report=scored.outputs["report"],
                                   max_forgetting=max_forgetting, settings=register_settings, **lineage)
-            return scored, registered
+            with dsl.If(deploy == True, name="deploy"):  # noqa: E712 - a KFP condition
+                served = serve(registered=registered.output, **lineage)
+            return scored, registered, served
 
         with dsl.If(data.outputs["unchanged"] == True, name="data-unchanged"):  # noqa: E712 - a KFP condition
             skipped = register_skipped(fingerprint=data.outputs["Output"], **lineage)
@@ -63,7 +67,7 @@ def build(profile: "kube.Profile | None" = None):
                                         max_length=max_length, model_policy=train_settings)
             full = train_full(tokenized=tokens_full.outputs["tokenized"], base_model=base_model,
                               max_steps=max_steps, learning_rate=learning_rate, settings=train_settings, **lineage)
-            scored_full, registered_full = judge(full, tokens_full)
+            scored_full, registered_full, served_full = judge(full, tokens_full)
         with dsl.Else(name="peft-method"):
             packing = packing_for(method=method)
             tokens_peft = tokenize_data(dataset=data.outputs["dataset"], base_model=base_model,
@@ -71,14 +75,14 @@ def build(profile: "kube.Profile | None" = None):
             peft = train_peft(tokenized=tokens_peft.outputs["tokenized"], base_model=base_model, method=method,
                               max_steps=max_steps, learning_rate=learning_rate, lora_rank=lora_rank,
                               settings=train_settings, **lineage)
-            scored_peft, registered_peft = judge(peft, tokens_peft)
+            scored_peft, registered_peft, served_peft = judge(peft, tokens_peft)
 
-        kube.on_cluster(profile, cpu=[data, skipped, tokens_full, packing, tokens_peft], gpu=[full, peft],
-                        eval=[scored_full, scored_peft], once=[registered_full, registered_peft])
+        kube.on_cluster(profile, cpu=[data, skipped, tokens_full, packing, tokens_peft, served_full, served_peft],
+                        gpu=[full, peft], eval=[scored_full, scored_peft], once=[registered_full, registered_peft])
         # No step is a pure function of its inputs: the data behind a URI changes (retraining on
         # fresh data), evaluate reads the current champion, register writes the registry.
-        for task in (data, skipped, tokens_full, full, scored_full, registered_full, packing, tokens_peft, peft,
-                     scored_peft, registered_peft):
+        for task in (data, skipped, tokens_full, full, scored_full, registered_full, served_full, packing,
+                     tokens_peft, peft, scored_peft, registered_peft, served_peft):
             kube.no_cache(task)
         return dsl.OneOf(skipped.output, registered_full.output, registered_peft.output)
 

@@ -12,6 +12,7 @@ from kfp import dsl
 
 from kubetune import kube
 from kubetune.components import aggregate_moa, evaluate_moa, ingest, propose, register
+from kubetune.components import deploy as serve
 from kubetune.models import DEFAULT_BASE_MODEL
 
 NAME = "moa"
@@ -50,6 +51,7 @@ def build(profile: "kube.Profile | None" = None):
         model_name: str = "moa",
         moa_settings: dict = SHORT,
         eval_settings: dict = {},
+        deploy: bool = False,
     ) -> str:
         run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
         lineage = dict(model_name=model_name, pipeline=NAME, run_id=run_id)
@@ -64,11 +66,13 @@ def build(profile: "kube.Profile | None" = None):
         scored = evaluate_moa(model=mixture.outputs["model"], proposals=mixture.outputs["proposals"],
                               settings=eval_settings, **lineage)
         registered = register(model=mixture.outputs["model"], report=scored.outputs["report"], **lineage)
+        with dsl.If(deploy == True, name="deploy"):  # noqa: E712 - a KFP condition
+            served = serve(registered=registered.output, **lineage)
 
-        kube.on_cluster(profile, cpu=[data], gpu=[answered, mixture], eval=[scored], once=[registered])
+        kube.on_cluster(profile, cpu=[data, served], gpu=[answered, mixture], eval=[scored], once=[registered])
         # No step is a pure function of its inputs: the data behind a URI changes, a proposer
         # may be a live endpoint or a moving alias, evaluate reads the champion, register writes.
-        for task in (data, answered, mixture, scored, registered):
+        for task in (data, answered, mixture, scored, registered, served):
             kube.no_cache(task)
         return registered.output
 

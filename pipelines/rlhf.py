@@ -23,6 +23,7 @@ from kubetune import kube
 from kubetune.lifecycle import run_settings
 from kubetune.components import (evaluate_policy, ingest, ppo, preference_sft_data, register, register_skipped,
                                  reward_model, tokenize_data, train_peft)
+from kubetune.components import deploy as serve
 from kubetune.models import DEFAULT_BASE_MODEL
 
 NAME = "rlhf"
@@ -84,6 +85,7 @@ def build(profile: "kube.Profile | None" = None):
         eval_settings: dict = {"temperature": 0.7},  # PPO's rollout temperature
         register_settings: dict = {},
         force: bool = False,
+        deploy: bool = False,
     ) -> str:
         run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
         lineage = dict(model_name=model_name, pipeline=NAME, run_id=run_id)
@@ -109,12 +111,14 @@ def build(profile: "kube.Profile | None" = None):
                               judge_settings=reward_settings, eval_settings=eval_settings, **lineage)
             registered = register(model=tuned.outputs["model"], report=tuned.outputs["report"],
                                   max_forgetting=max_forgetting, settings=register_settings, **lineage)
+            with dsl.If(deploy == True, name="deploy"):  # noqa: E712 - a KFP condition
+                served = serve(registered=registered.output, **lineage)
         with dsl.Else(name="data-unchanged"):
             skipped = register_skipped(fingerprint=prefs.outputs["Output"], **lineage)
 
-        kube.on_cluster(profile, cpu=[prefs, sft_data, tokens, skipped], gpu=[sft], once=[registered])
+        kube.on_cluster(profile, cpu=[prefs, sft_data, tokens, skipped, served], gpu=[sft], once=[registered])
         # No step is a pure function of its inputs (see pipelines/peft.py).
-        for task in (prefs, sft_data, tokens, sft, registered, skipped):
+        for task in (prefs, sft_data, tokens, sft, registered, served, skipped):
             kube.no_cache(task)
         return dsl.OneOf(registered.output, skipped.output)
 

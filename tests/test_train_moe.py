@@ -200,6 +200,7 @@ def test_moe_public_surface_is_a_decision(tmp_path):
         "base_model": "smollm2-135m-instruct", "data_uri": "bundled://tickets", "num_experts": 4, "top_k": 2,
         "kind": "experts", "max_steps": 30, "learning_rate": 0.0, "max_length": 256, "model_name": "tickets-moe",
         "max_forgetting": -1.0, "train_settings": {}, "eval_settings": {}, "register_settings": {}, "force": False,
+        "deploy": False,
     }
     (path,) = compile_all(tmp_path, names=["moe"])
     spec = yaml.safe_load(path.read_text())

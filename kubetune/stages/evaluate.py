@@ -45,6 +45,11 @@ class EvaluateConfig:
                                              "pipelines pass train_settings' value).")
     allow_pickle: bool = setting(False, "Load pickle (.bin) weights (the run's loading policy: the pipelines "
                                         "pass train_settings' value).")
+    benchmarks: list = setting([], "lm-eval-harness tasks to score base, champion and candidate on (bundled, "
+                                   "offline: kubetune_arithmetic; any lm-eval task name where its data downloads).")
+    benchmark_limit: int = setting(100, "Items per benchmark task (0 = all).")
+    max_benchmark_drop: float = setting(-1.0, "Refuse champion if any benchmark falls more than this (0.02 = two "
+                                              "points) below the base's or champion's; negative = no gate.")
 
     def __post_init__(self):
         if self.max_new_tokens < 1 or self.max_examples < 1 or self.batch_size < 1:
@@ -230,6 +235,10 @@ def score_model(model, tok, val_records, val_rows, shape, cfg: EvaluateConfig, g
                           for r, ref, p in list(zip(records, refs, preds))[:8]]
     if cfg.forgetting and general:
         out["general_perplexity"] = text_perplexity(model, tok, general, cfg.batch_size)
+    if cfg.benchmarks:
+        from kubetune.benchmarks import scores
+
+        out.update(scores(model, tok, cfg.benchmarks, cfg.benchmark_limit, cfg.batch_size))
     return out
 
 
@@ -258,7 +267,8 @@ def _base_scores(cfg: EvaluateConfig, tok, val_records, val_rows, shape, general
         "base": str(path), "files": files, "rows": [r["input_ids"] for r in val_rows],
         "labels": [r.get("labels") for r in val_rows], "records": val_records[: cfg.max_examples],
         "shape": shape, "general": general, "device": device,
-        "settings": [cfg.max_new_tokens, cfg.max_examples, cfg.batch_size, cfg.forgetting],
+        "settings": [cfg.max_new_tokens, cfg.max_examples, cfg.batch_size, cfg.forgetting, cfg.benchmarks,
+                     cfg.benchmark_limit],
         "versions": [code_hash(), torch.__version__, transformers.__version__],
     }, sort_keys=True, default=str)
     cache = models.kubetune_home() / "cache" / "base_scores" / f"{hashlib.sha256(key_src.encode()).hexdigest()}.json"
@@ -315,6 +325,7 @@ def evaluate(cfg: EvaluateConfig, model_dir: str | Path, dataset_dir: str | Path
     from transformers import AutoTokenizer
 
     from kubetune import models, tracking
+    from kubetune.benchmarks import gate as benchmark_gate
     from kubetune.stages.ingest import load_dataset_dir
 
     meta, _, val_records = load_dataset_dir(dataset_dir)
@@ -374,6 +385,7 @@ def evaluate(cfg: EvaluateConfig, model_dir: str | Path, dataset_dir: str | Path
             "validation_fingerprint": meta.get("validation_fingerprint"),
             "eval_key": key,
             "validation_examples": len(val_records),
+            "benchmark_gate": benchmark_gate(candidate, base, champion, cfg.max_benchmark_drop),
         }
         if run is not None:
             set_tags({"kubetune.primary_metric": metric, "kubetune.base_scores_reused": str(bool(base.get("reused")))})
@@ -389,6 +401,9 @@ def evaluate(cfg: EvaluateConfig, model_dir: str | Path, dataset_dir: str | Path
                 mlflow.log_table({k: [s[k] for s in candidate["samples"]] for k in candidate["samples"][0]},
                                  "samples.json")
             _log_comparison_plot(report)
+            from kubetune.eval_card import render
+
+            tracking.log_text(render(report), "evaluation_card.md")
     output_path = Path(output_path)
     output_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = output_path.with_name(output_path.name + ".tmp")

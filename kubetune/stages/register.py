@@ -18,6 +18,7 @@ from pathlib import Path
 
 from kubetune.config import setting
 from kubetune.errors import ConfigError, StageError
+from kubetune.llm_pyfunc import log_model, register_logged
 from kubetune.registry_ops import RUN_KEY_TAG, Decision, Gates, check_gates, model_card
 from kubetune.tracking import RunContext, maybe_stage
 
@@ -84,7 +85,8 @@ def decide_all(report: dict, cfg: RegisterConfig) -> Decision:
                        # A trained model must beat the model it was trained from; a Mixture-of-Agents
                        # (its "base" is its best single proposer, named in base_name) trains nothing
                        # that could have failed to learn, so it must only not be worse than it.
-                       first_beats_base=not report.get("base_name"))
+                       first_beats_base=not report.get("base_name"),
+                       benchmarks=report.get("benchmark_gate"))
 
 
 def decide(report: dict, cfg: RegisterConfig) -> tuple[bool, str]:
@@ -161,7 +163,7 @@ def register(cfg: RegisterConfig, model_dir: str | Path, report_path: str | Path
         provisional = model_card(cfg.model_name, "(new)", manifest, report, decision, in_force, ctx.pipeline,
                                  ctx.pipeline_run_id, run_id)
         tracking.log_text(provisional, "model/README.md")
-        source = tracking.log_model_files(model_dir)  # the slow part, before the lock
+        source = log_model(model_dir, card=provisional)  # the slow part, before the lock
         # Decide, then create the version once with its decision, under the champion's lock: a
         # lock that cannot be had fails the stage before anything is registered.
         with tracking.alias_lock(cfg.model_name, tracking.CHAMPION):
@@ -175,8 +177,7 @@ def register(cfg: RegisterConfig, model_dir: str | Path, report_path: str | Path
             outcome = {"kubetune.decision": "promoted" if promote else "challenger",
                        "kubetune.decision_reason": reason, **decision.tags(in_force)}
             if mine is None:
-                mv = tracking.create_version(cfg.model_name, source, {**tags, **outcome},
-                                             description=provisional)
+                mv = register_logged(cfg.model_name, source, {**tags, **outcome}, description=provisional)
             else:  # a retry of this register task: its version exists, possibly without its aliases
                 mv = mine
                 tracking.set_version_tags(cfg.model_name, str(mv.version), outcome)
