@@ -6,7 +6,7 @@ from kubetune.image import TRAIN_IMAGE
 @dsl.component(base_image=TRAIN_IMAGE)
 def evaluate(model: dsl.Input[dsl.Model], dataset: dsl.Input[dsl.Dataset], tokenized: dsl.Input[dsl.Dataset],
              base_model: str, model_name: str, pipeline: str, run_id: str, metrics: dsl.Output[dsl.Metrics],
-             report: dsl.Output[dsl.Artifact], settings: dict = {}):
+             report: dsl.Output[dsl.Artifact], settings: dict = {}, reference: dsl.Input[dsl.Model] = None):
     """Candidate vs base vs champion: loss, task metric, forgetting, and the verdict.
 
     Args:
@@ -20,12 +20,18 @@ def evaluate(model: dsl.Input[dsl.Model], dataset: dsl.Input[dsl.Dataset], token
         metrics: KFP metrics shown in the UI.
         report: eval.json with every number and the verdict.
         settings: Further EvaluateConfig settings by name (validated).
+        reference: The model the candidate started from (an SFT policy before RL), compared in place
+            of base_model when given.
     """
     from kubetune.config import from_dict
     from kubetune.stages.evaluate import EvaluateConfig
     from kubetune.stages.evaluate import evaluate as stage
     from kubetune.tracking import RunContext
 
+    if reference is not None:
+        from kubetune.rl.data import policy_folder
+
+        base_model = policy_folder(reference.path)
     cfg = from_dict(EvaluateConfig, {**settings, "base_model": base_model, "model_name": model_name},
                     "evaluate settings")
     result = stage(cfg, model.path, dataset.path, tokenized.path, report.path,
