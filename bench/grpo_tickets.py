@@ -60,7 +60,8 @@ def main(argv: list[str]) -> None:
     from kubetune.stages.train_peft import train_peft
     from kubetune.train import TrainConfig
 
-    torch.set_num_threads(2)
+    # One thread: on a shared, loaded 2-core machine more threads oversubscribe and run far slower.
+    torch.set_num_threads(1)
     work = Path(argv[0])
     overrides = dict(a.split("=", 1) for a in argv[1:])
     overrides = {k: json.loads(v) if v[:1] in "0123456789-[{tf" else v for k, v in overrides.items()}

@@ -267,10 +267,16 @@ class GRPOTrainer:
         from peft.tuners.lora import LoraLayer
 
         gen_modules = dict(self.gen_lm.named_modules())
+        embeddings = self.gen_lm.get_input_embeddings().weight
         pairs = []
         for name, module in self.lm.named_modules():
             if isinstance(module, LoraLayer):
-                pairs.append((module, gen_modules[name.removeprefix("base_model.model.")]))
+                target = gen_modules[name.removeprefix("base_model.model.")]
+                if target.weight is embeddings:
+                    # An adapted LM head tied to the input embeddings: merging into the shared
+                    # tensor would change the embeddings too, so the copy's head gets its own.
+                    target.weight = torch.nn.Parameter(embeddings.detach().clone(), requires_grad=False)
+                pairs.append((module, target))
         return pairs
 
     @torch.no_grad()
