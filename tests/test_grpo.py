@@ -196,3 +196,30 @@ def test_grpo_pipeline_compiles_with_both_branches(tmp_path):
     assert "from-sft" in text and "from-base" in text
     params = {k: v.default for k, v in parameters(get_pipeline("grpo")).items()}
     assert params["data_uri"] == "bundled://tickets" and params["rewards"] == "json_fields:1.0,format:0.2"
+
+
+def test_grpo_pipeline_runs_from_sft_and_registers(tiny_llama, tmp_path, mlflow_uri):
+    """One kfp.local run: SFT -> grpo -> evaluate against the SFT policy -> register."""
+    from mlflow.tracking import MlflowClient
+
+    from kubetune import tracking
+    from kubetune.runner import run_local
+
+    summary = run_local("grpo", {
+        "base_model": str(tiny_llama), "model_name": "tiny-grpo", "sft_max_steps": 2, "steps": 2,
+        "learning_rate": 1e-2, "sft_settings": {"merge": True, "learning_rate": 3e-3, "batch_size": 2},
+        "grpo_settings": {"prompts_per_step": 2, "num_generations": 4, "max_new_tokens": 6, "max_prompts": 16},
+        "eval_settings": {"max_examples": 6, "max_new_tokens": 6, "forgetting": False},
+    }, workdir=tmp_path)
+    assert summary["primary_metric"] == "exact_match" and summary["version"] == "1"
+    version = tracking.get_alias("tiny-grpo", "challenger")
+    assert version.tags["kubetune.method"] == "grpo" and "eval.exact_match" in version.tags
+    client = MlflowClient()
+    exp = client.get_experiment_by_name("kubetune/tiny-grpo")
+    runs = {r.data.tags["kubetune.stage"]: r for r in client.search_runs([exp.experiment_id])}
+    assert {"ingest", "train-peft", "grpo", "evaluate", "register"} <= set(runs)
+    grpo_run = runs["grpo"].info.run_id
+    for key in ("reward", "kl", "reward_json_fields", "reward_format", "generate_s"):
+        assert len(client.get_metric_history(grpo_run, key)) == 2, key  # one point per step
+    # evaluate compared with the SFT policy GRPO started from, not the base model.
+    assert runs["evaluate"].data.params["base_model"].endswith("merged"), runs["evaluate"].data.params
