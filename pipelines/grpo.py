@@ -29,14 +29,17 @@ def build(profile: "kube.Profile | None" = None):
         data_uri: str = "bundled://tickets",
         # The peft main job's SFT (30 steps x 2 rows of 256 tokens at 1e-3); 0 = GRPO from base_model.
         sft_max_steps: int = 30,
-        steps: int = 20,
-        learning_rate: float = 1e-4,
+        # Sized for 2 CPU cores: a step samples 2 prompts x 4 answers and runs ~1.1k tokens
+        # (prompt ~95 + answer ~40, x 8) through a reference pass and a training pass, ~4x a
+        # SFT step's tokens; 8 steps = 64 sampled answers, so the adapter learns at 2e-4.
+        steps: int = 8,
+        learning_rate: float = 2e-4,
         rewards: str = "json_fields:1.0,format:0.2",
         max_length: int = 256,
         model_name: str = "tickets-grpo",
         max_forgetting: float = -1.0,
         sft_settings: dict = {"merge": True, "batch_size": 2, "learning_rate": 1e-3},
-        grpo_settings: dict = {},
+        grpo_settings: dict = {"prompts_per_step": 2, "num_generations": 4},
         eval_settings: dict = {"max_examples": 48, "max_new_tokens": 40, "batch_size": 48},
         register_settings: dict = {},
         force: bool = False,
