@@ -223,3 +223,21 @@ def test_grpo_pipeline_runs_from_sft_and_registers(tiny_llama, tmp_path, mlflow_
         assert len(client.get_metric_history(grpo_run, key)) == 2, key  # one point per step
     # evaluate compared with the SFT policy GRPO started from, not the base model.
     assert runs["evaluate"].data.params["base_model"].endswith("merged"), runs["evaluate"].data.params
+
+
+def test_a_reward_model_is_a_reward(tiny_llama, tmp_path):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from kubetune.rl import rewards as R
+    from kubetune.stages.grpo import GRPOConfig
+
+    torch.manual_seed(0)
+    AutoModelForSequenceClassification.from_pretrained(tiny_llama, num_labels=1).save_pretrained(tmp_path / "rm")
+    AutoTokenizer.from_pretrained(tiny_llama).save_pretrained(tmp_path / "rm")
+    rs = R.build("reward_model:0.5,length:1", reward_model=str(tmp_path / "rm"), max_chars=100)
+    total, per = rs(["a ticket", "a ticket"], ["short", "a much longer answer"], [None, None], str)
+    assert len(per["reward_model"]) == 2 and per["reward_model"][0] != per["reward_model"][1]
+    assert total == pytest.approx([0.5 * s for s in per["reward_model"]])
+    assert rs.needs_reference == []
+    with pytest.raises(ConfigError, match="'reward_model'"):
+        GRPOConfig(rewards="reward_model:1")
