@@ -32,6 +32,7 @@ def grpo(dataset: dsl.Input[dsl.Dataset], base_model: str, steps: int, learning_
 
     cfg = from_dict(GRPOConfig, {**settings, "steps": steps, "learning_rate": learning_rate, "rewards": rewards},
                     "grpo settings")
-    result = stage(cfg, policy.path if policy is not None else base_model, dataset.path, model.path, ctx=RunContext(model_name, run_id, pipeline))
+    start = policy.path if policy is not None else base_model
+    result = stage(cfg, start, dataset.path, model.path, ctx=RunContext(model_name, run_id, pipeline))
     model.metadata.update(method="grpo", **result.metrics)
     return result.metrics

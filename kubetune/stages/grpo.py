@@ -76,7 +76,8 @@ class GRPOConfig:
             raise ConfigError("'beta' and 'max_prompts' must be >= 0")
         check_spec(self.rewards, self.allow_custom_rewards)
         if "reward_model" in self.rewards and not self.reward_model:
-            raise ConfigError("'rewards' uses reward_model but 'reward_model' (a folder or models:/NAME@ALIAS) is empty")
+            raise ConfigError("'rewards' uses reward_model but 'reward_model' (a folder or models:/NAME@ALIAS) "
+                              "is empty")
 
     def trainer_settings(self):
         from kubetune.rl.grpo import GRPOConfig as Settings
