@@ -15,6 +15,7 @@ from kubetune.components.evaluate_moa import evaluate_moa
 from kubetune.components.evaluate_policy import evaluate_policy
 from kubetune.components.evaluate_head import evaluate_head
 from kubetune.components.finalize import finalize
+from kubetune.components.grpo import grpo
 from kubetune.components.ingest import ingest
 from kubetune.components.ppo import ppo, preference_sft_data
 from kubetune.components.propose import propose
@@ -28,5 +29,6 @@ from kubetune.components.train_peft import train_peft
 
 __all__ = ["aggregate_moa", "compare_report", "evaluate_moa", "propose",
            "deploy", "dpo", "evaluate_policy", "ppo", "preference_sft_data", "reward_model",
-           "embed", "evaluate", "evaluate_head", "finalize", "ingest", "register", "register_skipped", "tokenize_data",
+           "embed", "evaluate", "evaluate_head", "finalize", "grpo", "ingest", "register", "register_skipped",
+           "tokenize_data",
            "train_full", "train_head", "train_moe", "train_peft"]

@@ -236,13 +236,8 @@ class PPOTrainer:
             if cfg.adaptive_kl
             else core.FixedKLController(cfg.kl_coef)
         )
-        self.eos_ids = self._eos_ids(lm)
+        self.eos_ids = eos_ids(self.tokenizer, lm)
 
-    def _eos_ids(self, lm) -> set[int]:
-        ids = {self.tokenizer.eos_token_id}
-        gen_eos = lm.generation_config.eos_token_id
-        ids |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
-        return {i for i in ids if i is not None}
 
     # -- pieces ---------------------------------------------------------------------------
 
@@ -387,40 +382,57 @@ class PPOTrainer:
 
     def prompt_batches(self, prompts: list[str]):
         """Endless batches of ``batch_size`` prompts, reshuffled every pass."""
-        pool: list[str] = []
-        while True:
-            if len(pool) < self.cfg.batch_size:
-                fresh = list(prompts)
-                self.rng.shuffle(fresh)
-                pool.extend(fresh)
-            batch, pool = pool[: self.cfg.batch_size], pool[self.cfg.batch_size :]
-            yield batch
+        return endless_batches(prompts, self.cfg.batch_size, self.rng)
 
     def save(self, out_dir: str | Path) -> None:
         """Write the policy as a plain causal LM (LoRA merged), tokenizer and value head."""
         from safetensors.torch import save_file
 
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        lm = self.policy.lm
-        if self.ref_lm is None:
-            # Merge into a copy so the trainer's adapter stays usable after saving.
-            lm = copy.deepcopy(lm)
-            head, emb = lm.get_output_embeddings(), lm.get_input_embeddings()
-            if hasattr(head, "base_layer") and head.base_layer.weight is emb.weight:
-                # An adapter on a tied LM head would be merged into the input embeddings too:
-                # give the head its own weight first and save the model untied.
-                head.base_layer.weight = nn.Parameter(emb.weight.detach().clone(), requires_grad=False)
-                lm.get_base_model().config.get_text_config().tie_word_embeddings = False
-                lm.get_base_model().config.tie_word_embeddings = False
-            lm = lm.merge_and_unload()
-        lm.save_pretrained(out_dir, safe_serialization=True)
-        self.tokenizer.padding_side = "right"  # the saved tokenizer keeps the family's default
-        self.tokenizer.save_pretrained(out_dir)
-        self.tokenizer.padding_side = "left"
+        save_policy(self.policy.lm, self.tokenizer, out_dir, merge=self.ref_lm is None)
         save_file({k: v.contiguous() for k, v in self.policy.v_head.state_dict().items()},
-                  str(out_dir / "value_head.safetensors"))
+                  str(Path(out_dir) / "value_head.safetensors"))
 
+
+def eos_ids(tokenizer, lm) -> set[int]:
+    """Token ids that end a response: the tokenizer's EOS and the generation config's."""
+    ids = {tokenizer.eos_token_id}
+    gen_eos = lm.generation_config.eos_token_id
+    ids |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
+    return {i for i in ids if i is not None}
+
+
+def endless_batches(items: list, n: int, rng: random.Random):
+    """Endless batches of ``n`` items, reshuffled every pass."""
+    pool: list = []
+    while True:
+        if len(pool) < n:
+            fresh = list(items)
+            rng.shuffle(fresh)
+            pool.extend(fresh)
+        batch, pool = pool[:n], pool[n:]
+        yield batch
+
+
+def save_policy(lm, tokenizer, out_dir: str | Path, merge: bool) -> None:
+    """Write a policy as a plain causal LM (a LoRA merged into a copy) and its tokenizer."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if merge:
+        # Merge into a copy so the trainer's adapter stays usable after saving.
+        lm = copy.deepcopy(lm)
+        head, emb = lm.get_output_embeddings(), lm.get_input_embeddings()
+        if hasattr(head, "base_layer") and head.base_layer.weight is emb.weight:
+            # An adapter on a tied LM head would be merged into the input embeddings too:
+            # give the head its own weight first and save the model untied.
+            head.base_layer.weight = nn.Parameter(emb.weight.detach().clone(), requires_grad=False)
+            lm.get_base_model().config.get_text_config().tie_word_embeddings = False
+            lm.get_base_model().config.tie_word_embeddings = False
+        lm = lm.merge_and_unload()
+    lm.save_pretrained(out_dir, safe_serialization=True)
+    padding_side = tokenizer.padding_side
+    tokenizer.padding_side = "right"  # the saved tokenizer keeps the family's default
+    tokenizer.save_pretrained(out_dir)
+    tokenizer.padding_side = padding_side
 
 def train_ppo(
     policy_path: str | Path,
