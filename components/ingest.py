@@ -6,7 +6,7 @@ from kubetune.image import CPU_IMAGE
 @dsl.component(base_image=CPU_IMAGE)
 def ingest(data_uri: str, model_name: str, pipeline: str, run_id: str, dataset: dsl.Output[dsl.Dataset],
            unchanged: dsl.OutputPath(bool), validation_fraction: float = 0.1, seed: int = 0,
-           force: bool = False) -> str:
+           group_by: str = "auto", force: bool = False) -> str:
     """Read, validate and split the data; returns its content fingerprint.
 
     Args:
@@ -19,6 +19,8 @@ def ingest(data_uri: str, model_name: str, pipeline: str, run_id: str, dataset: 
             forced): the pipeline skips the rest (see docs/registry.md).
         validation_fraction: Share of rows held out.
         seed: Split seed.
+        group_by: Field whose equal values stay on one side of the split ('auto': the records'
+            'group' field when they all have one, as the bundled datasets do; '' = row by row).
         force: Retrain even when the data is unchanged.
     """
     from kubetune.registry_ops import data_unchanged
@@ -26,7 +28,8 @@ def ingest(data_uri: str, model_name: str, pipeline: str, run_id: str, dataset: 
     from kubetune.stages.ingest import ingest as stage
     from kubetune.tracking import RunContext
 
-    cfg = IngestConfig(data_uri=data_uri, validation_fraction=validation_fraction, seed=seed)
+    cfg = IngestConfig(data_uri=data_uri, validation_fraction=validation_fraction, seed=seed,
+                       group_by=group_by)
     result = stage(cfg, dataset.path, ctx=RunContext(model_name, run_id, pipeline))
     same, why = data_unchanged(model_name, result.fingerprint, force=force)
     dataset.metadata.update(shape=result.shape, fingerprint=result.fingerprint, unchanged=same, why=why,
