@@ -33,6 +33,8 @@ class RegisterConfig:
                                            "for candidate, base and champion, forgetting when gated.")
     not_worse_than_base: bool = setting(True, "Refuse champion to a candidate worse than the base model on the "
                                               "primary metric (MoA: the best single proposer).")
+    beyond_noise: bool = setting(False, "Refuse champion unless the candidate beats the champion by more than the "
+                                        "noise: the combined 95% intervals of both scores on the primary metric.")
 
     def __post_init__(self):
         if not self.model_name:
@@ -68,7 +70,7 @@ def gates(report: dict, cfg: RegisterConfig) -> Gates:
     """The gates in force: register's settings, with evaluate's margin if that is stricter."""
     return Gates(min_improvement=max(cfg.min_improvement, float(report.get("min_improvement") or 0.0)),
                  max_forgetting=cfg.max_forgetting, require_complete=cfg.require_complete,
-                 not_worse_than_base=cfg.not_worse_than_base)
+                 not_worse_than_base=cfg.not_worse_than_base, beyond_noise=cfg.beyond_noise)
 
 
 def decide_all(report: dict, cfg: RegisterConfig) -> Decision:
