@@ -48,6 +48,9 @@ class TrainConfig:
     prefix_init: Literal["text", "random"] = setting(
         "text", "Prefix tuning's start: 'text' = the base model's keys/values over a neutral system prompt "
                 "(Li & Liang 2021's init from real words), 'random' = PEFT's N(0, 1) embedding.")
+    adapter_placement: Literal["houlsby", "pfeiffer"] = setting(
+        "houlsby", "method 'adapter' only: 'houlsby' = an adapter after the attention and the MLP block of every "
+                   "layer; 'pfeiffer' = after the MLP block only (half the adapters).")
     gradient_checkpointing: bool = setting(False, "Recompute activations in backward (less memory, ~30% slower).")
     optimizer: str = setting("adamw_torch", "transformers optim name: adamw_torch, adamw_torch_fused, adamw_8bit, ...")
     precision: Literal["auto", "fp32", "bf16", "bf16-mixed"] = setting(
@@ -231,7 +234,7 @@ def load_for_training(cfg: TrainConfig, device: str, tokenizer=None):
                                       trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle)
     settings = PeftSettings(rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                             target_modules=cfg.target_modules, num_virtual_tokens=cfg.num_virtual_tokens,
-                            prefix_init=cfg.prefix_init)
+                            prefix_init=cfg.prefix_init, adapter_placement=cfg.adapter_placement)
     return apply_method(model, cfg.method, settings, tokenizer=tokenizer)
 
 
