@@ -82,3 +82,13 @@ def test_gate_beyond_noise_refuses_a_win_inside_the_noise_and_is_off_by_default(
     del champ["exact_match_ci_low"]
     decision = check_gates("exact_match", cand, None, champ, "1", None, Gates(require_complete=False, beyond_noise=True))
     assert not decision.promote and "interval" in decision.checks["champion"]
+
+
+def test_run_summary_prints_n_and_the_intervals():
+    from kubetune.runner import format_summary
+
+    text = format_summary({"pipeline": "peft", "primary_metric": "exact_match", "base": 0.0, "candidate": 0.5,
+                           "candidate_ci": [0.361, 0.639], "n": 48, "forgetting": 0.04,
+                           "forgetting_ci": [0.021, 0.06], "aliases": []})
+    assert "tuned 0.5000 [95% interval 0.361-0.639, n=48]" in text
+    assert "+4.0% [95% interval +2.1% to +6.0%]" in text

@@ -180,9 +180,16 @@ def register(cfg: RegisterConfig, model_dir: str | Path, report_path: str | Path
             "reason": reason, "primary_metric": metric, "candidate": report["candidate"][metric],
             "base": (report.get("base") or {}).get(metric), "champion_before": champion.get(metric),
             "forgetting": report.get("forgetting"), "tracking_uri": tracking.tracking_uri(),
+            "n": report["candidate"].get("n"), "candidate_ci": _interval(report["candidate"], metric),
+            "forgetting_ci": _interval(report, "forgetting"),
             "run_id": run_id, "gates": decision.checks,
         }
     return RegisterResult(version=version, aliases=aliases, promoted=promote, reason=reason, summary=summary)
+
+
+def _interval(scores: dict, name: str) -> list[float] | None:
+    low, high = scores.get(f"{name}_ci_low"), scores.get(f"{name}_ci_high")
+    return None if low is None or high is None else [low, high]
 
 
 def _holder(model_name: str, alias: str) -> str | None:
