@@ -236,7 +236,8 @@ def _gates_of(tags: dict[str, str]) -> Gates:
     return Gates(min_improvement=float(tags.get("gate.min_improvement", 0.0)),
                  max_forgetting=float(tags.get("gate.max_forgetting", -1.0)),
                  require_complete=tags.get("gate.require_complete", "True") == "True",
-                 not_worse_than_base=tags.get("gate.not_worse_than_base", "True") == "True")
+                 not_worse_than_base=tags.get("gate.not_worse_than_base", "True") == "True",
+                 beyond_noise=tags.get("gate.beyond_noise", "False") == "True")
 
 
 def promote(model_name: str, version: str, force: bool = False) -> Outcome:
