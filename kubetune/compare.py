@@ -402,10 +402,10 @@ def render(rows: list[Row], context: dict[str, Any], out_dir: Path) -> dict[str,
         (out_dir / f"{name}.png").write_bytes(buf.getvalue())
         pngs[name] = buf.getvalue()
     table = table_rows(rows)
+    seeds = f", {context['seeds']} seeds per method" if context.get("seeds", 1) > 1 else ""
     header = [f"# kubetune compare: {context['data_uri']} on {context['base_model']}", "",
-              f"Budget: {context['budget']}" + (f", {context['seeds']} seeds per method" if context.get("seeds", 1) > 1
-                                                 else "") + f"; batch {context['batch_size']} rows of {context['max_length']} tokens; "
-              f"evaluation {json.dumps(context['eval_settings'])}.",
+              f"Budget: {context['budget']}{seeds}; batch {context['batch_size']} rows of {context['max_length']} "
+              f"tokens; evaluation {json.dumps(context['eval_settings'])}.",
               f"Machine: {context['machine']}. Each method is one run of its pipeline (kfp.local); the numbers are "
               "read back from MLflow.", ""]
     notes = ["", "- *gain*: tuned − base on the method's own primary metric; *forgetting*: relative change of "

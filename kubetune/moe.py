@@ -25,7 +25,8 @@ Why the upcycled model computes the dense function: every expert is the same MLP
 router's top-k weights are renormalised to sum to 1 (Mixtral always does; Qwen MoE configs get
 ``norm_topk_prob=True``), so ``sum_k w_k * MLP(x) = MLP(x)`` whatever the router picks: exactly
 so at ``noise_std=0``; at the default noise (1% of each weight's std) approximately, close enough
-that the predictions are the dense model's (tests/test_moe.py). The flip side: while experts are identical the router gets **no gradient from the LM loss**
+that the predictions are the dense model's (tests/test_moe.py). The flip side: while experts
+are identical the router gets **no gradient from the LM loss**
 (``d/dw sum_k w_k MLP(x) = 0`` under ``sum_k w_k = 1``), hence ``noise_std`` to break symmetry
 and ``top_k >= 2`` (with ``top_k = 1`` the renormalised weight is always 1 and the router can
 only ever learn from the balance loss).
@@ -481,7 +482,8 @@ def router_losses(model, aux_coef: float, z_coef: float, accumulation_steps: int
     """
     accepts = getattr(model, "accepts_loss_kwargs", None)
     if accepts is None:  # how the Trainer decides whether it divides the loss by k itself
-        accepts = any(p.kind == inspect.Parameter.VAR_KEYWORD for p in inspect.signature(model.forward).parameters.values())
+        params = inspect.signature(model.forward).parameters.values()
+        accepts = any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params)
     model.router_aux_loss_coef = aux_coef / accumulation_steps if accepts else aux_coef
     return RouterZLoss(model, z_coef / accumulation_steps)
 

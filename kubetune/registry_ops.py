@@ -43,7 +43,8 @@ class Decision:
     def tags(self, gates: Gates) -> dict[str, str]:
         return {"gate.min_improvement": str(gates.min_improvement), "gate.max_forgetting": str(gates.max_forgetting),
                 "gate.require_complete": str(gates.require_complete),
-                "gate.not_worse_than_base": str(gates.not_worse_than_base), "gate.beyond_noise": str(gates.beyond_noise),
+                "gate.not_worse_than_base": str(gates.not_worse_than_base),
+                "gate.beyond_noise": str(gates.beyond_noise),
                 **{f"gate.{k}": v for k, v in self.checks.items()}}
 
 

@@ -80,7 +80,8 @@ def test_gate_beyond_noise_refuses_a_win_inside_the_noise_and_is_off_by_default(
                        Gates(require_complete=False, beyond_noise=True)).promote
     # no interval recorded for the champion (an older version): the gate cannot judge, and says so
     del champ["exact_match_ci_low"]
-    decision = check_gates("exact_match", cand, None, champ, "1", None, Gates(require_complete=False, beyond_noise=True))
+    decision = check_gates("exact_match", cand, None, champ, "1", None,
+                           Gates(require_complete=False, beyond_noise=True))
     assert not decision.promote and "interval" in decision.checks["champion"]
 
 

@@ -145,7 +145,8 @@ def test_epochs_set_the_steps_and_early_stopping_keeps_the_best_evaluation(tiny_
     _, tok_dir = tiny_tickets
     data = datasets.load_from_disk(str(tok_dir))
     n_train = len(data["train"])
-    assert TrainConfig(max_steps=0, epochs=1.5, batch_size=2).steps_for(n_train) == math.ceil(1.5 * math.ceil(n_train / 2))
+    per_epoch = math.ceil(n_train / 2)
+    assert TrainConfig(max_steps=0, epochs=1.5, batch_size=2).steps_for(n_train) == math.ceil(1.5 * per_epoch)
     # lr 1.0 on LoRA overshoots: validation loss gets worse after the first evaluations, so the run stops early
     cfg = TrainConfig(base_model=str(tiny_llama), method="lora", max_steps=0, epochs=3, learning_rate=1.0,
                       batch_size=2, lora_rank=4, eval_steps=2, best_checkpoint=True, early_stopping_patience=1,
