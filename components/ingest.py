@@ -6,7 +6,7 @@ from kubetune.image import CPU_IMAGE
 @dsl.component(base_image=CPU_IMAGE)
 def ingest(data_uri: str, model_name: str, pipeline: str, run_id: str, dataset: dsl.Output[dsl.Dataset],
            unchanged: dsl.OutputPath(bool), validation_fraction: float = 0.1, seed: int = 0,
-           force: bool = False, training: str = "") -> str:
+           group_by: str = "auto", force: bool = False, training: str = "") -> str:
     """Read, validate and split the data; returns its content fingerprint.
 
     Args:
@@ -20,6 +20,8 @@ def ingest(data_uri: str, model_name: str, pipeline: str, run_id: str, dataset: 
             (see docs/registry.md).
         validation_fraction: Share of rows held out.
         seed: Split seed.
+        group_by: Field whose equal values stay on one side of the split ('auto': the records'
+            'group' field when they all have one, as the bundled datasets do; '' = row by row).
         force: Retrain even when nothing changed.
         training: The pipeline's model-shaping parameters as text (kubetune.lifecycle.run_settings).
     """
@@ -28,7 +30,8 @@ def ingest(data_uri: str, model_name: str, pipeline: str, run_id: str, dataset: 
     from kubetune.stages.ingest import ingest as stage
     from kubetune.tracking import RunContext
 
-    cfg = IngestConfig(data_uri=data_uri, validation_fraction=validation_fraction, seed=seed)
+    cfg = IngestConfig(data_uri=data_uri, validation_fraction=validation_fraction, seed=seed,
+                       group_by=group_by)
     ctx = RunContext(model_name, run_id, pipeline)
     result = stage(cfg, dataset.path, ctx=ctx)
     same, why = skip_decision(model_name, result.fingerprint, training, force, ctx)

@@ -141,6 +141,12 @@ def cmd_unschedule(args) -> int:
     return 0
 
 
+def seeds_arg(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got '{text}'")
+    return int(text)
+
+
 def cmd_compare(args) -> int:
     from kubetune.compare import COLUMNS, Budget, CompareConfig, parse_methods, run_compare, table_rows
 
@@ -164,7 +170,7 @@ def cmd_compare(args) -> int:
         return 0
     cfg = CompareConfig(data_uri=args.data, methods=methods, base_model=args.base_model or "", budget=budget,
                         batch_size=args.batch_size, max_length=args.max_length, label_field=args.label_field or "",
-                        prefix=args.prefix, out_dir=args.out)
+                        prefix=args.prefix, out_dir=args.out, seeds=args.seeds)
     if args.report_only:
         from kubetune.compare import report_only
 
@@ -222,6 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--max-length", type=int, default=256, help="tokens per row, every method (default: 256)")
     cp.add_argument("--label-field", help="feature-extraction on instruction data: the JSON answer key that "
                                           "becomes the class (bundled tickets: issue)")
+    cp.add_argument("--seeds", type=seeds_arg, default=1, help="training runs per method (seeds 0..N-1, same "
+                                                                 "split); the report shows mean ± spread (default: 1)")
     cp.add_argument("--prefix", default="compare", help="registered models are named PREFIX-METHOD")
     cp.add_argument("--out", default="compare-report", help="report folder (default: compare-report)")
     cp.add_argument("--report-only", action="store_true", help="no training: the report from the newest run of "

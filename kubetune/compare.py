@@ -84,6 +84,12 @@ class Row:
     version: str = ""
     pipeline_run_id: str = ""
     loss_curve: list[tuple[int, float]] = field(default_factory=list)
+    n: int | None = None  # validation examples behind ``tuned``
+    tuned_ci: tuple[float, float] | None = None  # its 95% interval (one run)
+    forgetting_ci: tuple[float, float] | None = None
+    seed: int = 0
+    runs: list[float] = field(default_factory=list)  # ``tuned`` of each seed when a row sums up several
+    tuned_sd: float | None = None  # their sample standard deviation
 
     @property
     def gain(self) -> float | None:
@@ -120,12 +126,13 @@ def peft_learning_rate(method: str) -> float:
 
 
 def method_params(method: str, *, data_uri: str, base_model: str, budget: Budget, prefix: str,
-                  eval_settings: dict, batch_size: int, max_length: int, classification_uri: str = "") -> dict:
-    """The pipeline parameters of one method under the shared budget."""
+                  eval_settings: dict, batch_size: int, max_length: int, classification_uri: str = "",
+                  seed: int = 0) -> dict:
+    """The pipeline parameters of one method under the shared budget (``seed``: the training seed)."""
     pipeline, fixed = METHODS[method]
     params: dict[str, Any] = {**fixed, "base_model": base_model, "model_name": f"{prefix}-{method}", "force": True}
     if pipeline in STEP_BUDGET_PIPELINES:
-        train = {"batch_size": batch_size}
+        train = {"batch_size": batch_size, **({"seed": seed} if seed else {})}
         if budget.seconds:
             train["max_train_seconds"] = budget.seconds
         params.update(data_uri=data_uri, max_steps=budget.steps, max_length=max_length, train_settings=train,
@@ -209,6 +216,10 @@ def collect(method: str, model_name: str, pipeline_run_id: str | None = None) ->
     row.tuned = _num((report.get("candidate") or {}).get(row.metric_name))
     row.base = _num((report.get("base") or {}).get(row.metric_name))
     row.forgetting = _num(report.get("forgetting"))
+    em = evaluation.data.metrics
+    row.n = _int(em.get("candidate_n"))
+    row.tuned_ci = _pair(em.get(f"candidate_{row.metric_name}_ci_low"), em.get(f"candidate_{row.metric_name}_ci_high"))
+    row.forgetting_ci = _pair(em.get("forgetting_ci_low"), em.get("forgetting_ci_high"))
     m = train.data.metrics
     row.trainable_params = _int(m.get("trainable_params"))
     row.total_params = _int(m.get("total_params"))
@@ -250,6 +261,40 @@ def _int(v) -> int | None:
     return None if v is None else int(v)
 
 
+def _pair(low, high) -> tuple[float, float] | None:
+    low, high = _num(low), _num(high)
+    return None if low is None or high is None else (low, high)
+
+
+def summarise(runs: list[Row]) -> Row:
+    """One row for several seeds of a method: the mean of every number, ``tuned`` ± its spread.
+
+    The spread (sample standard deviation over seeds) is the run-to-run noise of training; each
+    run's own interval is the noise of its n validation examples. Both matter: the first is what
+    another seed would give on the same rows, the second what other rows would give.
+    """
+    ok = [r for r in runs if r.status == "ok"]
+    if len(runs) == 1 or not ok:
+        return runs[0]
+    from kubetune.stats import spread
+
+    out = Row(**{k: getattr(ok[0], k) for k in ("method", "pipeline", "metric_name", "model_name", "n",
+                                                "trainable_params", "total_params")})
+    for name in ("base", "tuned", "forgetting", "peak_mem_gb", "train_wall_s", "wall_s", "tokens_per_s"):
+        values = [getattr(r, name) for r in ok if getattr(r, name) is not None]
+        setattr(out, name, sum(values) / len(values) if values else None)
+    out.steps = ok[0].steps
+    out.runs = [r.tuned for r in ok if r.tuned is not None]
+    if out.runs:
+        out.tuned_sd = spread(out.runs)[1]
+    out.loss_curve = ok[0].loss_curve
+    out.version = ",".join(r.version for r in ok if r.version)
+    failed = [r for r in runs if r.status != "ok"]
+    if failed:
+        out.error = f"{len(failed)} of {len(runs)} runs failed: {failed[0].error}"
+    return out
+
+
 # ---------------------------------------------------------------- the report
 
 
@@ -265,8 +310,25 @@ def _fmt(v, kind: str = "f") -> str:
     return f"{v:.3f}" if abs(v) < 100 else f"{v:,.0f}"
 
 
-COLUMNS = ["method", "metric", "base", "tuned", "gain", "forgetting", "trainable", "share", "peak mem (GB)",
+COLUMNS = ["method", "metric", "n", "base", "tuned", "gain", "forgetting", "trainable", "share", "peak mem (GB)",
            "train s", "wall s", "tokens/s", "steps", "version"]
+
+
+def _tuned_cell(r: Row) -> str:
+    """``0.708 [0.57, 0.82]`` for one run (95% interval); ``0.700 ± 0.012 (2 seeds: 0.71, 0.69)`` for several."""
+    if r.tuned is None:
+        return "–"
+    if len(r.runs) > 1:
+        return (f"{r.tuned:.3f} ± {r.tuned_sd:.3f} ({len(r.runs)} seeds: "
+                + ", ".join(f"{v:.3f}" for v in r.runs) + ")")
+    return _fmt(r.tuned) + (f" [{r.tuned_ci[0]:.3f}, {r.tuned_ci[1]:.3f}]" if r.tuned_ci else "")
+
+
+def _forgetting_cell(r: Row) -> str:
+    text = _fmt(r.forgetting, "pct")
+    if r.forgetting_ci and not r.runs:
+        text += f" [{r.forgetting_ci[0]:+.1%}, {r.forgetting_ci[1]:+.1%}]"
+    return text
 
 
 def table_rows(rows: list[Row]) -> list[list[str]]:
@@ -276,7 +338,8 @@ def table_rows(rows: list[Row]) -> list[list[str]]:
             out.append([r.method, f"failed: {r.error}"] + [""] * (len(COLUMNS) - 2))
             continue
         share = r.trainable_params / r.total_params if r.trainable_params and r.total_params else None
-        out.append([r.method, r.metric_name, _fmt(r.base), _fmt(r.tuned), _fmt(r.gain), _fmt(r.forgetting, "pct"),
+        out.append([r.method, r.metric_name, _fmt(r.n, "int"), _fmt(r.base), _tuned_cell(r), _fmt(r.gain),
+                    _forgetting_cell(r),
                     _fmt(r.trainable_params, "params"), f"{share:.3%}" if share is not None else "–",
                     _fmt(r.peak_mem_gb), _fmt(r.train_wall_s), _fmt(r.wall_s), _fmt(r.tokens_per_s),
                     _fmt(r.steps, "int"), r.version or "–"])
@@ -339,13 +402,18 @@ def render(rows: list[Row], context: dict[str, Any], out_dir: Path) -> dict[str,
         (out_dir / f"{name}.png").write_bytes(buf.getvalue())
         pngs[name] = buf.getvalue()
     table = table_rows(rows)
+    seeds = f", {context['seeds']} seeds per method" if context.get("seeds", 1) > 1 else ""
     header = [f"# kubetune compare: {context['data_uri']} on {context['base_model']}", "",
-              f"Budget: {context['budget']}; batch {context['batch_size']} rows of {context['max_length']} tokens; "
-              f"evaluation {json.dumps(context['eval_settings'])}.",
+              f"Budget: {context['budget']}{seeds}; batch {context['batch_size']} rows of {context['max_length']} "
+              f"tokens; evaluation {json.dumps(context['eval_settings'])}.",
               f"Machine: {context['machine']}. Each method is one run of its pipeline (kfp.local); the numbers are "
               "read back from MLflow.", ""]
     notes = ["", "- *gain*: tuned − base on the method's own primary metric; *forgetting*: relative change of "
              "perplexity on the bundled general text vs the base model (lower is better).",
+             "- *n*: validation examples behind *tuned*. One run: [95% interval] (Wilson for exact match, t for "
+             "means; forgetting: paired bootstrap over the general-text lines). Several seeds: mean ± sample "
+             "standard deviation over the seeds (training noise), on the same validation rows; the other "
+             "columns are means.",
              "- *peak mem*: on a GPU, torch's peak allocation; on CPU, the peak RSS of the training process "
              "(the interpreter and libraries included).",
              "- feature-extraction trains a head on frozen embeddings of the same records with the answer's "
@@ -417,12 +485,12 @@ class CompareConfig:
     label_field: str = ""
     prefix: str = "compare"
     out_dir: str = "compare-report"
+    seeds: int = 1  # training runs per method (seeds 0..N-1) on the same split; the report shows mean ± spread
 
 
 def run_compare(cfg: CompareConfig, workdir: str | Path | None = None, echo=print) -> tuple[list[Row], dict]:
     """Run every method's pipeline locally, one after the other, then write and log the report."""
     from kubetune.models import DEFAULT_BASE_MODEL
-    from kubetune.runner import format_summary, run_local
 
     base_model = cfg.base_model or DEFAULT_BASE_MODEL
     label_field = default_label_field(cfg.data_uri, cfg.label_field)
@@ -432,25 +500,38 @@ def run_compare(cfg: CompareConfig, workdir: str | Path | None = None, echo=prin
         classification_uri = classification_view(cfg.data_uri, label_field, workdir / ".kubetune" / "compare-data")
     rows: list[Row] = []
     for i, method in enumerate(cfg.methods, 1):
-        params = method_params(method, data_uri=cfg.data_uri, base_model=base_model, budget=cfg.budget,
-                               prefix=cfg.prefix, eval_settings=cfg.eval_settings, batch_size=cfg.batch_size,
-                               max_length=cfg.max_length, classification_uri=classification_uri)
         pipeline = METHODS[method][0]
-        echo(f"== compare [{i}/{len(cfg.methods)}] {method}: kubetune run {pipeline} "
-             + " ".join(f"--set {k}={json.dumps(v) if isinstance(v, dict) else v}" for k, v in params.items()))
-        t0 = time.time()
-        try:
-            summary = run_local(pipeline, params, workdir)
-        except Exception as e:  # noqa: BLE001 - one method failing must not lose the others' rows
-            rows.append(_failed(Row(method=method, pipeline=pipeline, model_name=params["model_name"],
-                                    wall_s=round(time.time() - t0, 1)), str(e).splitlines()[0][:300]))
-            echo(f"   {method} failed: {rows[-1].error}")
-            continue
-        echo(format_summary(summary))
-        row = safe_collect(method, params["model_name"], summary)
-        row.wall_s = summary.get("wall_s", row.wall_s)  # the whole pipeline, as the user waited for it
-        rows.append(row)
+        # The head of feature extraction trains deterministically to convergence: one run says it all.
+        seeds = range(cfg.seeds if pipeline in STEP_BUDGET_PIPELINES else 1)
+        runs = []
+        for seed in seeds:
+            params = method_params(method, data_uri=cfg.data_uri, base_model=base_model, budget=cfg.budget,
+                                   prefix=cfg.prefix, eval_settings=cfg.eval_settings, batch_size=cfg.batch_size,
+                                   max_length=cfg.max_length, classification_uri=classification_uri, seed=seed)
+            echo(f"== compare [{i}/{len(cfg.methods)}] {method}" + (f" seed {seed}" if len(seeds) > 1 else "")
+                 + f": kubetune run {pipeline} "
+                 + " ".join(f"--set {k}={json.dumps(v) if isinstance(v, dict) else v}" for k, v in params.items()))
+            runs.append(_run_one(method, pipeline, params, workdir, echo))
+            runs[-1].seed = seed
+        rows.append(summarise(runs))
     return finish(rows, cfg, base_model, label_field)
+
+
+def _run_one(method: str, pipeline: str, params: dict, workdir: Path, echo) -> Row:
+    from kubetune.runner import format_summary, run_local
+
+    t0 = time.time()
+    try:
+        summary = run_local(pipeline, params, workdir)
+    except Exception as e:  # noqa: BLE001 - one method failing must not lose the others' rows
+        row = _failed(Row(method=method, pipeline=pipeline, model_name=params["model_name"],
+                          wall_s=round(time.time() - t0, 1)), str(e).splitlines()[0][:300])
+        echo(f"   {method} failed: {row.error}")
+        return row
+    echo(format_summary(summary))
+    row = safe_collect(method, params["model_name"], summary)
+    row.wall_s = summary.get("wall_s", row.wall_s)  # the whole pipeline, as the user waited for it
+    return row
 
 
 def report_only(cfg: CompareConfig) -> tuple[list[Row], dict]:
@@ -475,7 +556,7 @@ def finish(rows: list[Row], cfg: CompareConfig, base_model: str, label_field: st
     """Write the report files and log them to MLflow."""
     import platform
 
-    context = {"data_uri": cfg.data_uri, "base_model": base_model, "budget": cfg.budget.describe(),
+    context = {"data_uri": cfg.data_uri, "base_model": base_model, "budget": cfg.budget.describe(), "seeds": cfg.seeds,
                "batch_size": cfg.batch_size, "max_length": cfg.max_length, "eval_settings": cfg.eval_settings,
                "label_field": label_field, "prefix": cfg.prefix,
                "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores" + _gpu_note()}

@@ -839,6 +839,11 @@ SETTINGS = {
     "base_model": "loaded by the training core, as on the Trainer path",
     "method": "full, lora, dora, adapter, ia3 (trainable = requires_grad); qlora, prompt, prefix: Trainer path",
     "max_steps": "optimizer steps; the schedule is laid out over them",
+    "epochs": "turned into max_steps from the training rows before either path starts",
+    "eval_steps": "validation during training: Trainer path (set > 0)",
+    "best_checkpoint": "needs eval_steps, so the Trainer path",
+    "early_stopping_patience": "needs eval_steps, so the Trainer path",
+    "adapter_placement": "applied by apply_method before training (both paths)",
     "learning_rate": "peak learning rate of the schedule",
     "batch_size": "rows per micro-step: one packed row of batch_size x the data's row length tokens",
     "gradient_accumulation_steps": "packed rows per optimizer step and process, loss normalised over all of them",
@@ -886,6 +891,8 @@ def fast_path_blocker(cfg, model, device: str) -> str | None:
         return f"setting(s) {', '.join(unknown)} not implemented by the GPU fast path"
     if cfg.fast_path == "off":
         return "fast_path=off"
+    if cfg.eval_steps:
+        return f"eval_steps={cfg.eval_steps}: validation during training runs on the Trainer path"
     if device != "cuda":
         return "no CUDA device (the fast path is the GPU engine)"
     if cfg.method in ("prompt", "prefix"):

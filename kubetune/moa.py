@@ -453,6 +453,9 @@ def ask_all(
 ) -> Round:
     """Ask every proposer the same conversation at once; drop those that fail or are late.
 
+    A ``KeyboardInterrupt`` or ``SystemExit`` inside a proposer is not a failure of that proposer:
+    it stops the round and reaches the caller.
+
     Each call runs in its own daemon thread and the round waits at most ``timeout`` seconds
     in total. Daemon threads rather than a ``ThreadPoolExecutor``: the executor joins its
     workers at interpreter exit, so one stuck call would hang shutdown; a late daemon thread
@@ -470,13 +473,16 @@ def ask_all(
     names = [p.name for p in proposers]
     if len(set(names)) != len(names):
         raise ValueError(f"proposer names must be distinct, got {names}")
-    outcomes: dict[str, Completion | BaseException] = {}
+    outcomes: dict[str, Completion | Exception] = {}
+    interrupts: list[BaseException] = []
 
     def call(p: Proposer) -> None:
         try:
             outcomes[p.name] = p(messages, max_new_tokens)
-        except BaseException as err:  # noqa: BLE001 - any failure drops the proposer
+        except Exception as err:  # noqa: BLE001 - a failing proposer is dropped, the round goes on
             outcomes[p.name] = err
+        except BaseException as err:  # Ctrl-C, SystemExit: not a proposer failure; the caller gets it
+            interrupts.append(err)
 
     t0 = time.perf_counter()
     threads = [threading.Thread(target=call, args=(p,), daemon=True, name=f"moa-{p.name}") for p in proposers]
@@ -485,12 +491,14 @@ def ask_all(
     deadline = t0 + timeout
     for t in threads:
         t.join(max(0.0, deadline - time.perf_counter()))
+        if interrupts:  # a worker thread cannot raise into this one: re-raise it here
+            raise interrupts[0]
     result = Round(latency_s=time.perf_counter() - t0)
     for name in names:
         outcome = outcomes.get(name)
         if outcome is None:
             result.dropped[name] = f"timeout after {timeout:g}s"
-        elif isinstance(outcome, BaseException):
+        elif isinstance(outcome, Exception):
             result.dropped[name] = f"error: {type(outcome).__name__}: {outcome}"
         else:
             result.completions[name] = outcome

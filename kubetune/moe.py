@@ -23,8 +23,10 @@ Mixtral makes every layer sparse, so mixed dense/sparse stacks go to Qwen2-MoE, 
 
 Why the upcycled model computes the dense function: every expert is the same MLP and the
 router's top-k weights are renormalised to sum to 1 (Mixtral always does; Qwen MoE configs get
-``norm_topk_prob=True``), so ``sum_k w_k * MLP(x) = MLP(x)`` whatever the router picks. The
-flip side: while experts are identical the router gets **no gradient from the LM loss**
+``norm_topk_prob=True``), so ``sum_k w_k * MLP(x) = MLP(x)`` whatever the router picks: exactly
+so at ``noise_std=0``; at the default noise (1% of each weight's std) approximately, close enough
+that the predictions are the dense model's (tests/test_moe.py). The flip side: while experts
+are identical the router gets **no gradient from the LM loss**
 (``d/dw sum_k w_k MLP(x) = 0`` under ``sum_k w_k = 1``), hence ``noise_std`` to break symmetry
 and ``top_k >= 2`` (with ``top_k = 1`` the renormalised weight is always 1 and the router can
 only ever learn from the balance loss).
@@ -40,6 +42,7 @@ second "scaling pass" forward, which is neither top-k routing nor loadable witho
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 import warnings
 from collections.abc import Iterable
@@ -464,6 +467,25 @@ class RouterZLoss:
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
+
+
+def router_losses(model, aux_coef: float, z_coef: float, accumulation_steps: int) -> RouterZLoss:
+    """Weight the load-balancing and z-losses per micro-batch so an optimizer step sees ``coef × loss``.
+
+    The Trainer normalises the LM loss of an accumulation window over all its tokens
+    (``num_items_in_batch``, passed to models that accept loss kwargs, as the MoE families here
+    do), so the LM losses of the k micro-batches sum to one mean. The balance loss is a
+    per-micro-batch mean that the model adds to that loss as it is, and the z-loss enters every
+    micro-batch's backward directly: at their nominal weights both would count k times. Each gets
+    ``coef / k`` (the balance weight on the model, not its config, so the saved config keeps the
+    nominal one); returns the z-loss hooks (:class:`RouterZLoss`).
+    """
+    accepts = getattr(model, "accepts_loss_kwargs", None)
+    if accepts is None:  # how the Trainer decides whether it divides the loss by k itself
+        params = inspect.signature(model.forward).parameters.values()
+        accepts = any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params)
+    model.router_aux_loss_coef = aux_coef / accumulation_steps if accepts else aux_coef
+    return RouterZLoss(model, z_coef / accumulation_steps)
 
 
 def make_router_loss_callback(z_loss: RouterZLoss):

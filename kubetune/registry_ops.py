@@ -10,7 +10,7 @@ Version tags written by ``register`` (the numbers behind every decision):
     eval.<metric>            candidate's metrics        base.<metric>      base model's
     champion.<metric>        the champion compared with kubetune.champion_compared (its version)
     eval.forgetting          general-perplexity rise vs base
-    gate.min_improvement / gate.max_forgetting / gate.require_complete   the gates in force
+    gate.min_improvement / gate.max_forgetting / gate.require_complete / gate.beyond_noise   the gates
     gate.<check>             "pass: ..." or "fail: ..." for each check
     kubetune.decision        promoted | challenger | forced       kubetune.decision_reason
 """
@@ -31,6 +31,7 @@ class Gates:
     max_forgetting: float = -1.0
     require_complete: bool = True
     not_worse_than_base: bool = True
+    beyond_noise: bool = False
 
 
 @dataclass
@@ -43,11 +44,27 @@ class Decision:
         return {"gate.min_improvement": str(gates.min_improvement), "gate.max_forgetting": str(gates.max_forgetting),
                 "gate.require_complete": str(gates.require_complete),
                 "gate.not_worse_than_base": str(gates.not_worse_than_base),
+                "gate.beyond_noise": str(gates.beyond_noise),
                 **{f"gate.{k}": v for k, v in self.checks.items()}}
 
 
 def better(a: float, b: float, metric: str, margin: float) -> bool:
     return a < b - margin if metric in LOWER_IS_BETTER else a > b + margin
+
+
+def _noise_margin(candidate: dict, champion: dict, metric: str) -> float | str:
+    """The margin a difference of two scores must exceed to be more than noise, or why it is unknown.
+
+    sqrt(h1² + h2²) for 95% half-widths h1, h2: the 95% half-width of the difference of two
+    independent scores. The scores share their validation rows, so this is conservative.
+    """
+    from kubetune.stats import half_width
+
+    h_cand, h_champ = half_width(candidate, metric), half_width(champion, metric)
+    if h_cand is None or h_champ is None:
+        who = "candidate" if h_cand is None else "champion"
+        return f"beyond_noise is on but the {who} has no interval for {metric}"
+    return (h_cand ** 2 + h_champ ** 2) ** 0.5
 
 
 def check_gates(metric: str, candidate: dict, base: dict | None, champion: dict | None,
@@ -59,6 +76,7 @@ def check_gates(metric: str, candidate: dict, base: dict | None, champion: dict 
       complete:    evaluated, the primary metric present for candidate, base and champion,
                    forgetting measured when its gate is on (only when ``require_complete``);
       champion:    beats the champion on ``metric`` by ``min_improvement`` (passes when none);
+                   with ``beyond_noise``, by more than the noise of both scores' intervals too;
       base:        not worse than the base model on ``metric`` (for MoA: the best single
                    proposer), and strictly better for a first version (no champion yet) when
                    ``first_beats_base``, so a first run that made things worse, or changed
@@ -91,9 +109,16 @@ def check_gates(metric: str, candidate: dict, base: dict | None, champion: dict 
         checks["champion"] = "fail: no numbers to compare"
     else:
         champ = champion[metric]
-        word = "beats" if better(cand, champ, metric, gates.min_improvement) else "does not beat"
-        checks["champion"] = (f"{'pass' if word == 'beats' else 'fail'}: {metric} {cand:.4f} {word} champion "
-                              f"v{champion_version} ({champ:.4f}) by the margin {gates.min_improvement}")
+        margin = gates.min_improvement
+        noise = _noise_margin(candidate, champion, metric) if gates.beyond_noise else 0.0
+        if isinstance(noise, str):
+            checks["champion"] = f"fail: {noise}"
+        else:
+            margin = max(margin, noise)
+            word = "beats" if better(cand, champ, metric, margin) else "does not beat"
+            checks["champion"] = (f"{'pass' if word == 'beats' else 'fail'}: {metric} {cand:.4f} {word} champion "
+                                  f"v{champion_version} ({champ:.4f}) by the margin {round(margin, 4)}"
+                                  + (" (the noise of both scores' intervals)" if gates.beyond_noise else ""))
 
     if not gates.not_worse_than_base:
         checks["base"] = "pass: gate off"
@@ -224,7 +249,8 @@ def _gates_of(tags: dict[str, str]) -> Gates:
     return Gates(min_improvement=float(tags.get("gate.min_improvement", 0.0)),
                  max_forgetting=float(tags.get("gate.max_forgetting", -1.0)),
                  require_complete=tags.get("gate.require_complete", "True") == "True",
-                 not_worse_than_base=tags.get("gate.not_worse_than_base", "True") == "True")
+                 not_worse_than_base=tags.get("gate.not_worse_than_base", "True") == "True",
+                 beyond_noise=tags.get("gate.beyond_noise", "False") == "True")
 
 
 def _open_registry(what: str) -> None:

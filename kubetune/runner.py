@@ -183,14 +183,17 @@ def format_summary(s: dict) -> str:
                           f"  {s.get('reason')}",
                           f"  model: {s.get('model_name')} v{s.get('version')} stays champion "
                           "(retrain anyway: --set force=true)", f"  MLflow UI: {ui}", ""])
+    ci, n, fci = s.get("candidate_ci"), s.get("n"), s.get("forgetting_ci")
     lines = [
         "",
         f"== kubetune run {s.get('pipeline')}: done in {s.get('wall_s', 0):.0f} s ==",
         f"  {metric}: base {fmt(s.get('base'))} -> tuned {fmt(s.get('candidate'))}"
+        + (f" [95% interval {ci[0]:.3f}-{ci[1]:.3f}, n={n:.0f}]" if ci and n else "")
         + (f" (champion before: {fmt(s.get('champion_before'))})" if s.get("champion_before") is not None else ""),
     ]
     if s.get("forgetting") is not None:
-        lines.append(f"  forgetting (general-text perplexity vs base): {s['forgetting']:+.1%}")
+        lines.append(f"  forgetting (general-text perplexity vs base): {s['forgetting']:+.1%}"
+                     + (f" [95% interval {fci[0]:+.1%} to {fci[1]:+.1%}]" if fci else ""))
     lines += [
         f"  model: {s.get('model_name')} version {s.get('version')}  aliases: {', '.join(s.get('aliases', []))}",
         f"  decision: {s.get('reason')}",

@@ -17,7 +17,7 @@ import os
 import resource
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -34,7 +34,17 @@ class TrainConfig:
     base_model: str = setting(DEFAULT_BASE_MODEL, "Base model: packaged name, local folder or hub id.")
     method: Literal["full", "lora", "dora", "qlora", "adapter", "prompt", "prefix", "ia3"] = setting(
         "lora", "Which weights train: all (full) or a PEFT method.")
-    max_steps: int = setting(60, "Optimizer steps.")
+    max_steps: int = setting(60, "Optimizer steps; 0 = as many as 'epochs' passes over the training rows take.")
+    epochs: float = setting(
+        0.0, "Passes over the training rows when max_steps is 0, so the run scales with the data (a fraction is "
+             "fine). The step count is worked out before training; warmup, schedule and time cap use it.")
+    eval_steps: int = setting(0, "Validation loss every this many optimizer steps during training (0 = never).")
+    best_checkpoint: bool = setting(
+        False, "Finish with the weights of the evaluation that had the lowest validation loss (the Trainer's "
+               "load_best_model_at_end), not the last step's; needs eval_steps, and checkpoints at each evaluation.")
+    early_stopping_patience: int = setting(
+        0, "Stop once this many evaluations in a row brought no lower validation loss (0 = never); needs "
+           "best_checkpoint, so the run ends with the best weights rather than the last.")
     learning_rate: float = setting(0.0, "Peak learning rate; 0 = the method's known-good default.")
     batch_size: int = setting(4, "Rows per device per micro-batch (a row holds several packed examples).")
     gradient_accumulation_steps: int = setting(1, "Micro-batches per optimizer step.")
@@ -50,6 +60,9 @@ class TrainConfig:
     prefix_init: Literal["text", "random"] = setting(
         "text", "Prefix tuning's start: 'text' = the base model's keys/values over a neutral system prompt "
                 "(Li & Liang 2021's init from real words), 'random' = PEFT's N(0, 1) embedding.")
+    adapter_placement: Literal["houlsby", "pfeiffer"] = setting(
+        "houlsby", "method 'adapter' only: 'houlsby' = an adapter after the attention and the MLP block of every "
+                   "layer; 'pfeiffer' = after the MLP block only (half the adapters).")
     gradient_checkpointing: bool = setting(False, "Recompute activations in backward (less memory, ~30% slower).")
     optimizer: str = setting("adamw_torch", "transformers optim name: adamw_torch, adamw_torch_fused, adamw_8bit, ...")
     precision: Literal["auto", "fp32", "bf16", "bf16-mixed"] = setting(
@@ -67,9 +80,19 @@ class TrainConfig:
     allow_pickle: bool = setting(False, "Load pickle (.bin) weights (off: they can run code).")
 
     def __post_init__(self):
-        for name in ("max_steps", "batch_size", "gradient_accumulation_steps", "save_steps", "lora_rank"):
+        for name in ("batch_size", "gradient_accumulation_steps", "save_steps", "lora_rank"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"'{name}' must be >= 1, got {getattr(self, name)}")
+        if self.max_steps < 0 or self.epochs < 0 or (self.max_steps == 0 and self.epochs == 0):
+            raise ConfigError(f"'max_steps' ({self.max_steps}) or 'epochs' ({self.epochs}) must be > 0 (neither "
+                              "negative): how long to train")
+        if self.eval_steps < 0 or self.early_stopping_patience < 0:
+            raise ConfigError("'eval_steps' and 'early_stopping_patience' must be >= 0 (0 = off)")
+        if self.best_checkpoint and not self.eval_steps:
+            raise ConfigError("'best_checkpoint' needs 'eval_steps' > 0: the best is chosen among evaluations")
+        if self.early_stopping_patience and not self.best_checkpoint:
+            raise ConfigError("'early_stopping_patience' needs 'best_checkpoint': stopping early must keep the best "
+                              "weights seen, not the last")
         if self.max_train_seconds < 0:
             raise ConfigError(f"'max_train_seconds' must be >= 0 (0 = no limit), got {self.max_train_seconds}")
         if self.learning_rate < 0 or self.learning_rate > 1:
@@ -78,6 +101,13 @@ class TrainConfig:
             raise ConfigError(f"'warmup_ratio' must be in [0, 1), got {self.warmup_ratio}")
         if not 0 <= self.lora_dropout < 1:
             raise ConfigError(f"'lora_dropout' must be in [0, 1), got {self.lora_dropout}")
+
+    def steps_for(self, train_rows: int, world: int = 1) -> int:
+        """Optimizer steps: ``max_steps``, or ``epochs`` passes over ``train_rows`` rows."""
+        if self.max_steps:
+            return self.max_steps
+        per_step = self.batch_size * self.gradient_accumulation_steps * world
+        return max(1, math.ceil(self.epochs * math.ceil(train_rows / per_step)))
 
     def lr(self) -> float:
         from kubetune.peft_methods import default_learning_rate
@@ -247,7 +277,7 @@ def load_for_training(cfg: TrainConfig, device: str, tokenizer=None):
                                       trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle)
     settings = PeftSettings(rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                             target_modules=cfg.target_modules, num_virtual_tokens=cfg.num_virtual_tokens,
-                            prefix_init=cfg.prefix_init)
+                            prefix_init=cfg.prefix_init, adapter_placement=cfg.adapter_placement)
     return apply_method(model, cfg.method, settings, tokenizer=tokenizer)
 
 
@@ -297,6 +327,7 @@ def train(cfg: TrainConfig, tokenized_dir: str | Path, output_dir: str | Path, c
     tokenized_dir = Path(tokenized_dir)
     data = datasets.load_from_disk(str(tokenized_dir))
     meta = json.loads((tokenized_dir / "meta.json").read_text())
+    cfg = replace(cfg, max_steps=cfg.steps_for(len(data["train"]), world))
     tokenizer = AutoTokenizer.from_pretrained(tokenized_dir / "tokenizer")
     flags = training_flags_for(cfg.method, gradient_checkpointing=cfg.gradient_checkpointing,
                                packing=meta.get("tokenize", {}).get("packing", False))
@@ -324,7 +355,7 @@ def train(cfg: TrainConfig, tokenized_dir: str | Path, output_dir: str | Path, c
 
         log_params({"kubetune.train_path": "fast" if fast else "trainer",
                     **({} if fast else {"kubetune.train_path_reason": reason[:500]})})
-    trainer = None if fast else _trainer(cfg, model, data["train"], collator, tokenizer, device, checkpoint_dir,
+    trainer = None if fast else _trainer(cfg, model, data, collator, tokenizer, device, checkpoint_dir,
                                          report_to_mlflow, callbacks, flags)
     resume = None if fast else last_complete_checkpoint(checkpoint_dir)
     t0 = time.perf_counter()
@@ -393,6 +424,7 @@ def train(cfg: TrainConfig, tokenized_dir: str | Path, output_dir: str | Path, c
         "steps": len(losses) if fast else trainer.state.global_step,
         "resumed_from_step": out["resumed_from"] if fast else int(resume.name.split("-")[-1]) if resume else 0,
         "fast_path": int(fast),
+        **({} if fast else _eval_metrics(trainer.state)),
     }
     return TrainResult(metrics=metrics, output_dir=str(output_dir), losses=[float(x) for x in losses])
 
@@ -458,9 +490,11 @@ def _trainer(cfg: TrainConfig, model, data, collator: PackedCollator, tokenizer,
         use_cpu=device == "cpu",
         gradient_checkpointing=flags["gradient_checkpointing"],
         logging_steps=1,
-        save_steps=cfg.save_steps,
+        # Choosing the best evaluation needs a checkpoint at each one (the best is kept besides the last two).
+        save_steps=cfg.eval_steps if cfg.best_checkpoint else cfg.save_steps,
         save_total_limit=2,
         save_strategy="steps",
+        **_eval_args(cfg),
         seed=cfg.seed,
         data_seed=cfg.seed,
         report_to=["mlflow"] if report_to_mlflow else [],
@@ -472,9 +506,9 @@ def _trainer(cfg: TrainConfig, model, data, collator: PackedCollator, tokenizer,
         include_num_input_tokens_seen="non_padding",
         **fsdp,
     )
-    trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=collator,
-                      processing_class=tokenizer,
-                      callbacks=list(callbacks))
+    trainer = Trainer(model=model, args=args, train_dataset=data["train"], data_collator=collator,
+                      eval_dataset=data["validation"] if cfg.eval_steps else None, processing_class=tokenizer,
+                      callbacks=list(callbacks) + _early_stopping(cfg))
     if getattr(trainer, "is_fsdp_enabled", False):
         launch.fsdp_precision(trainer)
     # Ours run first: the keys they add to the logs (tokens/s, peak memory) then reach the
@@ -482,6 +516,33 @@ def _trainer(cfg: TrainConfig, model, data, collator: PackedCollator, tokenizer,
     for cb in reversed(_callbacks(collator, cfg.max_train_seconds)):
         trainer.callback_handler.callbacks.insert(0, cb)
     return trainer
+
+
+def _eval_args(cfg: TrainConfig) -> dict:
+    """TrainingArguments for evaluation during training (none when ``eval_steps`` is 0)."""
+    if not cfg.eval_steps:
+        return {}
+    return dict(eval_strategy="steps", eval_steps=cfg.eval_steps, per_device_eval_batch_size=cfg.batch_size,
+                load_best_model_at_end=cfg.best_checkpoint, metric_for_best_model="eval_loss",
+                greater_is_better=False)
+
+
+def _early_stopping(cfg: TrainConfig) -> list:
+    if not cfg.early_stopping_patience:
+        return []
+    from transformers import EarlyStoppingCallback
+
+    return [EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping_patience)]
+
+
+def _eval_metrics(state) -> dict:
+    """The validation losses seen during training: the best, its step, the last, whether it stopped early."""
+    evals = [(h["step"], h["eval_loss"]) for h in state.log_history if "eval_loss" in h]
+    if not evals:
+        return {}
+    best_step, best = min(evals, key=lambda e: e[1])
+    return {"eval_loss_best": best, "eval_loss_best_step": best_step, "eval_loss_last": evals[-1][1],
+            "evaluations": len(evals), "stopped_early": int(state.global_step < state.max_steps)}
 
 
 def checkpoint_dir_for(workspace: str | Path, cfg: TrainConfig, meta: dict) -> Path:

@@ -145,3 +145,28 @@ def test_adapters_from_another_shape_are_refused(tiny_llama, tmp_path):
 def test_config_validation_names_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):
         AdapterConfig(**kwargs)
+
+
+def test_pfeiffer_placement_is_selectable_from_a_pipelines_train_settings(tiny_llama, tiny_tickets, tmp_path):
+    """``train_settings={"adapter_placement": "pfeiffer"}`` (the peft pipeline's dict, validated by
+    from_dict as the component does) trains and saves adapters after the MLP blocks only."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from kubetune.config import from_dict
+    from kubetune.errors import ConfigError
+    from kubetune.stages.train_peft import train_peft
+    from kubetune.train import TrainConfig
+
+    _, tok_dir = tiny_tickets
+    settings = {"adapter_placement": "pfeiffer", "batch_size": 2}
+    cfg = from_dict(TrainConfig, {**settings, "base_model": str(tiny_llama), "method": "adapter", "max_steps": 2,
+                                  "lora_rank": 4}, "train_peft settings")
+    train_peft(cfg, tok_dir, tmp_path / "model", tmp_path / "ws")
+    saved = json.loads((tmp_path / "model" / "bottleneck_adapters.json").read_text())
+    assert saved["placement"] == ["mlp"]
+    names = list(load_file(tmp_path / "model" / "bottleneck_adapters.safetensors"))
+    assert names and all("mlp_adapter" in n for n in names)
+    with pytest.raises(ConfigError, match="adapter_placement"):
+        from_dict(TrainConfig, {"adapter_placement": "sideways"}, "train_peft settings")

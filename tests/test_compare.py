@@ -131,3 +131,28 @@ def test_compare_compiles_as_a_pipeline_of_pipelines(tmp_path):
                for n, t in tasks.items() if n.startswith("peft")}
     assert methods == {"lora", "dora"}
     assert tasks["full"]["inputs"]["parameters"]["max_steps"]["runtimeValue"]["constant"] == 20
+
+
+def test_seeds_give_each_run_its_training_seed_and_the_row_mean_and_spread(tmp_path):
+    from kubetune.compare import Row, summarise, table_rows
+
+    common = dict(data_uri="d", base_model="m", prefix="cmp", eval_settings={}, batch_size=2, max_length=64)
+    assert method_params("lora", budget=Budget(steps=5), seed=3, **common)["train_settings"]["seed"] == 3
+    runs = [Row(method="lora", pipeline="peft", metric_name="exact_match", n=48, base=0.0, tuned=t,
+                tuned_ci=(t - 0.1, t + 0.1), forgetting=f, steps=30, version=str(v))
+            for v, (t, f) in enumerate([(0.60, 0.04), (0.70, 0.02), (0.80, 0.03)], 1)]
+    row = summarise(runs)
+    assert row.tuned == pytest.approx(0.70) and row.tuned_sd == pytest.approx(0.10)
+    assert row.runs == [0.60, 0.70, 0.80] and row.forgetting == pytest.approx(0.03) and row.version == "1,2,3"
+    cells = dict(zip(["method", "metric", "n", "base", "tuned"], table_rows([row])[0]))
+    assert cells["n"] == "48" and cells["tuned"].startswith("0.700 ± 0.100 (3 seeds")
+    one = table_rows([runs[0]])[0]
+    assert one[4] == "0.600 [0.500, 0.700]"  # a single run shows its 95% interval instead
+
+
+def test_seeds_must_be_a_whole_number_of_at_least_one(capsys):
+    from kubetune.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["compare", "--seeds", "0"])
+    assert e.value.code == 2 and "--seeds" in capsys.readouterr().err

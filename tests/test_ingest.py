@@ -165,3 +165,47 @@ def test_reads_from_s3_through_moto_server(tmp_path, s3_env):
     assert prefix.fingerprint == local.fingerprint
     with pytest.raises(DataError, match="no such object or prefix"):
         ingest(IngestConfig(data_uri=f"s3://{s3_env}/nothing/here.jsonl"), tmp_path / "N")
+
+
+def test_bundled_tickets_split_holds_out_whole_answers(tmp_path):
+    """Validation measures generalisation: no validation answer (the ticket's whole record) occurs in
+    training, while every field value it asks for does; the default ('auto') split groups on it."""
+    ingest(IngestConfig(data_uri="bundled://tickets"), tmp_path / "out")
+    meta, train, val = load_dataset_dir(tmp_path / "out")
+    assert meta["group_by"] == "group" and len(val) >= 40
+    train_answers = {r["output"] for r in train}
+    assert not [r["output"] for r in val if r["output"] in train_answers]
+    assert not {r["input"] for r in val} & {r["input"] for r in train}
+    for field in ("product", "issue", "priority"):
+        seen = {json.loads(r["output"])[field] for r in train}
+        assert {json.loads(r["output"])[field] for r in val} <= seen
+
+
+def test_bundled_preferences_split_holds_out_whole_topics(tmp_path):
+    ingest(IngestConfig(data_uri="bundled://preferences"), tmp_path / "out")
+    _, train, val = load_dataset_dir(tmp_path / "out")
+    assert val and not {r["group"] for r in val} & {r["group"] for r in train}
+
+
+def test_group_by_a_user_field_keeps_each_group_on_one_side(tmp_path):
+    rows = [{"instruction": "Echo", "input": f"text {i}", "output": f"out {i}", "topic": f"t{i % 7}"}
+            for i in range(70)]
+    src = write_jsonl(tmp_path / "d.jsonl", rows)
+    result = ingest(IngestConfig(data_uri=str(src), group_by="topic", validation_fraction=0.3, seed=3),
+                    tmp_path / "out")
+    _, train, val = load_dataset_dir(tmp_path / "out")
+    assert len(train) + len(val) == 70 and result.counts["validation_groups"] == len({r["topic"] for r in val})
+    assert not {r["topic"] for r in val} & {r["topic"] for r in train}
+    # Row by row, the same file puts most topics on both sides: the grouping is what keeps them apart.
+    ingest(IngestConfig(data_uri=str(src), group_by="", validation_fraction=0.3, seed=3), tmp_path / "plain")
+    _, train, val = load_dataset_dir(tmp_path / "plain")
+    assert "topic" not in train[0] and len(val) == 21
+
+
+def test_group_by_field_missing_on_a_row_names_file_line_and_field(tmp_path):
+    rows = [{"text": f"row {i}", "topic": "a"} for i in range(5)]
+    del rows[3]["topic"]
+    src = write_jsonl(tmp_path / "d.jsonl", rows)
+    with pytest.raises(DataError, match=r"d\.jsonl:4: field 'topic' is missing"):
+        ingest(IngestConfig(data_uri=str(src), group_by="topic"), tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -228,6 +228,20 @@ def test_ask_all_drops_failing_and_late_proposers_without_waiting_for_them(propo
     assert "boom" in round_.dropped["broken"]
 
 
+class _Interrupted:
+    name = "interrupted"
+
+    def __call__(self, messages, max_new_tokens=None):
+        raise KeyboardInterrupt
+
+
+def test_ask_all_lets_ctrl_c_through_instead_of_dropping_the_proposer(proposers):
+    t0 = time.perf_counter()
+    with pytest.raises(KeyboardInterrupt):
+        moa.ask_all([proposers[0], _Interrupted(), _Broken()], conversation("wifi help"), timeout=20)
+    assert time.perf_counter() - t0 < 10  # raised when seen, not after the round's deadline
+
+
 class _Recording:
     """Delegates to a real proposer and keeps the conversations it was sent."""
 

@@ -54,21 +54,37 @@ def _tiny_dense(model_type: str):
         ("qwen3", dict(every_k_layers=2), "Qwen3MoeForCausalLM"),
     ],
 )
-def test_upcycled_model_equals_dense_at_init_and_noise_breaks_symmetry(dense, source, kwargs, target):
+def test_upcycled_model_equals_dense_without_noise_and_stays_close_with_the_default(dense, source, kwargs, target):
+    """Exactly the dense function at ``noise_std=0``; at the default noise (what train_moe uses) a
+    small perturbation of it: the same next-token predictions and a loss within 1% of the dense one."""
     base = dense if source == "llama" else _tiny_dense(source)
     ids = _ids()
+
+    def loss(m):
+        return float(m(input_ids=ids, labels=ids).loss)
+
     with torch.no_grad():
         ref = base(ids).logits
         exact = moe.upcycle(base, noise_std=0.0, **kwargs).eval()
         assert type(exact).__name__ == target
         assert torch.allclose(exact(ids).logits, ref, atol=1e-5), "upcycled model must compute the dense function"
         if kwargs.get("kind") != "lora":
-            noisy = moe.upcycle(base, noise_std=0.05, **kwargs).eval()
-            diff = (noisy(ids).logits - ref).abs().max().item()
-            assert 1e-5 < diff < 1.0, f"noise must perturb the experts a little, got max diff {diff}"
+            default = moe.upcycle(base, **kwargs).eval()  # noise_std: the default, the stage's too
+            diff = (default(ids).logits - ref).abs().max().item()
+            assert 1e-5 < diff < 0.1 * ref.abs().max().item(), f"noise must perturb the experts a little, got {diff}"
+            assert torch.equal(default(ids).logits.argmax(-1), ref.argmax(-1))
+            assert abs(loss(default) - loss(base)) < 0.01 * loss(base)
     # every_k_layers=2 keeps layer 0 dense and upcycles layer 1
     expected_layers = [1] if kwargs.get("every_k_layers") == 2 else [0, 1]
     assert [i for i, _ in moe.moe_blocks(exact)] == expected_layers
+
+
+def test_the_stage_upcycles_with_the_default_noise_the_equivalence_test_checks():
+    import inspect
+
+    from kubetune.stages.train_moe import MoEConfig
+
+    assert MoEConfig().noise_std == inspect.signature(moe.upcycle).parameters["noise_std"].default > 0
 
 
 def test_unsupported_family_and_settings_fail_clearly(dense):
@@ -168,6 +184,47 @@ def test_router_z_loss_adds_its_gradient(dense):
         assert e.norm() > 1e-6
         assert torch.allclose(z - w, e, atol=1e-6, rtol=1e-4)
     assert len(zl.values) == 1 and zl.values[0] > 0
+
+
+def test_router_losses_count_once_per_optimizer_step_under_gradient_accumulation(dense, tmp_path):
+    """Two micro-batches of one row (accumulation 2) give the gradient of one step's loss:
+    the window's mean LM loss + coef × the mean balance loss + coef × the mean z-loss."""
+    import datasets
+    from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator
+
+    aux_coef, z_coef = 0.5, 0.2
+    model = moe.upcycle(dense, noise_std=0.05, router_aux_loss_coef=aux_coef)
+    moe.freeze_for_moe(model)
+    model.config.output_router_logits = True
+    rows = [_ids(seed, shape=(1, 16))[0] for seed in (7, 8)]
+    captured = []
+
+    class Capture(TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, **kwargs):
+            captured.extend(block.gate.weight.grad.clone() for _, block in moe.moe_blocks(model))
+
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    z_loss = moe.router_losses(model, aux_coef, z_coef, accumulation_steps=2)
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=1,
+                             gradient_accumulation_steps=2, learning_rate=1.0, optim="sgd", max_grad_norm=0.0,
+                             lr_scheduler_type="constant", use_cpu=True, report_to=[], save_strategy="no",
+                             logging_strategy="no", disable_tqdm=True)
+    data = datasets.Dataset.from_list([{"input_ids": r.tolist(), "labels": r.tolist()} for r in rows])
+    Trainer(model=model, args=args, train_dataset=data, data_collator=default_data_collator,
+            callbacks=[Capture()]).train()
+    z_loss.remove()
+    assert captured and z_loss.values
+
+    # The same step by hand, on the weights before it.
+    model.load_state_dict(before)
+    model.zero_grad()
+    for ids in rows:
+        out = model(input_ids=ids[None], output_router_logits=True)
+        lm = torch.nn.functional.cross_entropy(out.logits[0, :-1].float(), ids[1:])
+        z = sum(moe.router_z_loss(logits) for logits in out.router_logits)
+        ((lm + aux_coef * out.aux_loss + z_coef * z) / 2).backward()
+    for (_, block), g in zip(moe.moe_blocks(model), captured):
+        assert torch.allclose(g, block.gate.weight.grad, atol=1e-6, rtol=1e-4)
 
 
 # ------------------------------------------------------------------ routing on two sub-tasks

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -83,7 +84,7 @@ def test_full_trains_every_weight(tiny_llama, tiny_tickets, tmp_path):
 def test_train_peft_refuses_full_and_config_errors_name_the_key(tiny_llama):
     with pytest.raises(ConfigError, match="train_full"):
         train_peft(TrainConfig(method="full"), "x", "y", "z")
-    with pytest.raises(ConfigError, match="'max_steps' must be >= 1"):
+    with pytest.raises(ConfigError, match=r"'max_steps' \(0\) or 'epochs' \(0.0\) must be > 0"):
         TrainConfig(max_steps=0)
     from kubetune.config import from_dict
 
@@ -134,3 +135,36 @@ def test_two_processes_follow_the_one_process_loss_curve(tiny_llama, tiny_ticket
     assert curves[1][-1] < curves[1][0]
     for one, two in zip(curves[1], curves[2]):
         assert abs(one - two) / one < 1e-3, (curves[1], curves[2])
+
+
+def test_epochs_set_the_steps_and_early_stopping_keeps_the_best_evaluation(tiny_llama, tiny_tickets, tmp_path):
+    """max_steps=0 + epochs: the step count follows the data; evaluation during training with
+    best_checkpoint + early stopping ends with the weights of the lowest validation loss seen."""
+    import datasets
+
+    from kubetune.stages.evaluate import validation_loss
+
+    _, tok_dir = tiny_tickets
+    data = datasets.load_from_disk(str(tok_dir))
+    n_train = len(data["train"])
+    per_epoch = math.ceil(n_train / 2)
+    assert TrainConfig(max_steps=0, epochs=1.5, batch_size=2).steps_for(n_train) == math.ceil(1.5 * per_epoch)
+    # lr 1.0 on LoRA overshoots: validation loss gets worse after the first evaluations, so the run stops early
+    cfg = TrainConfig(base_model=str(tiny_llama), method="lora", max_steps=0, epochs=3, learning_rate=1.0,
+                      batch_size=2, lora_rank=4, eval_steps=2, best_checkpoint=True, early_stopping_patience=1,
+                      warmup_ratio=0.0)
+    m = train_peft(cfg, tok_dir, tmp_path / "model", tmp_path / "ws").metrics
+    planned = cfg.steps_for(n_train)
+    assert m["evaluations"] >= 2 and m["stopped_early"] == 1 and m["steps"] < planned, m
+    assert m["eval_loss_best"] < m["eval_loss_last"]
+    model = load_model_artifact(tmp_path / "model")
+    saved = validation_loss(model, list(data["validation"]), 0, 2)
+    assert saved == pytest.approx(m["eval_loss_best"], rel=1e-3), (saved, m)
+
+
+@pytest.mark.parametrize("kwargs,field", [
+    (dict(max_steps=0, epochs=0), "epochs"), (dict(best_checkpoint=True), "eval_steps"),
+    (dict(eval_steps=5, early_stopping_patience=2), "best_checkpoint"), (dict(eval_steps=-1), "eval_steps")])
+def test_training_length_and_evaluation_settings_are_checked(kwargs, field):
+    with pytest.raises(ConfigError, match=field):
+        TrainConfig(**kwargs)

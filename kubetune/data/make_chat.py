@@ -36,7 +36,7 @@ def make_conversation(rng: random.Random) -> dict:
         {"role": "assistant", "content": issue},
         {"role": "user", "content": rng.choice(ASK_URGENCY)},
         {"role": "assistant", "content": priority},
-    ]}
+    ], "group": f"{product}/{issue}/{priority}"}  # the tickets' group: see make_tickets
 
 
 def generate(n: int = 400, seed: int = 5) -> list[dict]:

@@ -31,7 +31,7 @@ def generate(n: int = 300, seed: int = 11) -> list[dict]:
             continue
         seen.add(ticket["input"])
         rows.append({"instruction": INSTRUCTION, "input": ticket["input"],
-                     "output": json.loads(ticket["output"])["issue"]})
+                     "output": json.loads(ticket["output"])["issue"], "group": ticket["group"]})
     return rows
 
 

@@ -245,7 +245,10 @@ def prose(tips: list[str], rng: random.Random) -> str:
 
 def make_pair(goal: str, template: str, rng: random.Random) -> dict:
     tips = rng.sample(TOPICS[goal], 3)
-    return {"prompt": template.format(goal=goal), "chosen": bullets(tips), "rejected": prose(tips, rng)}
+    # The group is the topic: ingest keeps each topic on one side of the split, so held-out pairs
+    # ask about goals (and tips) that training never showed, in any phrasing.
+    return {"prompt": template.format(goal=goal), "chosen": bullets(tips), "rejected": prose(tips, rng),
+            "group": goal}
 
 
 def generate(pairs_per_prompt: int = 3, seed: int = 11) -> list[dict]:

@@ -60,10 +60,14 @@ TAILS = ["", "", "Bought it as a gift.", "Used it for two weeks.", "Ordered onli
 
 def make_review(rng: random.Random) -> dict:
     label = rng.choice(sorted(PHRASES))
-    text = rng.choice(PHRASES[label]).format(p=rng.choice(PRODUCTS), a=rng.choice(ASPECTS))
+    frame = rng.choice(PHRASES[label])
+    product = rng.choice(PRODUCTS)
+    text = frame.format(p=product, a=rng.choice(ASPECTS))
     text = text[0].upper() + text[1:]
     tail = rng.choice(TAILS)
-    return {"text": f"{text} {tail}".strip(), "label": label}
+    # The group is the product: ingest keeps each product's reviews on one side of the split, so
+    # the head is scored on reviews of products it never saw (every label occurs for every product).
+    return {"text": f"{text} {tail}".strip(), "label": label, "group": product}
 
 
 def generate(n: int = 360, seed: int = 11) -> list[dict]:

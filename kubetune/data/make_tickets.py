@@ -96,7 +96,11 @@ def make_ticket(rng: random.Random) -> dict:
              rng.choice(SIGNOFFS)]
     text = " ".join(p for p in parts if p)
     record = {"product": product, "issue": issue, "priority": priority}
-    return {"instruction": INSTRUCTION, "input": text, "output": json.dumps(record)}
+    # The group is the answer: ingest keeps each group on one side of the split, so every
+    # validation ticket asks for a combination of fields that training never showed as a whole
+    # (each field's values are all in training), and recalling a memorised record cannot score.
+    return {"instruction": INSTRUCTION, "input": text, "output": json.dumps(record),
+            "group": f"{product}/{issue}/{priority}"}
 
 
 def generate(n: int = 480, seed: int = 7) -> list[dict]:

@@ -111,11 +111,15 @@ def rouge_l(pred: str, ref: str) -> float:
 
 
 def task_metrics(preds: list[str], refs: list[str]) -> dict[str, float]:
-    out = {"exact_match": sum(exact_match(p, r) for p, r in zip(preds, refs)) / len(refs),
-           "rouge_l": sum(rouge_l(p, r) for p, r in zip(preds, refs)) / len(refs)}
+    """Each task metric with its 95% interval (``<metric>_ci_low/high``) and the number of examples ``n``."""
+    from kubetune.stats import with_interval
+
+    out = {"n": len(refs),
+           **with_interval("exact_match", [float(exact_match(p, r)) for p, r in zip(preds, refs)], proportion=True),
+           **with_interval("rouge_l", [rouge_l(p, r) for p, r in zip(preds, refs)])}
     fields = [field_accuracy(p, r) for p, r in zip(preds, refs)]
     if all(f is not None for f in fields):
-        out["field_accuracy"] = sum(fields) / len(fields)
+        out.update(with_interval("field_accuracy", fields))
     return out
 
 
@@ -141,12 +145,37 @@ def validation_loss(model, rows: list[dict], pad_id: int, batch_size: int) -> fl
     return total / max(count, 1)
 
 
-def text_perplexity(model, tok, texts: list[str], batch_size: int) -> float:
+def line_losses(model, tok, texts: list[str], batch_size: int) -> tuple[list[float], list[int]]:
+    """Summed next-token loss and predicted-token count of each text (their pooled ratio is the
+    log-perplexity); per line, so two models can be compared line by line (``kubetune.stats``)."""
+    import torch
+    import torch.nn.functional as F
+
+    from kubetune.train import PackedCollator
+
     rows = []
     for t in texts:
         ids = tok(t, add_special_tokens=False)["input_ids"]
         rows.append({"input_ids": ids, "labels": ids, "position_ids": list(range(len(ids)))})
-    return math.exp(validation_loss(model, rows, tok.pad_token_id, batch_size))
+    collate = PackedCollator(tok.pad_token_id)
+    device = next(model.parameters()).device
+    sums, counts = [], []
+    with torch.no_grad():
+        for i in range(0, len(rows), batch_size):
+            batch = {k: v.to(device) if hasattr(v, "to") else v for k, v in collate(rows[i:i + batch_size]).items()}
+            labels = batch.pop("labels")
+            # Prompt tuning returns logits for its virtual tokens too, in front: keep the text's.
+            logits = model(**batch).logits[:, -labels.shape[1]:-1].float()
+            target = labels[:, 1:]
+            loss = F.cross_entropy(logits.transpose(1, 2), target, ignore_index=-100, reduction="none")
+            sums += loss.sum(1).tolist()
+            counts += (target != -100).sum(1).tolist()
+    return sums, counts
+
+
+def text_perplexity(model, tok, texts: list[str], batch_size: int) -> float:
+    sums, counts = line_losses(model, tok, texts, batch_size)
+    return math.exp(sum(sums) / max(sum(counts), 1))
 
 
 def generate(model, tok, prompts: list[list[dict]], max_new_tokens: int, batch_size: int) -> list[str]:
@@ -234,7 +263,9 @@ def score_model(model, tok, val_records, val_rows, shape, cfg: EvaluateConfig, g
         out["samples"] = [{"prompt": prompt_messages(r, shape)[-1]["content"], "reference": ref, "prediction": p}
                           for r, ref, p in list(zip(records, refs, preds))[:8]]
     if cfg.forgetting and general:
-        out["general_perplexity"] = text_perplexity(model, tok, general, cfg.batch_size)
+        sums, counts = line_losses(model, tok, general, cfg.batch_size)
+        out["general_perplexity"] = math.exp(sum(sums) / max(sum(counts), 1))
+        out["general_line_losses"], out["general_line_tokens"] = sums, counts
     if cfg.benchmarks:
         from kubetune.benchmarks import scores
 
@@ -365,9 +396,14 @@ def evaluate(cfg: EvaluateConfig, model_dir: str | Path, dataset_dir: str | Path
                                                shape, cfg, general)
         if metric not in candidate:
             raise StageError(f"evaluate: primary metric '{metric}' could not be computed for this data")
-        forgetting = None
+        forgetting, forgetting_ci = None, None
         if "general_perplexity" in candidate:
             forgetting = candidate["general_perplexity"] / base["general_perplexity"] - 1.0
+            if "general_line_losses" in base:
+                from kubetune.stats import relative_change_interval
+
+                forgetting_ci = relative_change_interval(candidate["general_line_losses"],
+                                                         base["general_line_losses"], candidate["general_line_tokens"])
         report = {
             "evaluated": True,
             "primary_metric": metric,
@@ -378,6 +414,8 @@ def evaluate(cfg: EvaluateConfig, model_dir: str | Path, dataset_dir: str | Path
             "champion": _numbers(champion) if champion else None,
             "champion_version": champion_version,
             "forgetting": forgetting,
+            **({"forgetting_ci_low": forgetting_ci[0], "forgetting_ci_high": forgetting_ci[1],
+                "forgetting_lines": len(candidate["general_line_tokens"])} if forgetting_ci else {}),
             "beats_base": better(candidate[metric], base[metric], metric, cfg.min_improvement),
             "beats_champion": champion is None or better(candidate[metric], champion[metric], metric,
                                                          cfg.min_improvement),
@@ -394,7 +432,8 @@ def evaluate(cfg: EvaluateConfig, model_dir: str | Path, dataset_dir: str | Path
             if champion:
                 log_metrics({f"champion_{k}": v for k, v in _numbers(champion).items()})
             if forgetting is not None:
-                log_metrics({"forgetting": forgetting})
+                log_metrics({"forgetting": forgetting, **{k: report[k] for k in ("forgetting_ci_low",
+                             "forgetting_ci_high", "forgetting_lines") if k in report}})
             if candidate.get("samples"):
                 import mlflow
 

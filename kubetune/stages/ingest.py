@@ -43,8 +43,12 @@ class IngestConfig:
     seed: int = setting(0, "Seed of the train/validation split.")
     duplicates: Literal["drop", "fail"] = setting("drop", "Exact duplicate records: drop them (counted) or fail.")
     max_rows: int = setting(0, "Keep at most this many rows after validation (0 = all).")
-    group_by: str = setting("", "Field whose equal values stay in one split (e.g. 'prompt' for preference pairs, "
-                                "so no prompt is in both train and validation); '' = split row by row.")
+    group_by: str = setting(
+        "auto", "Field whose equal values stay on one side of the split (e.g. 'prompt' for preference pairs, or "
+                "a template/topic key of generated data), so validation measures generalisation rather than "
+                "recall; it may be any field of the records and is kept in the written rows. 'auto' = the "
+                "'group' field when every record has one (the bundled datasets carry their template or topic "
+                "key there), else row by row; '' = split row by row.")
 
     def __post_init__(self):
         if not self.data_uri:
@@ -309,8 +313,12 @@ def split_fingerprint(train: list[dict], val: list[dict], cfg: "IngestConfig") -
 
 
 def validate(split_records: dict[str, list[tuple[str, Any]]], shape: str = "auto",
-             duplicates: str = "drop") -> tuple[str, dict[str, list[dict]], dict[str, int]]:
-    """Validate all records; return (shape, {split: records}, counts) or raise DataError."""
+             duplicates: str = "drop", group_by: str = "") -> tuple[str, dict[str, list[dict]], dict[str, int]]:
+    """Validate all records; return (shape, {split: records}, counts) or raise DataError.
+
+    ``group_by`` names a field every record must have; it is kept in the canonical record (which
+    otherwise holds only its shape's fields) so the split can group on it.
+    """
     problems: list[str] = []
     first_where = next((w for recs in split_records.values() for w, r in recs), None)
     if first_where is None:
@@ -351,6 +359,11 @@ def validate(split_records: dict[str, list[tuple[str, Any]]], shape: str = "auto
                 problems.extend(rec.problems)
                 continue
             norm = normalize(rec, shape, where, problems)
+            if norm is not None and group_by and group_by not in norm:
+                if rec.get(group_by) is None:
+                    problems.append(f"{where}: field '{group_by}' is missing (group_by: the split groups on it)")
+                    continue
+                norm[group_by] = rec[group_by]
             if norm is None:
                 continue
             key = _key(norm)
@@ -398,7 +411,7 @@ def split_grouped(records: list[dict], fraction: float, seed: int, field: str) -
     Whole groups go to validation, in seeded order, until it holds ``round(n * fraction)`` rows
     (at least one group); the rest is training data.
     """
-    if any(field not in r for r in records):
+    if any(field not in r for r in records):  # validate() keeps the field; this guards direct callers
         raise ConfigError(f"'group_by': the records have no field '{field}' (fields: {sorted(records[0])})")
     groups: dict[str, list[dict]] = {}
     for r in sorted(records, key=_key):
@@ -411,6 +424,18 @@ def split_grouped(records: list[dict], fraction: float, seed: int, field: str) -
     for name in names:
         (val if not val or len(val) < want else train).extend(groups[name])
     return train, val
+
+
+GROUP_FIELD = "group"
+
+
+def resolve_group_by(group_by: str, records: dict[str, list[tuple[str, Any]]]) -> str:
+    """The field to group the split on: ``group_by`` as given, or for 'auto' the ``group`` field
+    when every readable record has one (the bundled data's template/topic key), else ''."""
+    if group_by != "auto":
+        return group_by
+    recs = [r for rows in records.values() for _, r in rows if isinstance(r, dict)]
+    return GROUP_FIELD if recs and all(r.get(GROUP_FIELD) is not None for r in recs) else ""
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -461,7 +486,9 @@ def ingest(cfg: IngestConfig, output_dir: str | Path, cache_dir: str | Path | No
 def _ingest(cfg: IngestConfig, output_dir: Path, cache_dir: str | Path | None) -> IngestResult:
     cache_dir = Path(cache_dir) if cache_dir else output_dir.parent / ".ingest-cache"
     path = storage.fetch(cfg.data_uri, cache_dir)
-    shape, by_split, counts = validate(read_records(path), cfg.shape, cfg.duplicates)
+    records = read_records(path)
+    group_by = resolve_group_by(cfg.group_by, records)
+    shape, by_split, counts = validate(records, cfg.shape, cfg.duplicates, group_by)
     if "validation" in by_split and "train" in by_split:
         train, val = by_split["train"], by_split["validation"]
         if shape == "classification":
@@ -470,8 +497,8 @@ def _ingest(cfg: IngestConfig, output_dir: Path, cache_dir: str | Path | None) -
         rows = [r for recs in by_split.values() for r in recs]
         if cfg.max_rows:
             rows = sorted(rows, key=_key)[: cfg.max_rows]
-        if cfg.group_by:
-            train, val = split_grouped(rows, cfg.validation_fraction, cfg.seed, cfg.group_by)
+        if group_by:
+            train, val = split_grouped(rows, cfg.validation_fraction, cfg.seed, group_by)
         else:
             train, val = split(rows, cfg.validation_fraction, cfg.seed)
     if not train:
@@ -480,8 +507,10 @@ def _ingest(cfg: IngestConfig, output_dir: Path, cache_dir: str | Path | None) -
     if shape == "classification":
         counts["labels"] = len({r["label"] for r in train})
     fp, val_fp = split_fingerprint(train, val, cfg), fingerprint(val)
+    if group_by:
+        counts["validation_groups"] = len({_key({"g": r[group_by]}) for r in val})
     meta = {"shape": shape, "fingerprint": fp, "validation_fingerprint": val_fp, "counts": counts,
-            "source": cfg.data_uri, "seed": cfg.seed}
+            "source": cfg.data_uri, "seed": cfg.seed, "group_by": group_by}
     tmp = output_dir.with_name(output_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

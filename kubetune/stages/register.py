@@ -39,6 +39,8 @@ class RegisterConfig:
     not_worse_than_base: bool = setting(True, "Refuse champion to a candidate worse than the base model on the "
                                               "primary metric (MoA: the best single proposer), and to a first "
                                               "version that does not beat it.")
+    beyond_noise: bool = setting(False, "Refuse champion unless the candidate beats the champion by more than the "
+                                        "noise: the combined 95% intervals of both scores on the primary metric.")
 
     def __post_init__(self):
         if not self.model_name:
@@ -74,7 +76,7 @@ def gates(report: dict, cfg: RegisterConfig) -> Gates:
     """The gates in force: register's settings, with evaluate's margin if that is stricter."""
     return Gates(min_improvement=max(cfg.min_improvement, float(report.get("min_improvement") or 0.0)),
                  max_forgetting=cfg.max_forgetting, require_complete=cfg.require_complete,
-                 not_worse_than_base=cfg.not_worse_than_base)
+                 not_worse_than_base=cfg.not_worse_than_base, beyond_noise=cfg.beyond_noise)
 
 
 def decide_all(report: dict, cfg: RegisterConfig) -> Decision:
@@ -204,9 +206,16 @@ def register(cfg: RegisterConfig, model_dir: str | Path, report_path: str | Path
             "reason": reason, "primary_metric": metric, "candidate": report["candidate"][metric],
             "base": (report.get("base") or {}).get(metric), "champion_before": champion.get(metric),
             "forgetting": report.get("forgetting"), "tracking_uri": tracking.tracking_uri(),
+            "n": report["candidate"].get("n"), "candidate_ci": _interval(report["candidate"], metric),
+            "forgetting_ci": _interval(report, "forgetting"),
             "run_id": run_id, "gates": decision.checks,
         }
     return RegisterResult(version=version, aliases=aliases, promoted=promote, reason=reason, summary=summary)
+
+
+def _interval(scores: dict, name: str) -> list[float] | None:
+    low, high = scores.get(f"{name}_ci_low"), scores.get(f"{name}_ci_high")
+    return None if low is None or high is None else [low, high]
 
 
 def _holder(model_name: str, alias: str) -> str | None:

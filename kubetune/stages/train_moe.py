@@ -183,7 +183,8 @@ def _report_callback(model, cfg: MoEConfig, val_rows: list[dict]):
 
     class MoEReport(TrainerCallback):
         def __init__(self):
-            self.z_loss = moe.RouterZLoss(model, cfg.router_z_loss_coef)
+            self.z_loss = moe.router_losses(model, cfg.router_aux_loss_coef, cfg.router_z_loss_coef,
+                                            cfg.train.gradient_accumulation_steps)
             self.aux: list[float] = []  # load-balancing loss of every training forward
             self.load_balance_history: list[float] = []  # its mean per logged step
             self._aux_seen = self._z_seen = 0
@@ -220,6 +221,7 @@ def _report_callback(model, cfg: MoEConfig, val_rows: list[dict]):
 
         def on_train_end(self, args, state, control, **kwargs):
             self.remove_hooks()
+            model.router_aux_loss_coef = cfg.router_aux_loss_coef
             moe.merge_lora_experts(model)
             model.config.output_router_logits = False
             counts = moe.param_counts(model)
