@@ -418,7 +418,7 @@ def load_profile(name_or_path: str | Path) -> Profile:
     except ProfileError as err:
         raise ProfileError(f"{path}: {err}") from None
     except yaml.YAMLError as err:
-        raise ProfileError(f"{path}: not valid YAML: {err}") from None
+        raise ProfileError(f"{path}: not valid YAML: {' '.join(str(err).split())}") from None
 
 
 # ---------------------------------------------------------------------------------------

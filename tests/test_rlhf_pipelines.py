@@ -37,8 +37,8 @@ def test_ingest_group_by_keeps_each_prompt_on_one_side(tmp_path):
     _, train, val = load_dataset_dir(tmp_path / "g")
     assert not {r["prompt"] for r in train} & {r["prompt"] for r in val}
     assert len(val) == result.counts["validation"] == 36 and len(train) + len(val) == 360
-    # Row by row (the default, unchanged), prompts straddle: that is what group_by is for.
-    ingest(IngestConfig(data_uri="bundled://preferences"), tmp_path / "r")
+    # Row by row (group_by=''), prompts straddle: that is what group_by is for.
+    ingest(IngestConfig(data_uri="bundled://preferences", group_by=""), tmp_path / "r")
     _, train, val = load_dataset_dir(tmp_path / "r")
     assert {r["prompt"] for r in train} & {r["prompt"] for r in val}
     with pytest.raises(ConfigError, match="no field 'question'"):
@@ -49,7 +49,7 @@ def test_stage_loaders_repair_a_row_by_row_split(tmp_path):
     from kubetune.rl.data import chosen_as_instruction, load_pairs
     from kubetune.stages.ingest import IngestConfig, ingest
 
-    ingest(IngestConfig(data_uri="bundled://preferences"), tmp_path / "r")
+    ingest(IngestConfig(data_uri="bundled://preferences", group_by=""), tmp_path / "r")
     _, train, val = load_pairs(tmp_path / "r")
     assert not {r["prompt"] for r in train} & {r["prompt"] for r in val}
     assert len(train) + len(val) == 360 and len(val) > 36  # validation prompts took their siblings

@@ -277,7 +277,8 @@ def test_nodes_above_one_train_through_a_trainjob(tiny_llama, tiny_tickets, tmp_
 
     _, tok_dir = tiny_tickets
     ws = tmp_path / "ws"
-    prof = dataclasses.replace(load_profile("cpu"), workspace_path=str(ws), s3_secret="", mlflow_secret="")
+    prof = dataclasses.replace(load_profile("cpu"), workspace_path=str(ws), model_cache=str(ws / "cache"),
+                               s3_secret="", mlflow_secret="", allow_file_store=True)
     procs: dict[str, subprocess.Popen] = {}
 
     def run_node(body):  # what the Trainer's node pod does with the TrainJob

@@ -432,9 +432,11 @@ GROUP_FIELD = "group"
 def resolve_group_by(group_by: str, records: dict[str, list[tuple[str, Any]]]) -> str:
     """The field to group the split on: ``group_by`` as given, or for 'auto' the ``group`` field
     when every readable record has one (the bundled data's template/topic key), else ''."""
-    if group_by != "auto":
-        return group_by
     recs = [r for rows in records.values() for _, r in rows if isinstance(r, dict)]
+    if group_by != "auto":
+        if group_by and recs and not any(group_by in r for r in recs):  # a wrong name, not bad rows
+            raise ConfigError(f"'group_by': the records have no field '{group_by}' (fields: {sorted(recs[0])})")
+        return group_by
     return GROUP_FIELD if recs and all(r.get(GROUP_FIELD) is not None for r in recs) else ""
 
 
