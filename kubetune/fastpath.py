@@ -891,10 +891,10 @@ def fast_path_blocker(cfg, model, device: str) -> str | None:
         return f"setting(s) {', '.join(unknown)} not implemented by the GPU fast path"
     if cfg.fast_path == "off":
         return "fast_path=off"
-    if cfg.eval_steps:
-        return f"eval_steps={cfg.eval_steps}: validation during training runs on the Trainer path"
     if device != "cuda":
         return "no CUDA device (the fast path is the GPU engine)"
+    if cfg.eval_steps:
+        return f"eval_steps={cfg.eval_steps}: validation during training runs on the Trainer path"
     if cfg.method in ("prompt", "prefix"):
         return f"method={cfg.method} adds virtual tokens per row, which packed rows cannot carry"
     if cfg.method == "qlora":

@@ -253,7 +253,12 @@ def _callbacks(collator: PackedCollator, max_train_seconds: float = 0.0):
             # The Trainer has finished writing checkpoint-N when on_save runs (it writes into
             # that folder directly, so the folder cannot be renamed into place); commit it instead.
             ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            if ckpt.exists():
+            import torch.distributed as dist
+
+            if dist.is_available() and dist.is_initialized():
+                dist.barrier()  # every rank has written its part of checkpoint-N
+            # One committer: ranks racing on the same marker file would rename it from under each other.
+            if state.is_world_process_zero and ckpt.exists():
                 commit_checkpoint(ckpt, state.global_step)
 
     return [Throughput()]
