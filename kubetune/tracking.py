@@ -629,17 +629,23 @@ def version_aliases(model_name: str) -> dict[str, list[str]]:
     return {v: sorted(a) for v, a in out.items()}
 
 
-def stage_metrics(ctx: "RunContext", stage: str) -> dict[str, float]:
-    """Metrics of another stage's child run in the same pipeline run ({} when there is none)."""
+def _stage_run(ctx: "RunContext", stage: str):
+    """The run of ``stage`` ('pipeline' = the parent) in ``ctx``'s pipeline run, or None."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient()
     exp = client.get_experiment_by_name(experiment_name(ctx.model_name))
     if exp is None:
-        return {}
+        return None
     found = client.search_runs([exp.experiment_id], filter_string=f"tags.`{TAG_PIPELINE_RUN}` = "
                                f"'{ctx.pipeline_run_id}' and tags.`{TAG_STAGE}` = '{stage}'", max_results=1)
-    return dict(found[0].data.metrics) if found else {}
+    return found[0] if found else None
+
+
+def stage_metrics(ctx: "RunContext", stage: str) -> dict[str, float]:
+    """Metrics of another stage's child run in the same pipeline run ({} when there is none)."""
+    run = _stage_run(ctx, stage)
+    return dict(run.data.metrics) if run else {}
 
 
 # ---------------------------------------------------------------- how runs end
@@ -661,16 +667,9 @@ def _launch_tag() -> dict[str, str]:
 
 def pipeline_run_tags(ctx: "RunContext") -> dict[str, str]:
     """Tags of the parent run of ``ctx``'s pipeline run ({} before it exists)."""
-    from mlflow.tracking import MlflowClient
-
     configure()
-    client = MlflowClient()
-    exp = client.get_experiment_by_name(experiment_name(ctx.model_name))
-    if exp is None:
-        return {}
-    found = client.search_runs([exp.experiment_id], filter_string=f"tags.`{TAG_PIPELINE_RUN}` = "
-                               f"'{ctx.pipeline_run_id}' and tags.`{TAG_STAGE}` = 'pipeline'", max_results=1)
-    return dict(found[0].data.tags) if found else {}
+    run = _stage_run(ctx, "pipeline")
+    return dict(run.data.tags) if run else {}
 
 
 def _search_all(filter_string: str) -> list:
