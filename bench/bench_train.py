@@ -103,7 +103,7 @@ def build_model(shape: str, lora: bool, seed: int = 0):
 
 
 def mfu(tps: float, shape: str, n_params: int, lora: bool, context: float) -> float:
-    from kubetune.fastpath import flops_per_token
+    from kubetune.core.fastpath import flops_per_token
 
     s = SHAPES[shape]
     emb = s["vocab_size"] * s["hidden_size"]
@@ -118,7 +118,7 @@ def case_ours(shape: str, mode: str, tokens_per_step: int, steps: int, compile: 
     """Our fast path; `recompute` = share of decoder layers under activation checkpointing."""
     import torch
 
-    from kubetune.fastpath import fast_train, mean_context
+    from kubetune.core.fastpath import fast_train, mean_context
 
     lora = mode == "lora"
     model, cfg, n_params = build_model(shape, lora)
@@ -141,7 +141,7 @@ def case_check():
     """GPU kernels against the CPU-tested fallbacks, on the real shapes (bf16)."""
     import torch
 
-    from kubetune import fastpath as fp
+    from kubetune.core import fastpath as fp
 
     out = {"who": "check"}
     torch.manual_seed(0)
@@ -190,7 +190,7 @@ def case_loss(shape: str, mode: str, steps: int = 50, tokens_per_step: int = 819
     """Same init, same examples per step: fast path vs padded batches + eager attention."""
     import torch
 
-    from kubetune import fastpath as fp
+    from kubetune.core import fastpath as fp
 
     lora = mode == "lora"
     lr = 3e-4 if not lora else 2e-3
@@ -246,7 +246,7 @@ def case_loss(shape: str, mode: str, steps: int = 50, tokens_per_step: int = 819
 
 def _same_bins(examples, capacity):
     """The bin sequence `fast_train` draws (`packed_bins` with seed 0), as index lists."""
-    from kubetune.fastpath import packed_bins
+    from kubetune.core.fastpath import packed_bins
 
     return packed_bins([min(len(x), capacity) for x, _ in examples], capacity, 0)
 
@@ -268,7 +268,7 @@ def case_profile(shape: str, mode: str, tokens_per_step: int):
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from kubetune.fastpath import fast_train
+    from kubetune.core.fastpath import fast_train
 
     lora = mode == "lora"
     model, cfg, _ = build_model(shape, lora)
@@ -339,7 +339,7 @@ def case_peer(shape: str, config: str):
 
 
 def _context(shape):
-    from kubetune.fastpath import mean_context
+    from kubetune.core.fastpath import mean_context
 
     return mean_context(_peer_lengths())
 

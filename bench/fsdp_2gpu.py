@@ -57,7 +57,7 @@ def main() -> None:
 
     from kubetune.stages.train_full import train_full
     from kubetune.testing import make_tiny_tokenizer
-    from kubetune.train import TrainConfig
+    from kubetune.core.train import TrainConfig
 
     root = Path(tempfile.mkdtemp())
     tok = make_tiny_tokenizer()

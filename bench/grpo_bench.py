@@ -1,4 +1,4 @@
-"""Our GRPO step (kubetune/rl/grpo.py) vs TRL's GRPOTrainer, side by side in one process.
+"""Our GRPO step (kubetune/methods/rl/grpo.py) vs TRL's GRPOTrainer, side by side in one process.
 
 Same model (a random-init model of a named shape, saved once, loaded by both), same tokenizer,
 same ticket prompts, same reward (a cheap length score, so scoring is not what is timed), same
@@ -69,8 +69,8 @@ def length_reward(prompts, completions, references=None, **kw):
 
 
 def bench_ours(path: str, prompts, a) -> dict:
-    from kubetune.rl.grpo import Example, GRPOConfig, GRPOTrainer
-    from kubetune.rl.rewards import RewardSet, RewardTerm
+    from kubetune.methods.rl.grpo import Example, GRPOConfig, GRPOTrainer
+    from kubetune.methods.rl.rewards import RewardSet, RewardTerm
 
     cfg = GRPOConfig(steps=a.steps, prompts_per_step=a.prompts, num_generations=a.G, mini_batch_size=16,
                      learning_rate=1e-5, max_new_tokens=a.new_tokens, beta=0.04, loss_type="grpo",
@@ -196,7 +196,7 @@ def main():
     a = p.parse_args()
     tokenizer = a.tokenizer
     if not tokenizer:
-        from kubetune import models
+        from kubetune.core import models
 
         tokenizer = models.resolve(models.DEFAULT_BASE_MODEL)
     prompts = ticket_prompts(a.prompts * (a.warmup + a.steps))

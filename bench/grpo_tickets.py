@@ -40,7 +40,7 @@ def paired_bootstrap(a: list[int], b: list[int], n_boot: int = 10000, seed: int 
 
 
 def answers(model_dir: str, records: list[dict]) -> list[str]:
-    from kubetune import models
+    from kubetune.core import models
     from kubetune.stages.evaluate import generate
     from kubetune.stages.tokenize_data import prompt_messages
 
@@ -52,13 +52,13 @@ def answers(model_dir: str, records: list[dict]) -> list[str]:
 def main(argv: list[str]) -> None:
     import torch
 
-    from kubetune.config import from_dict
+    from kubetune.core.config import from_dict
     from kubetune.stages.evaluate import exact_match
     from kubetune.stages.grpo import GRPOConfig, grpo
     from kubetune.stages.ingest import IngestConfig, ingest, load_dataset_dir
     from kubetune.stages.tokenize_data import TokenizeConfig, tokenize_data
     from kubetune.stages.train_peft import train_peft
-    from kubetune.train import TrainConfig
+    from kubetune.core.train import TrainConfig
 
     # One thread: on a shared, loaded 2-core machine more threads oversubscribe and run far slower.
     torch.set_num_threads(1)

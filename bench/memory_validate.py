@@ -1,4 +1,4 @@
-"""Measured peak training memory against kubetune.memory's estimate, per method and model size.
+"""Measured peak training memory against kubetune.tools.memory's estimate, per method and model size.
 
 On the GPU machine (torch 2.11, transformers 5.17, peft 0.21; bitsandbytes for QLoRA):
 
@@ -8,7 +8,7 @@ and, to check the script itself on any machine before spending GPU time:
 
     python bench/memory_validate.py --device cpu --tiny --out /tmp/memory_cpu.json   # ~1-2 min
 
-Each case (model shape x method) runs in its own subprocess: `kubetune.train.train`, the function
+Each case (model shape x method) runs in its own subprocess: `kubetune.core.train.train`, the function
 every training stage calls, on a random-initialised model saved from a config (the memory does
 not depend on the weights' values, and nothing is downloaded) and on synthetic packed rows, for
 a few steps. On CUDA the core takes the fast path (full, LoRA, DoRA, IA3, adapters) or the
@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 SHAPES = {
-    # HuggingFaceTB/SmolLM2-135M, kubetune's default base model (kubetune.memory name: smollm2-135m)
+    # HuggingFaceTB/SmolLM2-135M, kubetune's default base model (kubetune.tools.memory name: smollm2-135m)
     "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                          num_key_value_heads=3, vocab_size=49152, max_position_embeddings=8192,
                          tie_word_embeddings=True),
@@ -128,14 +128,14 @@ def make_rows(folder: Path, vocab: int, seq_len: int, n_rows: int) -> Path:
 
 
 def run_case(spec: dict) -> dict:
-    """Train a few steps through kubetune.train.train and report the peak (runs in a subprocess)."""
+    """Train a few steps through kubetune.core.train.train and report the peak (runs in a subprocess)."""
     import gc
 
     import torch
     from transformers import TrainerCallback
 
-    from kubetune.memory import cpu_rss, reset_cpu_rss_peak
-    from kubetune.train import TrainConfig, train
+    from kubetune.tools.memory import cpu_rss, reset_cpu_rss_peak
+    from kubetune.core.train import TrainConfig, train
 
     device = spec["device"]
     marks: dict = {}
@@ -202,9 +202,9 @@ def subprocess_case(spec: dict, timeout: float) -> dict:
 
 
 def estimate_for(case: dict, device: str):
-    from kubetune.memory import estimate, model_shape
+    from kubetune.tools.memory import estimate, model_shape
 
-    # kubetune.train's defaults: LoRA rank 16 on all linears, dropout 0.05, precision auto
+    # kubetune.core.train's defaults: LoRA rank 16 on all linears, dropout 0.05, precision auto
     return estimate(model_shape(SHAPES[case["shape"]]) if case["shape"].startswith("tiny") else case["shape"],
                     case["method"], device=device, batch_size=case["batch_size"], seq_len=case["seq_len"])
 

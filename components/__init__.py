@@ -2,7 +2,7 @@
 
 Each body only moves KFP inputs/outputs into one stage call (heavy imports inside the body, as
 KFP requires). The same function runs under ``kfp.local`` (in this Python environment) and on
-a cluster (in the image named by ``kubetune.image``).
+a cluster (in the image named by ``kubetune.ops.image``).
 """
 
 from kubetune.components.compare_report import compare_report

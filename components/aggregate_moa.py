@@ -2,7 +2,7 @@ from typing import List
 
 from kfp import dsl
 
-from kubetune.image import TRAIN_IMAGE
+from kubetune.ops.image import TRAIN_IMAGE
 
 
 @dsl.component(base_image=TRAIN_IMAGE)
@@ -29,7 +29,7 @@ def aggregate_moa(answers: dsl.Input[List[dsl.Artifact]], dataset: dsl.Input[dsl
     """
     import os
 
-    from kubetune.config import from_dict
+    from kubetune.core.config import from_dict
     from kubetune.stages.propose import whole_ints
     from kubetune.stages.aggregate_moa import MoAConfig
     from kubetune.stages.aggregate_moa import aggregate_moa as stage

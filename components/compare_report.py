@@ -1,6 +1,6 @@
 from kfp import dsl
 
-from kubetune.image import CPU_IMAGE
+from kubetune.ops.image import CPU_IMAGE
 
 
 @dsl.component(base_image=CPU_IMAGE)
@@ -9,7 +9,7 @@ def compare_report(methods: list, prefix: str, data_uri: str, base_model: str, b
     """The comparison report of `kubetune compare` on a cluster, after every method pipeline ran.
 
     Args:
-        methods: The compared methods (kubetune.compare.METHODS keys), in report order.
+        methods: The compared methods (kubetune.tools.compare.METHODS keys), in report order.
         prefix: Model-name prefix: method M registered as PREFIX-M.
         data_uri: The data every method trained on (for the report's header).
         base_model: The shared base model.
@@ -23,7 +23,7 @@ def compare_report(methods: list, prefix: str, data_uri: str, base_model: str, b
     import os
     from pathlib import Path
 
-    from kubetune.compare import collect, log_report, render
+    from kubetune.tools.compare import collect, log_report, render
 
     rows = [collect(m, f"{prefix}-{m}") for m in methods]
     context = {"data_uri": data_uri, "base_model": base_model, "budget": budget, "batch_size": 2,

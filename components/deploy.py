@@ -1,6 +1,6 @@
 from kfp import dsl
 
-from kubetune.image import CPU_IMAGE
+from kubetune.ops.image import CPU_IMAGE
 
 
 @dsl.component(base_image=CPU_IMAGE)
@@ -19,7 +19,7 @@ def deploy(registered: str, model_name: str, pipeline: str, run_id: str, setting
     """
     import json
 
-    from kubetune.config import from_dict
+    from kubetune.core.config import from_dict
     from kubetune.stages.deploy import DeployConfig
     from kubetune.stages.deploy import deploy as stage
     from kubetune.tracking import RunContext

@@ -1,6 +1,6 @@
 from kfp import dsl
 
-from kubetune.image import TRAIN_IMAGE
+from kubetune.ops.image import TRAIN_IMAGE
 
 
 @dsl.component(base_image=TRAIN_IMAGE)
@@ -20,7 +20,7 @@ def dpo(dataset: dsl.Input[dsl.Dataset], base_model: str, max_steps: int, learni
         model: Output folder: the tuned policy (merged), tokenizer, manifest.
         settings: Further DPOConfig settings by name (validated).
     """
-    from kubetune.config import from_dict
+    from kubetune.core.config import from_dict
 
     # KFP carries dict parameters as protobuf Structs, where every number is a float: 8 -> 8.0.
     settings = {k: int(v) if isinstance(v, float) and v.is_integer() else v for k, v in settings.items()}

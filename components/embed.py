@@ -1,6 +1,6 @@
 from kfp import dsl
 
-from kubetune.image import TRAIN_IMAGE
+from kubetune.ops.image import TRAIN_IMAGE
 
 
 @dsl.component(base_image=TRAIN_IMAGE)
@@ -18,7 +18,7 @@ def embed(dataset: dsl.Input[dsl.Dataset], base_model: str, pooling: str, model_
         embeddings: Output folder: features.safetensors and meta.json.
         settings: Further EmbedConfig settings by name (validated).
     """
-    from kubetune.config import from_dict
+    from kubetune.core.config import from_dict
     from kubetune.stages.embed import EmbedConfig
     from kubetune.stages.embed import embed as stage
     from kubetune.tracking import RunContext

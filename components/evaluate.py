@@ -1,6 +1,6 @@
 from kfp import dsl
 
-from kubetune.image import TRAIN_IMAGE
+from kubetune.ops.image import TRAIN_IMAGE
 
 
 @dsl.component(base_image=TRAIN_IMAGE)
@@ -29,15 +29,15 @@ def evaluate(model: dsl.Input[dsl.Model], dataset: dsl.Input[dsl.Dataset], token
     from dataclasses import asdict
     from pathlib import Path
 
-    from kubetune.config import from_dict
-    from kubetune.eval_card import render
-    from kubetune.models import LoadPolicy
+    from kubetune.core.config import from_dict
+    from kubetune.lib.eval_card import render
+    from kubetune.core.models import LoadPolicy
     from kubetune.stages.evaluate import EvaluateConfig
     from kubetune.stages.evaluate import evaluate as stage
     from kubetune.tracking import RunContext
 
     if reference is not None:
-        from kubetune.rl.data import policy_folder
+        from kubetune.methods.rl.data import policy_folder
 
         base_model = policy_folder(reference.path)
     cfg = from_dict(EvaluateConfig, {**settings, **asdict(LoadPolicy.from_settings(model_policy)),

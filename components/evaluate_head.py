@@ -1,6 +1,6 @@
 from kfp import dsl
 
-from kubetune.image import CPU_IMAGE
+from kubetune.ops.image import CPU_IMAGE
 
 
 @dsl.component(base_image=CPU_IMAGE)
@@ -20,7 +20,7 @@ def evaluate_head(model: dsl.Input[dsl.Model], embeddings: dsl.Input[dsl.Dataset
         report: eval.json with every number and the verdict.
         settings: Further EvaluateHeadConfig settings by name (validated).
     """
-    from kubetune.config import from_dict
+    from kubetune.core.config import from_dict
     from kubetune.stages.evaluate_head import EvaluateHeadConfig
     from kubetune.stages.evaluate_head import evaluate_head as stage
     from kubetune.tracking import RunContext

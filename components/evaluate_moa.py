@@ -1,6 +1,6 @@
 from kfp import dsl
 
-from kubetune.image import TRAIN_IMAGE
+from kubetune.ops.image import TRAIN_IMAGE
 
 
 @dsl.component(base_image=TRAIN_IMAGE)
@@ -19,7 +19,7 @@ def evaluate_moa(model: dsl.Input[dsl.Model], proposals: dsl.Input[dsl.Artifact]
         report: eval.json with every row and the verdict.
         settings: Further EvaluateMoAConfig settings by name (validated).
     """
-    from kubetune.config import from_dict
+    from kubetune.core.config import from_dict
     from kubetune.stages.propose import whole_ints
     from kubetune.stages.evaluate_moa import EvaluateMoAConfig
     from kubetune.stages.evaluate_moa import evaluate_moa as stage

@@ -1,6 +1,6 @@
 from kfp import dsl
 
-from kubetune.image import TRAIN_IMAGE
+from kubetune.ops.image import TRAIN_IMAGE
 
 
 @dsl.component(base_image=TRAIN_IMAGE)
@@ -24,7 +24,7 @@ def evaluate_policy(model: dsl.Input[dsl.Model], reward_model: dsl.Input[dsl.Mod
         reference: The SFT policy the candidate started from (RLHF), if any.
         train_reward_model: The reward model the policy optimised (RLHF), if any: reported, never deciding.
     """
-    from kubetune.config import from_dict
+    from kubetune.core.config import from_dict
 
     # KFP carries dict parameters as protobuf Structs, where every number is a float: 8 -> 8.0.
     settings = {k: int(v) if isinstance(v, float) and v.is_integer() else v for k, v in settings.items()}

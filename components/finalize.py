@@ -1,6 +1,6 @@
 from kfp import dsl
 
-from kubetune.image import CPU_IMAGE
+from kubetune.ops.image import CPU_IMAGE
 
 
 @dsl.component(base_image=CPU_IMAGE)

@@ -1,6 +1,6 @@
 from kfp import dsl
 
-from kubetune.image import CPU_IMAGE
+from kubetune.ops.image import CPU_IMAGE
 
 
 @dsl.component(base_image=CPU_IMAGE)
@@ -23,9 +23,9 @@ def ingest(data_uri: str, model_name: str, pipeline: str, run_id: str, dataset: 
         group_by: Field whose equal values stay on one side of the split ('auto': the records'
             'group' field when they all have one, as the bundled datasets do; '' = row by row).
         force: Retrain even when nothing changed.
-        training: The pipeline's model-shaping parameters as text (kubetune.lifecycle.run_settings).
+        training: The pipeline's model-shaping parameters as text (kubetune.ops.lifecycle.run_settings).
     """
-    from kubetune.registry_ops import skip_decision
+    from kubetune.tracking.registry_ops import skip_decision
     from kubetune.stages.ingest import IngestConfig
     from kubetune.stages.ingest import ingest as stage
     from kubetune.tracking import RunContext

@@ -1,6 +1,6 @@
 from kfp import dsl
 
-from kubetune.image import CPU_IMAGE, TRAIN_IMAGE
+from kubetune.ops.image import CPU_IMAGE, TRAIN_IMAGE
 
 
 @dsl.component(base_image=TRAIN_IMAGE)
@@ -19,7 +19,7 @@ def ppo(policy: dsl.Input[dsl.Model], reward_model: dsl.Input[dsl.Model], steps:
         model: Output folder: the tuned policy (merged), tokenizer, value head, manifest.
         settings: Further PPOConfig settings by name (validated).
     """
-    from kubetune.config import from_dict
+    from kubetune.core.config import from_dict
 
     # KFP carries dict parameters as protobuf Structs, where every number is a float: 8 -> 8.0.
     settings = {k: int(v) if isinstance(v, float) and v.is_integer() else v for k, v in settings.items()}
@@ -46,7 +46,7 @@ def preference_sft_data(preferences: dsl.Input[dsl.Dataset], dataset: dsl.Output
     Returns:
         Its content fingerprint.
     """
-    from kubetune.rl.data import chosen_as_instruction
+    from kubetune.methods.rl.data import chosen_as_instruction
 
     meta = chosen_as_instruction(preferences.path, dataset.path)
     dataset.metadata.update(shape=meta["shape"], fingerprint=meta["fingerprint"], **meta["counts"])

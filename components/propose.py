@@ -1,6 +1,6 @@
 from kfp import dsl
 
-from kubetune.image import TRAIN_IMAGE
+from kubetune.ops.image import TRAIN_IMAGE
 
 
 @dsl.component(base_image=TRAIN_IMAGE)
@@ -22,7 +22,7 @@ def propose(dataset: dsl.Input[dsl.Dataset], spec: dict, base_model: str, model_
     """
     import os
 
-    from kubetune.config import from_dict
+    from kubetune.core.config import from_dict
     from kubetune.stages.propose import whole_ints
     from kubetune.stages.propose import ProposeConfig
     from kubetune.stages.propose import propose as stage

@@ -1,6 +1,6 @@
 from kfp import dsl
 
-from kubetune.image import CPU_IMAGE
+from kubetune.ops.image import CPU_IMAGE
 
 
 @dsl.component(base_image=CPU_IMAGE)
@@ -22,7 +22,7 @@ def register(model: dsl.Input[dsl.Model], report: dsl.Input[dsl.Artifact], model
     """
     import json
 
-    from kubetune.config import from_dict
+    from kubetune.core.config import from_dict
     from kubetune.stages.register import RegisterConfig
     from kubetune.stages.register import register as stage
     from kubetune.tracking import RunContext
@@ -48,7 +48,7 @@ def register_skipped(fingerprint: str, model_name: str, pipeline: str, run_id: s
     """
     import json
 
-    from kubetune.registry_ops import skipped_summary
+    from kubetune.tracking.registry_ops import skipped_summary
     from kubetune.tracking import RunContext
 
     return json.dumps(skipped_summary(model_name, fingerprint, RunContext(model_name, run_id, pipeline)))

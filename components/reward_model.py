@@ -1,6 +1,6 @@
 from kfp import dsl
 
-from kubetune.image import TRAIN_IMAGE
+from kubetune.ops.image import TRAIN_IMAGE
 
 
 @dsl.component(base_image=TRAIN_IMAGE)
@@ -22,7 +22,7 @@ def reward_model(dataset: dsl.Input[dsl.Dataset], base_model: str, max_steps: in
         settings: Further RewardModelConfig settings by name (validated).
         pairs: Training pairs: all, or the prompt-disjoint half 'policy' (optimised) or 'judge' (evaluates).
     """
-    from kubetune.config import from_dict
+    from kubetune.core.config import from_dict
 
     # KFP carries dict parameters as protobuf Structs, where every number is a float: 8 -> 8.0.
     settings = {k: int(v) if isinstance(v, float) and v.is_integer() else v for k, v in settings.items()}

@@ -1,6 +1,6 @@
 from kfp import dsl
 
-from kubetune.image import CPU_IMAGE
+from kubetune.ops.image import CPU_IMAGE
 
 
 @dsl.component(base_image=CPU_IMAGE)
@@ -16,7 +16,7 @@ def tokenize_data(dataset: dsl.Input[dsl.Dataset], base_model: str, max_length: 
         packing: Pack short examples into full rows.
         model_policy: The run's loading policy: trust_remote_code of train_settings.
     """
-    from kubetune.models import LoadPolicy
+    from kubetune.core.models import LoadPolicy
     from kubetune.stages.tokenize_data import TokenizeConfig
     from kubetune.stages.tokenize_data import tokenize_data as stage
 

@@ -1,6 +1,6 @@
 from kfp import dsl
 
-from kubetune.image import TRAIN_IMAGE
+from kubetune.ops.image import TRAIN_IMAGE
 
 
 @dsl.component(base_image=TRAIN_IMAGE)
@@ -23,10 +23,10 @@ def train_full(tokenized: dsl.Input[dsl.Dataset], base_model: str, max_steps: in
     """
     import os
 
-    from kubetune.config import from_dict
+    from kubetune.core.config import from_dict
     from kubetune.stages.train_full import train_full as stage
     from kubetune.tracking import RunContext
-    from kubetune.train import TrainConfig
+    from kubetune.core.train import TrainConfig
 
     cfg = from_dict(TrainConfig, {**settings, "base_model": base_model, "max_steps": max_steps,
                                   "learning_rate": learning_rate}, "train_full settings")

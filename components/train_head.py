@@ -1,6 +1,6 @@
 from kfp import dsl
 
-from kubetune.image import CPU_IMAGE
+from kubetune.ops.image import CPU_IMAGE
 
 
 @dsl.component(base_image=CPU_IMAGE)
@@ -17,7 +17,7 @@ def train_head(embeddings: dsl.Input[dsl.Dataset], head: str, model_name: str, p
         model: Output folder: MLflow pyfunc model (raw text -> label) and manifest.
         settings: Further TrainHeadConfig settings by name (validated).
     """
-    from kubetune.config import from_dict
+    from kubetune.core.config import from_dict
     from kubetune.stages.train_head import TrainHeadConfig
     from kubetune.stages.train_head import train_head as stage
     from kubetune.tracking import RunContext

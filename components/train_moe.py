@@ -1,6 +1,6 @@
 from kfp import dsl
 
-from kubetune.image import TRAIN_IMAGE
+from kubetune.ops.image import TRAIN_IMAGE
 
 
 @dsl.component(base_image=TRAIN_IMAGE)

@@ -1,6 +1,6 @@
 from kfp import dsl
 
-from kubetune.image import TRAIN_IMAGE
+from kubetune.ops.image import TRAIN_IMAGE
 
 
 @dsl.component(base_image=TRAIN_IMAGE)
@@ -25,10 +25,10 @@ def train_peft(tokenized: dsl.Input[dsl.Dataset], base_model: str, method: str, 
     """
     import os
 
-    from kubetune.config import from_dict
+    from kubetune.core.config import from_dict
     from kubetune.stages.train_peft import train_peft as stage
     from kubetune.tracking import RunContext
-    from kubetune.train import TrainConfig
+    from kubetune.core.train import TrainConfig
 
     cfg = from_dict(TrainConfig, {**settings, "base_model": base_model, "method": method, "max_steps": max_steps,
                                   "learning_rate": learning_rate, "lora_rank": lora_rank}, "train_peft settings")

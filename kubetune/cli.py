@@ -11,7 +11,7 @@ from kubetune.errors import KubetuneError
 
 
 def _params(args) -> dict:
-    from kubetune.config import load_file, parse_set
+    from kubetune.core.config import load_file, parse_set
 
     params = load_file(args.config) if args.config else {}
     params.update(parse_set(args.set or []))
@@ -19,10 +19,10 @@ def _params(args) -> dict:
 
 
 def cmd_run(args) -> int:
-    from kubetune.runner import format_summary, run_local
+    from kubetune.ops.runner import format_summary, run_local
 
     if args.help or not args.pipeline:
-        from kubetune.run_ui import run_help
+        from kubetune.ops.run_ui import run_help
 
         print(run_help(args.pipeline, args.parser))
         return 0 if args.help else 2
@@ -39,7 +39,7 @@ def _note_without_profile(args) -> None:
 
 
 def cmd_compile(args) -> int:
-    from kubetune.runner import compile_all
+    from kubetune.ops.runner import compile_all
 
     _note_without_profile(args)
     for path in compile_all(args.out, args.profile, args.pipeline or None):
@@ -48,7 +48,7 @@ def cmd_compile(args) -> int:
 
 
 def cmd_submit(args) -> int:
-    from kubetune.submit import submit
+    from kubetune.ops.submit import submit
 
     _note_without_profile(args)
     s = submit(args.pipeline, host=args.host, params=_params(args), profile_path=args.profile,
@@ -71,7 +71,7 @@ def cmd_validate(args) -> int:
     import tempfile
     from pathlib import Path
 
-    from kubetune.config import from_dict
+    from kubetune.core.config import from_dict
     from kubetune.errors import DataError
     from kubetune.stages.ingest import IngestConfig, _ingest
 
@@ -88,7 +88,7 @@ def cmd_validate(args) -> int:
 
 
 def cmd_promote(args) -> int:
-    from kubetune.registry_ops import promote
+    from kubetune.tracking.registry_ops import promote
 
     out = promote(args.name, args.version, force=args.force)
     print(out.message, file=sys.stdout if out.moved else sys.stderr)
@@ -96,7 +96,7 @@ def cmd_promote(args) -> int:
 
 
 def cmd_rollback(args) -> int:
-    from kubetune.registry_ops import rollback
+    from kubetune.tracking.registry_ops import rollback
 
     out = rollback(args.name)
     print(out.message, file=sys.stdout if out.moved else sys.stderr)
@@ -104,20 +104,20 @@ def cmd_rollback(args) -> int:
 
 
 def cmd_models(args) -> int:
-    from kubetune.registry_ops import models_table
+    from kubetune.tracking.registry_ops import models_table
 
     print(models_table(args.name))
     return 0
 
 
 def cmd_deploy(args) -> int:
-    from kubetune.deploy import deploy_command
+    from kubetune.serving.deploy import deploy_command
 
     return deploy_command(args)
 
 
 def cmd_schedule(args) -> int:
-    from kubetune.schedule import format_schedules, schedule
+    from kubetune.ops.schedule import format_schedules, schedule
 
     _note_without_profile(args)
     s = schedule(args.pipeline, args.cron, host=args.host, params=_params(args), profile_path=args.profile,
@@ -127,14 +127,14 @@ def cmd_schedule(args) -> int:
 
 
 def cmd_schedules(args) -> int:
-    from kubetune.schedule import format_schedules, schedules
+    from kubetune.ops.schedule import format_schedules, schedules
 
     print(format_schedules(schedules(args.host, args.namespace)))
     return 0
 
 
 def cmd_unschedule(args) -> int:
-    from kubetune.schedule import unschedule
+    from kubetune.ops.schedule import unschedule
 
     s = unschedule(args.schedule, args.host, args.namespace)
     print(f"deleted schedule {s.id} ({s.name})")
@@ -148,16 +148,16 @@ def seeds_arg(text: str) -> int:
 
 
 def cmd_compare(args) -> int:
-    from kubetune.compare import COLUMNS, Budget, CompareConfig, parse_methods, run_compare, table_rows
+    from kubetune.tools.compare import COLUMNS, Budget, CompareConfig, parse_methods, run_compare, table_rows
 
     methods = parse_methods(args.methods)
     budget = Budget.parse(args.budget, steps=args.steps)
     if args.compile:
         from kfp import compiler
 
-        from kubetune.compare import classification_view, default_label_field
+        from kubetune.tools.compare import classification_view, default_label_field
         from kubetune.pipelines.compare import build
-        from kubetune.runner import load_profile
+        from kubetune.ops.runner import load_profile
 
         profile = load_profile(args.profile) if args.profile else None
         label = default_label_field(args.data, args.label_field or "")
@@ -172,7 +172,7 @@ def cmd_compare(args) -> int:
                         batch_size=args.batch_size, max_length=args.max_length, label_field=args.label_field or "",
                         prefix=args.prefix, out_dir=args.out, seeds=args.seeds)
     if args.report_only:
-        from kubetune.compare import report_only
+        from kubetune.tools.compare import report_only
 
         rows, ctx = report_only(cfg)
     else:
@@ -213,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("pipelines", help="list the pipelines").set_defaults(func=cmd_pipelines)
 
-    from kubetune.compare import DEFAULT_METHODS, METHODS
+    from kubetune.tools.compare import DEFAULT_METHODS, METHODS
 
     cp = sub.add_parser("compare", help="run several methods on the same data and budget; a report with plots")
     cp.add_argument("--data", default="bundled://tickets", help="data URI (default: bundled://tickets)")
@@ -240,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "for feature-extraction, readable from the cluster")
     cp.set_defaults(func=cmd_compare)
 
-    from kubetune.advise import add_advise_parser
+    from kubetune.tools.advise import add_advise_parser
 
     add_advise_parser(sub)
 
@@ -275,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--poll", type=float, default=15.0, help="with --wait: seconds between state checks")
     _kfp_options(sm)
     sm.set_defaults(func=cmd_submit)
-    from kubetune.deploy import add_deploy_parser
+    from kubetune.serving.deploy import add_deploy_parser
 
     add_deploy_parser(sub, cmd_deploy)
 

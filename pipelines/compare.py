@@ -7,12 +7,12 @@ Compile it:   kubetune compare --methods full,lora,dora --compile build/compare.
 
 from kfp import dsl
 
-from kubetune import kube
-from kubetune.compare import METHODS, Budget, CompareConfig, method_params
+from kubetune.ops import kube
+from kubetune.tools.compare import METHODS, Budget, CompareConfig, method_params
 from kubetune.components import compare_report
-from kubetune.lifecycle import with_exit_handler
-from kubetune.models import DEFAULT_BASE_MODEL
-from kubetune.runner import get_pipeline
+from kubetune.ops.lifecycle import with_exit_handler
+from kubetune.core.models import DEFAULT_BASE_MODEL
+from kubetune.ops.runner import get_pipeline
 
 
 

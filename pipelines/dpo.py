@@ -11,11 +11,11 @@ Compile it:       kubetune compile --out build/ [--profile profiles/h200x2.yaml]
 
 from kfp import dsl
 
-from kubetune import kube
-from kubetune.lifecycle import run_settings
+from kubetune.ops import kube
+from kubetune.ops.lifecycle import run_settings
 from kubetune.components import dpo, evaluate_policy, ingest, register, register_skipped, reward_model
 from kubetune.components import deploy as serve
-from kubetune.models import DEFAULT_BASE_MODEL
+from kubetune.core.models import DEFAULT_BASE_MODEL
 
 NAME = "dpo"
 DESCRIPTION = "DPO on preference pairs (LoRA by default), evaluated against the starting policy by a reward model."

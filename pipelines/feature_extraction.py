@@ -13,8 +13,8 @@ Use the model:    mlflow.pyfunc.load_model("models:/reviews-head@champion").pred
 
 from kfp import dsl
 
-from kubetune import kube
-from kubetune.lifecycle import run_settings
+from kubetune.ops import kube
+from kubetune.ops.lifecycle import run_settings
 from kubetune.components import embed, evaluate_head, ingest, register, register_skipped, train_head
 from kubetune.components import deploy as serve
 

@@ -1,6 +1,6 @@
 """Pipeline `full`: ingest, tokenize, train every weight, evaluate, register.
 
-The same training core as `peft` (``kubetune.train``), configured to train all weights.
+The same training core as `peft` (``kubetune.core.train``), configured to train all weights.
 Memory savers are settings, not code paths: ``--set train_settings='{"gradient_checkpointing":
 true, "optimizer": "adamw_8bit"}'`` (8-bit/fused optimizers where the hardware has them).
 
@@ -10,11 +10,11 @@ Compile it:       kubetune compile full --out build/ [--profile profiles/h200x2.
 
 from kfp import dsl
 
-from kubetune import kube
-from kubetune.lifecycle import run_settings
+from kubetune.ops import kube
+from kubetune.ops.lifecycle import run_settings
 from kubetune.components import evaluate, ingest, register, register_skipped, tokenize_data, train_full
 from kubetune.components import deploy as serve
-from kubetune.models import DEFAULT_BASE_MODEL
+from kubetune.core.models import DEFAULT_BASE_MODEL
 
 NAME = "full"
 DESCRIPTION = "Full fine-tuning: every weight trains (the shared training core; forgetting measured)."

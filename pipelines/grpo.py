@@ -12,11 +12,11 @@ Compile it:       kubetune compile grpo --out build/ [--profile profiles/h200x2.
 
 from kfp import dsl
 
-from kubetune import kube
+from kubetune.ops import kube
 from kubetune.components import deploy as serve
 from kubetune.components import evaluate, grpo, ingest, register, register_skipped, tokenize_data, train_peft
-from kubetune.lifecycle import run_settings
-from kubetune.models import DEFAULT_BASE_MODEL
+from kubetune.ops.lifecycle import run_settings
+from kubetune.core.models import DEFAULT_BASE_MODEL
 
 NAME = "grpo"
 DESCRIPTION = "GRPO with verifiable rewards or a reward model (LoRA policy, KL to the start), after optional SFT."

@@ -11,11 +11,11 @@ Compile it:       kubetune compile instruction --out build/ [--profile profiles/
 
 from kfp import dsl
 
-from kubetune import kube
-from kubetune.lifecycle import run_settings
+from kubetune.ops import kube
+from kubetune.ops.lifecycle import run_settings
 from kubetune.components import evaluate, ingest, register, register_skipped, tokenize_data, train_full, train_peft
 from kubetune.components import deploy as serve
-from kubetune.models import DEFAULT_BASE_MODEL
+from kubetune.core.models import DEFAULT_BASE_MODEL
 from kubetune.pipelines.peft import packing_for
 
 NAME = "instruction"

@@ -10,10 +10,10 @@ Compile it:       kubetune compile --out build/ [--profile profiles/h200x2.yaml]
 
 from kfp import dsl
 
-from kubetune import kube
+from kubetune.ops import kube
 from kubetune.components import aggregate_moa, evaluate_moa, ingest, propose, register
 from kubetune.components import deploy as serve
-from kubetune.models import DEFAULT_BASE_MODEL
+from kubetune.core.models import DEFAULT_BASE_MODEL
 
 NAME = "moa"
 DESCRIPTION = "Mixture of Agents: proposers answer in parallel, an aggregator combines them; served as one model."

@@ -10,11 +10,11 @@ Compile it:       kubetune compile --out build/ [--profile profiles/h200x2.yaml]
 
 from kfp import dsl
 
-from kubetune import kube
-from kubetune.lifecycle import run_settings
+from kubetune.ops import kube
+from kubetune.ops.lifecycle import run_settings
 from kubetune.components import evaluate, ingest, register, register_skipped, tokenize_data, train_moe
 from kubetune.components import deploy as serve
-from kubetune.models import DEFAULT_BASE_MODEL
+from kubetune.core.models import DEFAULT_BASE_MODEL
 
 NAME = "moe"
 DESCRIPTION = "Mixture of Experts by sparse upcycling: experts and router trained, the rest frozen (experimental)."

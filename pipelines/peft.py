@@ -9,12 +9,12 @@ Compile it:       kubetune compile --out build/ [--profile profiles/h200x2.yaml]
 
 from kfp import dsl
 
-from kubetune import kube
+from kubetune.ops import kube
 from kubetune.components import evaluate, ingest, register, register_skipped, tokenize_data, train_peft
 from kubetune.components import deploy as serve
-from kubetune.image import CPU_IMAGE
-from kubetune.lifecycle import run_settings
-from kubetune.models import DEFAULT_BASE_MODEL
+from kubetune.ops.image import CPU_IMAGE
+from kubetune.ops.lifecycle import run_settings
+from kubetune.core.models import DEFAULT_BASE_MODEL
 
 NAME = "peft"
 DESCRIPTION = "Parameter-efficient fine-tuning (LoRA by default; DoRA, QLoRA, adapters, prompt, prefix, IA3)."
@@ -27,7 +27,7 @@ def packing_for(method: str) -> bool:
     Args:
         method: The training method.
     """
-    from kubetune.peft_methods import training_flags_for
+    from kubetune.core.peft_methods import training_flags_for
 
     return training_flags_for(method, gradient_checkpointing=False, packing=True)["packing"]
 

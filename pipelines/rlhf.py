@@ -19,12 +19,12 @@ from typing import NamedTuple
 
 from kfp import dsl
 
-from kubetune import kube
-from kubetune.lifecycle import run_settings
+from kubetune.ops import kube
+from kubetune.ops.lifecycle import run_settings
 from kubetune.components import (evaluate_policy, ingest, ppo, preference_sft_data, register, register_skipped,
                                  reward_model, tokenize_data, train_peft)
 from kubetune.components import deploy as serve
-from kubetune.models import DEFAULT_BASE_MODEL
+from kubetune.core.models import DEFAULT_BASE_MODEL
 
 NAME = "rlhf"
 DESCRIPTION = "RLHF: instruction SFT, a pairwise reward model, PPO against it (LoRA policy, KL to the SFT policy)."

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from kubetune.adapters import (
+from kubetune.core.adapters import (
     CONFIG_NAME,
     WEIGHTS_NAME,
     AdapterConfig,
@@ -154,10 +154,10 @@ def test_pfeiffer_placement_is_selectable_from_a_pipelines_train_settings(tiny_l
 
     from safetensors.torch import load_file
 
-    from kubetune.config import from_dict
+    from kubetune.core.config import from_dict
     from kubetune.errors import ConfigError
     from kubetune.stages.train_peft import train_peft
-    from kubetune.train import TrainConfig
+    from kubetune.core.train import TrainConfig
 
     _, tok_dir = tiny_tickets
     settings = {"adapter_placement": "pfeiffer", "batch_size": 2}

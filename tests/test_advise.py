@@ -13,7 +13,7 @@ import json
 
 import pytest
 
-from kubetune.advise import Advice, DataSummary, add_advise_parser, recommend
+from kubetune.tools.advise import Advice, DataSummary, add_advise_parser, recommend
 from kubetune.errors import ConfigError
 
 SCENARIOS = [

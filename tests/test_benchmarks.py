@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from kubetune import benchmarks
+from kubetune.lib import benchmarks
 from kubetune.data import make_arithmetic
 
 
@@ -24,7 +24,7 @@ def test_bundled_task_is_the_generated_data_and_every_answer_is_right():
 
 
 def test_lm_eval_scores_the_packaged_smollm2_offline():
-    from kubetune import models
+    from kubetune.core import models
 
     model = models.load_causal_lm("smollm2-135m-instruct").eval()
     tok = models.load_tokenizer("smollm2-135m-instruct")
@@ -59,7 +59,7 @@ def test_evaluate_scores_benchmarks_for_candidate_and_base_and_writes_the_card(t
     import mlflow
     from test_llm_pyfunc import _trained
 
-    from kubetune.eval_card import render
+    from kubetune.lib.eval_card import render
     from kubetune.stages.evaluate import EvaluateConfig, evaluate
     from kubetune.tracking import RunContext
 

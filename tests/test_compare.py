@@ -8,7 +8,7 @@ import re
 import pytest
 import yaml
 
-from kubetune.compare import (METHODS, Budget, CompareConfig, classification_view, method_params, parse_methods,
+from kubetune.tools.compare import (METHODS, Budget, CompareConfig, classification_view, method_params, parse_methods,
                               run_compare)
 from kubetune.errors import ConfigError, DataError
 
@@ -16,7 +16,7 @@ EVAL = {"primary_metric": "val_loss", "max_examples": 4, "max_new_tokens": 8}
 
 
 def _tickets(tmp_path, n=60):
-    from kubetune.storage import bundled
+    from kubetune.lib.storage import bundled
 
     path = tmp_path / "tickets.jsonl"
     path.write_text("\n".join(bundled("bundled://tickets").read_text().splitlines()[:n]) + "\n")
@@ -69,7 +69,7 @@ def test_classification_view_of_instruction_data(tmp_path):
 
 def test_time_budget_stops_training_early(tiny_llama, tiny_tickets, tmp_path):
     from kubetune.stages.train_peft import train_peft
-    from kubetune.train import TrainConfig
+    from kubetune.core.train import TrainConfig
 
     cfg = TrainConfig(base_model=str(tiny_llama), method="lora", max_steps=10_000, batch_size=2,
                       max_train_seconds=2.0, save_steps=10_000)
@@ -134,7 +134,7 @@ def test_compare_compiles_as_a_pipeline_of_pipelines(tmp_path):
 
 
 def test_seeds_give_each_run_its_training_seed_and_the_row_mean_and_spread(tmp_path):
-    from kubetune.compare import Row, summarise, table_rows
+    from kubetune.tools.compare import Row, summarise, table_rows
 
     common = dict(data_uri="d", base_model="m", prefix="cmp", eval_settings={}, batch_size=2, max_length=64)
     assert method_params("lora", budget=Budget(steps=5), seed=3, **common)["train_settings"]["seed"] == 3

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from kubetune.config import load_file
-from kubetune.runner import check_params, get_pipeline
+from kubetune.core.config import load_file
+from kubetune.ops.runner import check_params, get_pipeline
 
 CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
 

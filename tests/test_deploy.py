@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kubetune.deploy import Target, render
+from kubetune.serving.deploy import Target, render
 
 CRD = Path(__file__).parent / "data" / "kserve_inferenceservices_crd.yaml"
 
@@ -74,7 +74,7 @@ def _version(name: str, folder: Path, method: str, base: str, alias: bool = True
     import mlflow
 
     from kubetune import tracking
-    from kubetune.llm_pyfunc import log_version
+    from kubetune.serving.llm_pyfunc import log_version
 
     mlflow.set_experiment(name)  # this test's own store: no experiment id left over from another test
     with mlflow.start_run(run_name="register"):
@@ -96,7 +96,7 @@ def lora_folder(tiny_llama, tmp_path_factory):
 def test_describe_picks_the_runtime_from_the_version(lora_folder, tiny_llama, mlflow_uri, tmp_path):
     from test_llm_pyfunc import _trained
 
-    from kubetune.deploy import describe
+    from kubetune.serving.deploy import describe
 
     _version("local-base", lora_folder, "lora", str(tiny_llama))
     _version("hub-base", lora_folder, "lora", "smollm2-135m-instruct")
@@ -240,7 +240,7 @@ def test_failed_deploy_rolls_the_champion_back(failure, cluster, lora_folder, ml
 
 
 def test_models_table_shows_aliases_scores_and_deploys(cluster, lora_folder, mlflow_uri):
-    from kubetune.registry_ops import models_table
+    from kubetune.tracking.registry_ops import models_table
     from kubetune.stages.deploy import DeployConfig, deploy
 
     scores = {"kubetune.primary_metric": "exact_match", "eval.exact_match": "0.5", "base.exact_match": "0.1",

@@ -38,7 +38,7 @@ def test_base_scores_are_reused_only_for_an_identical_evaluation(tiny_llama, tin
     ev._base_scores(cfg, tok_, [dict(r) for r in reversed(records)], rows, shape, general)
     assert len(calls) == 4
     # Other kubetune code (metric or decoding changes): another key.
-    from kubetune import run_keys
+    from kubetune.lib import run_keys
 
     code_hash = run_keys.code_hash
     monkeypatch.setattr(run_keys, "code_hash", lambda: "other-code")
@@ -63,9 +63,10 @@ def test_champion_scores_are_reused_only_for_the_same_validation_settings_and_co
         tiny_llama, tiny_tickets, mlflow_uri, tmp_path, monkeypatch):
     """evaluate takes the champion's recorded numbers instead of scoring it again only when the
     validation rows, the evaluate settings and the code all match the champion's evaluation."""
-    from kubetune import run_keys, tracking
+    from kubetune.lib import run_keys
+    from kubetune import tracking
     from kubetune.stages.register import RegisterConfig, register
-    from kubetune.train import TrainConfig, run_training
+    from kubetune.core.train import TrainConfig, run_training
 
     monkeypatch.setenv("KUBETUNE_HOME", str(tmp_path / "home"))
     ds, tok_dir = tiny_tickets

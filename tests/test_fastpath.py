@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kubetune import fastpath as fp
+from kubetune.core import fastpath as fp
 
 
 def _tiny_llama(seed: int = 0, tied: bool = True):
@@ -284,7 +284,7 @@ def test_resume_after_a_crash_ends_where_the_uninterrupted_run_ends(tmp_path):
 
 
 def test_a_half_written_checkpoint_is_never_resumed(tmp_path):
-    from kubetune.train import COMPLETE_MARKER
+    from kubetune.core.train import COMPLETE_MARKER
 
     fp.fast_train(_tiny_llama(), _motif_rows(8), max_steps=5, lr=1e-3, tokens_per_step=128, compile=False,
                   checkpoint_dir=tmp_path, save_steps=2)
@@ -299,7 +299,7 @@ _KILL_SCRIPT = """
 import json, sys, time
 sys.path.insert(0, {tests!r})
 from test_fastpath import _lora, _motif_rows
-from kubetune import fastpath as fp
+from kubetune.core import fastpath as fp
 out = fp.fast_train(_lora(), _motif_rows(), max_steps=30, lr=1e-2, tokens_per_step=128, compile=False,
                     checkpoint_dir={ckpt!r}, save_steps=5, on_step=lambda *a: time.sleep(0.2))
 json.dump(out["losses"], open({result!r}, "w"))
@@ -390,7 +390,7 @@ def test_every_train_config_field_is_honoured_or_sends_the_run_to_the_trainer():
     does with it in fastpath.SETTINGS (until then fast_path_blocker sends every run to the Trainer)."""
     from dataclasses import fields
 
-    from kubetune.train import TrainConfig
+    from kubetune.core.train import TrainConfig
 
     assert {f.name for f in fields(TrainConfig)} == set(fp.SETTINGS)
 
@@ -398,7 +398,7 @@ def test_every_train_config_field_is_honoured_or_sends_the_run_to_the_trainer():
 def test_a_setting_the_fast_path_does_not_know_sends_the_run_to_the_trainer():
     from dataclasses import field, make_dataclass
 
-    from kubetune.train import TrainConfig
+    from kubetune.core.train import TrainConfig
 
     Later = make_dataclass("Later", [("a_later_setting", int, field(default=0))], bases=(TrainConfig,))
     model = _tiny_llama()
@@ -421,7 +421,7 @@ def test_a_setting_the_fast_path_does_not_know_sends_the_run_to_the_trainer():
     ({"eval_steps": 5}, "eval_steps=5"),
 ])
 def test_fast_path_blocker_names_the_setting(change, reason):
-    from kubetune.train import TrainConfig
+    from kubetune.core.train import TrainConfig
 
     got = fp.fast_path_blocker(TrainConfig(**change), _tiny_llama(), "cuda")
     assert got is None if reason is None else reason in got

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from kubetune.errors import ConfigError, StageError
-from kubetune.features import artifact_dir, classification_metrics
+from kubetune.methods.features import artifact_dir, classification_metrics
 from kubetune.stages.embed import EmbedConfig, embed, load_features
 from kubetune.stages.evaluate_head import EvaluateHeadConfig, evaluate_head
 from kubetune.stages.ingest import IngestConfig, ingest
@@ -37,7 +37,7 @@ def test_minilm_head_beats_baseline_and_registry_model_predicts_text(reviews, tm
     import mlflow.pyfunc
 
     from kubetune import tracking
-    from kubetune.models import resolve
+    from kubetune.core.models import resolve
 
     backbone_file = Path(resolve("minilm-l6-v2")) / "model.safetensors"
     backbone_bytes = backbone_file.read_bytes()
@@ -98,7 +98,7 @@ def test_minilm_head_beats_baseline_and_registry_model_predicts_text(reviews, tm
 def test_decoder_backbone_last_token_mlp_head_and_copied_backbone(tiny_llama, reviews, tmp_path):
     import mlflow.pyfunc
 
-    from kubetune.features import Head, embed_texts, load_backbone
+    from kubetune.methods.features import Head, embed_texts, load_backbone
 
     emb = embed(EmbedConfig(base_model=str(tiny_llama), pooling="last", max_length=64), reviews, tmp_path / "emb")
     assert emb.meta["backbone_kind"] == "decoder" and emb.meta["dim"] == 64

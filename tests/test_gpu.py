@@ -11,7 +11,7 @@ import torch
 from kubetune.stages.evaluate import load_model_artifact
 from kubetune.stages.train_full import train_full
 from kubetune.stages.train_peft import train_peft
-from kubetune.train import TrainConfig
+from kubetune.core.train import TrainConfig
 
 pytestmark = pytest.mark.gpu
 
@@ -78,7 +78,7 @@ class _Crash(Exception):
 
 @pytest.mark.parametrize("lora", [False, True])
 def test_fast_path_resumes_after_a_crash_on_gpu(tmp_path, lora):
-    from kubetune.fastpath import fast_train, last_checkpoint
+    from kubetune.core.fastpath import fast_train, last_checkpoint
 
     kw = dict(max_steps=8, lr=1e-4 if lora else 1e-5, warmup_steps=2, lr_scheduler="cosine", tokens_per_step=4096)
     whole = fast_train(_llama8b_layers(lora=lora), _rows(), **kw)["losses"]
@@ -98,7 +98,7 @@ def test_fast_path_resumes_after_a_crash_on_gpu(tmp_path, lora):
 
 def test_activation_checkpointing_and_8bit_adamw_save_memory_on_gpu():
     pytest.importorskip("bitsandbytes")
-    from kubetune.fastpath import fast_train
+    from kubetune.core.fastpath import fast_train
 
     peaks = {}
     for name, kw in {"plain": {}, "recompute": {"activation_checkpointing": True},

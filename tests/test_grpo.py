@@ -25,7 +25,7 @@ def one_thread():
 
 
 def test_group_advantages_by_hand():
-    from kubetune.rl.grpo import group_advantages
+    from kubetune.methods.rl.grpo import group_advantages
 
     rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 2.0, 2.0, 2.0, 2.0])
     # Group 1: mean 0.5, unbiased std sqrt((4 * 0.25) / 3) = 0.57735; group 2: no spread -> 0.
@@ -39,7 +39,7 @@ def test_group_advantages_by_hand():
 
 
 def test_loss_by_hand():
-    from kubetune.rl.grpo import aggregate_loss, per_token_loss
+    from kubetune.methods.rl.grpo import aggregate_loss, per_token_loss
 
     # old log-probs 0 and reference 0, so ρ = exp(logprob) and log(π_ref/π) = -logprob.
     ratio = torch.tensor([[1.5, 0.9], [0.7, 1.0]])
@@ -70,7 +70,7 @@ def test_loss_by_hand():
 
 
 def test_reward_spec_weights_and_checks():
-    from kubetune.rl import rewards as R
+    from kubetune.methods.rl import rewards as R
 
     ref = json.dumps({"product": "phone", "issue": "billing", "priority": "low"})
     rs = R.build("json_fields:1.0,format:0.5,length:0.1", max_chars=10)
@@ -87,13 +87,13 @@ def test_reward_spec_weights_and_checks():
     with pytest.raises(ConfigError, match="unknown reward 'jsonfields'"):
         R.build("jsonfields:1")
     with pytest.raises(ConfigError, match="allow_custom_rewards"):
-        R.build("kubetune.rl.rewards.exact_match:1")
-    custom = R.build("kubetune.rl.rewards.exact_match:2", allow_custom=True)
+        R.build("kubetune.methods.rl.rewards.exact_match:1")
+    custom = R.build("kubetune.methods.rl.rewards.exact_match:2", allow_custom=True)
     assert custom(["p"], [ref], [ref], str)[0] == [2.0]
 
 
 def test_rewards_that_raise_or_return_nan_name_the_reward_and_row():
-    from kubetune.rl.rewards import RewardSet, RewardTerm
+    from kubetune.methods.rl.rewards import RewardSet, RewardTerm
 
     def nan_on_third(prompts, completions, refs):
         return [float("nan") if c == "c" else 1.0 for c in completions]
@@ -112,7 +112,7 @@ def test_rewards_that_raise_or_return_nan_name_the_reward_and_row():
 
 
 def _examples(n=16):
-    from kubetune.rl.grpo import Example
+    from kubetune.methods.rl.grpo import Example
 
     return [Example([{"role": "user", "content": f"hello {i}"}], None, f"row {i}") for i in range(n)]
 
@@ -121,9 +121,9 @@ def test_a_format_reward_moves_the_policy_there(tiny_llama, tmp_path):
     """Reward completions without a space: the share of them rises from ~0.3 to ~1 in 16 steps."""
     from transformers import AutoModelForCausalLM
 
-    from kubetune.rl import rewards as R
-    from kubetune.rl.compare import compare_policies
-    from kubetune.rl.grpo import GRPOConfig, train_grpo
+    from kubetune.methods.rl import rewards as R
+    from kubetune.methods.rl.compare import compare_policies
+    from kubetune.methods.rl.grpo import GRPOConfig, train_grpo
 
     no_space = R.build("format:1.0", format_pattern=r"[^ ]*")
     cfg = GRPOConfig(steps=16, prompts_per_step=4, num_generations=8, max_new_tokens=6, learning_rate=2e-2,
@@ -149,8 +149,8 @@ def test_a_format_reward_moves_the_policy_there(tiny_llama, tmp_path):
 
 def test_merged_generation_copy_is_the_policy(tiny_llama):
     """The sampling copy (LoRA merged into its weights) computes the trained policy's logits."""
-    from kubetune.rl import rewards as R
-    from kubetune.rl.grpo import GRPOConfig, GRPOTrainer
+    from kubetune.methods.rl import rewards as R
+    from kubetune.methods.rl.grpo import GRPOConfig, GRPOTrainer
 
     cfg = GRPOConfig(steps=1, prompts_per_step=2, num_generations=4, max_new_tokens=4, learning_rate=5e-2,
                      lora_target_modules=["q_proj", "v_proj", "lm_head"])
@@ -185,7 +185,7 @@ def test_stage_refuses_prompts_without_references_and_writes_nothing(tiny_llama,
 def test_grpo_pipeline_compiles_with_both_branches(tmp_path):
     import yaml
 
-    from kubetune.runner import compile_all, get_pipeline, parameters
+    from kubetune.ops.runner import compile_all, get_pipeline, parameters
 
     (path,) = compile_all(tmp_path, names=["grpo"])
     text = path.read_text()
@@ -203,7 +203,7 @@ def test_grpo_pipeline_runs_from_sft_and_registers(tiny_llama, tmp_path, mlflow_
     from mlflow.tracking import MlflowClient
 
     from kubetune import tracking
-    from kubetune.runner import run_local
+    from kubetune.ops.runner import run_local
 
     summary = run_local("grpo", {
         "base_model": str(tiny_llama), "model_name": "tiny-grpo", "sft_max_steps": 2, "steps": 2,
@@ -228,7 +228,7 @@ def test_grpo_pipeline_runs_from_sft_and_registers(tiny_llama, tmp_path, mlflow_
 def test_a_reward_model_is_a_reward(tiny_llama, tmp_path):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from kubetune.rl import rewards as R
+    from kubetune.methods.rl import rewards as R
     from kubetune.stages.grpo import GRPOConfig
 
     torch.manual_seed(0)

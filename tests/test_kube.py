@@ -15,8 +15,8 @@ import torch
 import yaml
 from kfp import compiler, dsl
 
-from kubetune import kube
-from kubetune.kube import Profile, ProfileError, apply_profile, load_profile
+from kubetune.ops import kube
+from kubetune.ops.kube import Profile, ProfileError, apply_profile, load_profile
 
 REPO = Path(__file__).resolve().parent.parent
 SECRET_VALUE = "s3cr3t-value-that-must-not-leak"
@@ -289,7 +289,7 @@ def test_compile_without_a_profile_gives_pods_that_stop_instead_of_tracking_to_a
 
 @pytest.mark.parametrize("name", ["peft", "full", "instruction", "moe", "dpo", "rlhf", "feature-extraction", "moa"])
 def test_every_pipeline_evaluates_on_one_gpu_and_never_retries_register(name, tmp_path):
-    from kubetune.runner import compile_all
+    from kubetune.ops.runner import compile_all
 
     (path,) = compile_all(tmp_path, "a100x8", [name])
     spec, platform = yaml.safe_load_all(path.read_text())
@@ -385,7 +385,7 @@ def test_apply_profile_refuses_an_unknown_role():
 
 def test_image_tag_is_the_package_version_and_env_overrides(monkeypatch):
     import kubetune
-    import kubetune.image as image
+    import kubetune.ops.image as image
 
     try:
         monkeypatch.delenv("KUBETUNE_IMAGE", raising=False)
@@ -447,7 +447,7 @@ def _config(out, tmp_path, **extra):
 
 
 def test_one_gpu_runs_in_process(entry_module, tmp_path, monkeypatch):
-    from kubetune.launch import run_training
+    from kubetune.launcher.launch import run_training
 
     monkeypatch.setenv(kube.NPROC_ENV, "1")
     result = run_training(_config(entry_module, tmp_path), module="fake_entry")
@@ -456,7 +456,7 @@ def test_one_gpu_runs_in_process(entry_module, tmp_path, monkeypatch):
 
 
 def test_two_gpus_reexecute_under_torchrun(entry_module, tmp_path, monkeypatch):
-    from kubetune.launch import run_training
+    from kubetune.launcher.launch import run_training
 
     monkeypatch.setenv(kube.NPROC_ENV, "2")  # what request_gpus(task, 2) exports
     cfg = _config(entry_module, tmp_path)
@@ -470,14 +470,14 @@ def test_two_gpus_reexecute_under_torchrun(entry_module, tmp_path, monkeypatch):
 def test_a_failing_worker_fails_the_launch(entry_module, tmp_path):
     import subprocess
 
-    from kubetune.launch import run_training
+    from kubetune.launcher.launch import run_training
 
     with pytest.raises(subprocess.CalledProcessError):
         run_training(_config(entry_module, tmp_path, fail_rank="1"), nproc=2, module="fake_entry")
 
 
 def test_inside_torchrun_the_entry_point_runs_in_process(entry_module, tmp_path, monkeypatch):
-    from kubetune.launch import run_training
+    from kubetune.launcher.launch import run_training
 
     # A worker must not start torchrun again (that would fork N*N processes).
     monkeypatch.setenv("LOCAL_RANK", "0")
@@ -485,18 +485,18 @@ def test_inside_torchrun_the_entry_point_runs_in_process(entry_module, tmp_path,
 
 
 def test_torchrun_command_is_the_shared_entry_point():
-    from kubetune.launch import torchrun_command
+    from kubetune.launcher.launch import torchrun_command
 
     cmd = torchrun_command("/workspace/cfg.json", 4)
     assert cmd[:3] == [sys.executable, "-m", "torch.distributed.run"]
     assert "--nproc_per_node=4" in cmd and "--standalone" in cmd
-    assert cmd[-4:] == ["-m", "kubetune.train_entry", "--config", "/workspace/cfg.json"]
+    assert cmd[-4:] == ["-m", "kubetune.launcher.train_entry", "--config", "/workspace/cfg.json"]
 
 
 def test_fsdp_arguments_are_accepted_by_training_arguments(tmp_path):
     from transformers import TrainingArguments
 
-    from kubetune.launch import fsdp_training_args
+    from kubetune.launcher.launch import fsdp_training_args
 
     assert fsdp_training_args(1) == {}
     args = TrainingArguments(output_dir=str(tmp_path), **fsdp_training_args(2))
@@ -515,8 +515,8 @@ def test_fsdp_keeps_the_single_gpu_precision_regime(tiny_llama):
 
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
-    from kubetune.launch import fsdp_precision, weights_dtype
-    from kubetune.train import TrainConfig, _use_bf16, load_for_training
+    from kubetune.launcher.launch import fsdp_precision, weights_dtype
+    from kubetune.core.train import TrainConfig, _use_bf16, load_for_training
 
     def fake_trainer(model, bf16):
         plugin = SimpleNamespace(mixed_precision_policy=MixedPrecisionPolicy(
@@ -550,7 +550,7 @@ import json, os, sys
 import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
-from kubetune.launch import fsdp_training_args, save_full_model
+from kubetune.launcher.launch import fsdp_training_args, save_full_model
 
 def main(config_path):
     cfg = json.load(open(config_path))
@@ -577,7 +577,7 @@ def test_fsdp_on_two_gpus_shards_resumes_and_saves_whole(tiny_llama, tmp_path, m
 
     if torch.cuda.device_count() < 2:
         pytest.skip("needs 2 GPUs")
-    from kubetune.launch import run_training
+    from kubetune.launcher.launch import run_training
 
     (tmp_path / "fsdp_worker.py").write_text(FSDP_WORKER)
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), str(REPO), os.environ.get("PYTHONPATH", "")]))
@@ -601,7 +601,7 @@ def test_fsdp_on_two_gpus_shards_resumes_and_saves_whole(tiny_llama, tmp_path, m
 
 def test_a_pod_records_the_compile_time_image_and_commit(tmp_path, monkeypatch):
     """Compiled with KUBETUNE_REGISTRY set; the pod has no such variable and no git checkout."""
-    import kubetune.image as image
+    import kubetune.ops.image as image
     from kubetune import tracking
 
     monkeypatch.setenv("KUBETUNE_REGISTRY", "registry.example.com/ml")
@@ -680,7 +680,7 @@ def test_compiled_output_parses_strictly_as_kfp_pipeline_and_kubernetes_specs(pa
     from kfp.kubernetes import kubernetes_executor_config_pb2
     from kfp.pipeline_spec import pipeline_spec_pb2
 
-    from kubetune.runner import compile_all
+    from kubetune.ops.runner import compile_all
 
     (out,) = compile_all(tmp_path, str(path), ["peft"])
     spec, platform = yaml.safe_load_all(out.read_text())

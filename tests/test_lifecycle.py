@@ -11,9 +11,9 @@ import uuid
 import pytest
 from kfp import dsl
 
-from kubetune.image import CPU_IMAGE
-from kubetune.lifecycle import run_settings, with_exit_handler
-from kubetune.run_keys import run_key
+from kubetune.ops.image import CPU_IMAGE
+from kubetune.ops.lifecycle import run_settings, with_exit_handler
+from kubetune.lib.run_keys import run_key
 
 
 @dsl.component(base_image=CPU_IMAGE)
@@ -68,7 +68,7 @@ def test_exit_handler_ends_the_parent_run_with_the_outcome(mlflow_uri, tmp_path)
 def test_every_compiled_pipeline_ends_its_runs_in_an_exit_handler(tmp_path):
     import yaml
 
-    from kubetune.runner import compile_all
+    from kubetune.ops.runner import compile_all
 
     for path in compile_all(tmp_path, None):
         spec = yaml.safe_load(path.read_text())

@@ -36,12 +36,12 @@ def _trained(kind: str, tiny_llama: Path, out: Path) -> Path:
     """A folder shaped like the training stage's output for ``kind`` (untrained weights will do)."""
     from transformers import AutoTokenizer
 
-    from kubetune.peft_methods import PeftSettings, apply_method, load_base_model, save_trained
+    from kubetune.core.peft_methods import PeftSettings, apply_method, load_base_model, save_trained
 
     tok = AutoTokenizer.from_pretrained(tiny_llama)
     torch.manual_seed(0)
     if kind == "moe":
-        from kubetune import moe
+        from kubetune.experimental import moe
 
         model = moe.upcycle(str(tiny_llama), num_experts=2, top_k=2)
         model.save_pretrained(out)
@@ -68,7 +68,7 @@ def _register(name: str, folder: Path) -> str:
     import mlflow
 
     from kubetune import tracking
-    from kubetune.llm_pyfunc import log_version
+    from kubetune.serving.llm_pyfunc import log_version
 
     mlflow.set_experiment(name)  # this test's own store: no experiment id left over from another test
     with mlflow.start_run(run_name="register") as run:
@@ -79,7 +79,7 @@ def _register(name: str, folder: Path) -> str:
 
 def _expected(folder: Path) -> list[str]:
     """What evaluate's own load + generate answer: the served model must answer the same."""
-    from kubetune.llm_pyfunc import _tokenizer
+    from kubetune.serving.llm_pyfunc import _tokenizer
     from kubetune.stages.evaluate import generate, load_model_artifact
 
     return generate(load_model_artifact(folder), _tokenizer(folder), [[{"role": "user", "content": PROMPT}]],
@@ -101,7 +101,7 @@ def test_champion_loads_as_pyfunc_and_answers(kind, talking_llama, mlflow_uri, t
     assert isinstance(answers[0], str) and answers[0].strip()
     if kind not in ("full", "moe", "dpo"):  # the adapter is applied, not just its base
         from kubetune.stages.evaluate import generate
-        from kubetune.models import load_causal_lm
+        from kubetune.core.models import load_causal_lm
 
         assert answers != generate(load_causal_lm(str(tiny_llama)), model.unwrap_python_model().tokenizer,
                                    [[{"role": "user", "content": PROMPT}]], NEW_TOKENS, 1)
@@ -138,7 +138,7 @@ def test_download_version_returns_the_trained_folder(tiny_llama, mlflow_uri, tmp
 
 def test_mlflow_models_serve_answers_invocations(talking_llama, mlflow_uri, tmp_path):
     """The real `mlflow models serve` process on the champion, over HTTP."""
-    from kubetune.deploy import serve_local, stop
+    from kubetune.serving.deploy import serve_local, stop
     from kubetune.testing import free_port, wait_http
 
     folder = _trained("lora", Path(talking_llama), tmp_path / "trained")

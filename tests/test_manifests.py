@@ -1,7 +1,7 @@
 """Manifests render with kubectl kustomize and validate against the Kubernetes schemas
 (offline: kubernetes-validate ships them); they agree with the Python side on names; the
 Dockerfiles install the project's lock and run as non-root; the Makefile tags images the
-way kubetune.image names them."""
+way kubetune.ops.image names them."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ import pytest
 import yaml
 
 import kubetune
-from kubetune import image, kube, trainjob
+from kubetune.ops import image, kube
+from kubetune.launcher import trainjob
 
 REPO = Path(__file__).resolve().parent.parent
 MANIFESTS = REPO / "manifests"
@@ -124,7 +125,7 @@ def test_pods_run_as_non_root_with_resource_limits(rendered):
 def test_launcher_rbac_covers_what_the_launcher_calls(rendered):
     role = next(o for o in rendered["base"] if o["kind"] == "Role" and o["metadata"]["name"] == "kubetune-launcher")
     allowed = {(g, r, v) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]}
-    # kubetune.trainjob.run_job: create, get (poll) and delete the job; list pods; read the log.
+    # kubetune.launcher.trainjob.run_job: create, get (poll) and delete the job; list pods; read the log.
     for api in trainjob.APIS.values():
         for verb in ("create", "get", "delete"):
             assert (api["group"], api["plural"], verb) in allowed

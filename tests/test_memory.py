@@ -1,4 +1,4 @@
-"""The memory estimator (kubetune.memory) against what training really holds.
+"""The memory estimator (kubetune.tools.memory) against what training really holds.
 
 From the exact to the whole:
 
@@ -35,7 +35,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kubetune.memory import GiB, _eager_layer_bytes, _Spec, estimate, known_model, model_shape, trainable_params
+from kubetune.tools.memory import GiB, _eager_layer_bytes, _Spec, estimate, known_model, model_shape, trainable_params
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -45,7 +45,7 @@ TINY = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_atte
 def _tiny_model(method: str, dtype: torch.dtype, config: dict = TINY, dropout: float = 0.05):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from kubetune.peft_methods import PeftSettings, apply_method
+    from kubetune.core.peft_methods import PeftSettings, apply_method
 
     torch.manual_seed(0)
     cfg = LlamaConfig(**config)
@@ -58,7 +58,7 @@ def _tiny_model(method: str, dtype: torch.dtype, config: dict = TINY, dropout: f
 
 def _packed_batch(vocab: int, batch: int, seq: int) -> dict:
     """Rows of two packed examples each, as tokenize_data writes them, through the real collator."""
-    from kubetune.train import PackedCollator
+    from kubetune.core.train import PackedCollator
 
     g = torch.Generator().manual_seed(0)
     rows = []
@@ -108,7 +108,7 @@ def test_activations_match_what_autograd_keeps(dtype):
             predicted = est.activations + 4 * TINY["vocab_size"] * batch * rows
             report.append((method, dropout, kept, predicted, predicted / kept))
             # the parameter counts the estimate rests on are peft's and kubetune's own
-            from kubetune.peft_methods import trainable_summary
+            from kubetune.core.peft_methods import trainable_summary
 
             counts = trainable_summary(model)
             assert counts["trainable"] == est.trainable_params, (method, counts, est.trainable_params)
@@ -140,9 +140,9 @@ _MEASURE = textwrap.dedent('''
     import torch
     torch.set_num_threads(1)
     from transformers import LlamaConfig, LlamaForCausalLM
-    from kubetune.memory import cpu_rss, reset_cpu_rss_peak
-    from kubetune.peft_methods import PeftSettings, apply_method
-    from kubetune.train import PackedCollator
+    from kubetune.tools.memory import cpu_rss, reset_cpu_rss_peak
+    from kubetune.core.peft_methods import PeftSettings, apply_method
+    from kubetune.core.train import PackedCollator
 
     spec = json.loads(sys.argv[1])
     B, T = spec["batch_size"], spec["seq_len"]

@@ -13,13 +13,13 @@ import json
 import pytest
 import torch
 
-import kubetune.train
+import kubetune.core.train
 from kubetune.errors import StageError
 from kubetune.stages.evaluate import load_model_artifact
 from kubetune.stages.train_full import train_full
 from kubetune.stages.train_peft import train_peft
 from kubetune.tracking import RunContext
-from kubetune.train import TrainConfig
+from kubetune.core.train import TrainConfig
 
 # Learning rates for a random 2-layer model and 12 steps: the methods' defaults (tuned for real
 # models and longer runs) would move the tiny model too little to see the loss fall reliably.
@@ -57,7 +57,7 @@ def test_method_trains_exactly_its_parameters(method, tiny_llama, tiny_tickets, 
                       save_steps=100, **CASES[method])
 
     # Keep the model the training core builds, and a copy of its weights before training.
-    made, load = {}, kubetune.train.load_for_training
+    made, load = {}, kubetune.core.train.load_for_training
 
     def spy(c, device, tokenizer=None):
         model = load(c, device, tokenizer)
@@ -66,7 +66,7 @@ def test_method_trains_exactly_its_parameters(method, tiny_llama, tiny_tickets, 
         made["trainable"] = {n for n, p in model.named_parameters() if p.requires_grad}
         return model
 
-    monkeypatch.setattr(kubetune.train, "load_for_training", spy)
+    monkeypatch.setattr(kubetune.core.train, "load_for_training", spy)
     stage = train_full if method == "full" else train_peft
     result = stage(cfg, tok_dir, tmp_path / "model", tmp_path / "ws", ctx=RunContext("m", "run-1", "test"))
     m = result.metrics
@@ -121,7 +121,7 @@ def test_prompt_and_prefix_refuse_packed_rows(tiny_llama, tiny_tickets, tmp_path
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU refusal; on a GPU qlora trains (test_gpu.py)")
 def test_qlora_fails_at_config_time_without_a_gpu(tiny_llama, tiny_tickets, tmp_path, monkeypatch):
     loaded = []
-    monkeypatch.setattr("kubetune.models.load_causal_lm", lambda *a, **k: loaded.append(1))
+    monkeypatch.setattr("kubetune.core.models.load_causal_lm", lambda *a, **k: loaded.append(1))
     cfg = TrainConfig(base_model=str(tiny_llama), method="qlora", max_steps=2)
     with pytest.raises(ValueError, match="needs a CUDA GPU"):
         train_peft(cfg, tiny_tickets[1], tmp_path / "model", tmp_path / "ws")

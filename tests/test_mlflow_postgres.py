@@ -15,7 +15,7 @@ from contextlib import closing
 
 import pytest
 
-from kubetune.runner import run_local
+from kubetune.ops.runner import run_local
 
 POSTGRES_URI = os.environ.get("KUBETUNE_TEST_POSTGRES_URI")
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from kubetune import moa
+from kubetune.methods import moa
 
 LABELS = ["billing", "network", "hardware"]
 KEYWORDS = {"billing": ["invoice", "refund", "billing"], "network": ["wifi", "router", "modem"], "hardware": ["battery", "screen", "printer"]}
@@ -289,7 +289,7 @@ def server(folders):
     """A real OpenAI-compatible server of the good proposer on 127.0.0.1 (free port), slow
     on purpose: patient clients get answers, impatient ones and short deadlines time out."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "kubetune.serve", "--model", str(folders["good"]), "--port", "0", "--name", "good", "--delay", str(SERVER_DELAY)],
+        [sys.executable, "-m", "kubetune.serving.serve", "--model", str(folders["good"]), "--port", "0", "--name", "good", "--delay", str(SERVER_DELAY)],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
@@ -352,7 +352,7 @@ def test_registry_proposer_and_registered_mixture_load_by_alias_and_answer(mlflo
     import pandas as pd
     from mlflow import MlflowClient
 
-    from kubetune.moa_pyfunc import log_moa_model
+    from kubetune.methods.moa_pyfunc import log_moa_model
 
     # With a SQLite store, artifacts default to ./mlruns in the working directory; keep
     # them in this test's folder instead.

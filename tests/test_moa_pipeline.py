@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from kubetune import moa
+from kubetune.methods import moa
 
 LABELS = ["billing", "hardware", "network"]
 KEYWORDS = {"billing": ["invoice", "refund", "billing"], "network": ["wifi", "router", "modem"],
@@ -51,7 +51,7 @@ def pipeline_run(tiny_llama, tmp_path_factory):
     """One run of the pipeline; its summary and the folder holding its outputs."""
     import mlflow
 
-    from kubetune.runner import run_local
+    from kubetune.ops.runner import run_local
 
     root = tmp_path_factory.mktemp("moa-pipeline")
     uri = f"sqlite:///{root / 'mlflow.db'}"

@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from kubetune import moe
+from kubetune.experimental import moe
 
 
 @pytest.fixture(scope="module")

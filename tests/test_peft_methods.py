@@ -9,7 +9,7 @@ import warnings
 import pytest
 import torch
 
-from kubetune.peft_methods import (
+from kubetune.core.peft_methods import (
     MANIFEST_NAME,
     METHODS,
     PeftSettings,
@@ -167,7 +167,7 @@ def test_prefix_from_text_starts_as_the_base_model_reading_that_text(tiny_llama,
     """prefix_init="text": before training, the prefixed model is the base model that has read the
     first num_virtual_tokens tokens of the (chat-templated) init text: same next-token logits on
     any input. prefix_init="random" is PEFT's N(0, 1) init, which is not."""
-    from kubetune.peft_methods import PREFIX_INIT_TEXT
+    from kubetune.core.peft_methods import PREFIX_INIT_TEXT
 
     n = 6
     settings = PeftSettings(num_virtual_tokens=n)
@@ -307,7 +307,7 @@ def test_prompt_tuning_evaluation_generates_what_the_model_computes():
     """
     from transformers import AutoTokenizer
 
-    from kubetune import models
+    from kubetune.core import models
     from kubetune.stages.evaluate import generate
 
     path = models.resolve("smollm2-135m-instruct")
@@ -332,7 +332,7 @@ def test_prefix_tuning_evaluation_generates_what_the_model_computes():
     test Llama answers only special tokens, which decode to nothing, hence SmolLM2 here.)"""
     from transformers import AutoTokenizer
 
-    from kubetune import models
+    from kubetune.core import models
     from kubetune.stages.evaluate import generate
 
     path = models.resolve("smollm2-135m-instruct")

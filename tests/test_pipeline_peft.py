@@ -10,13 +10,13 @@ import pytest
 import yaml
 
 from kubetune.errors import KubetuneError
-from kubetune.runner import compile_all, run_local
+from kubetune.ops.runner import compile_all, run_local
 
 EVAL = {"primary_metric": "val_loss", "max_examples": 4, "max_new_tokens": 8}
 
 
 def _tickets(tmp_path, n=60):
-    from kubetune.storage import bundled
+    from kubetune.lib.storage import bundled
 
     lines = bundled("bundled://tickets").read_text().splitlines()[:n]
     path = tmp_path / "tickets.jsonl"
@@ -94,7 +94,7 @@ def test_every_pipeline_compiles(tmp_path):
 
 def test_peft_public_surface_is_a_decision():
     """Adding a pipeline parameter changes the user's API: update this snapshot on purpose."""
-    from kubetune.runner import get_pipeline, parameters
+    from kubetune.ops.runner import get_pipeline, parameters
 
     params = {k: v.default for k, v in parameters(get_pipeline("peft")).items()}
     assert params == {
@@ -107,7 +107,7 @@ def test_peft_public_surface_is_a_decision():
 
 
 def test_compiled_yaml_uses_the_image_constant(tmp_path):
-    from kubetune.image import CPU_IMAGE, TRAIN_IMAGE
+    from kubetune.ops.image import CPU_IMAGE, TRAIN_IMAGE
 
     (path,) = compile_all(tmp_path, names=["peft"])
     text = path.read_text()

@@ -7,13 +7,13 @@ import json
 
 import yaml
 
-from kubetune.runner import compile_all, run_local
+from kubetune.ops.runner import compile_all, run_local
 
 EVAL = {"primary_metric": "val_loss", "max_examples": 4, "max_new_tokens": 8}
 
 
 def _subset(tmp_path, name, n):
-    from kubetune.storage import bundled
+    from kubetune.lib.storage import bundled
 
     lines = bundled(f"bundled://{name}").read_text().splitlines()[:n]
     path = tmp_path / f"{name}.jsonl"

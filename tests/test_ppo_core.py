@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from kubetune.rl.ppo_core import (
+from kubetune.methods.rl.ppo_core import (
     AdaptiveKLController,
     FixedKLController,
     clipped_policy_loss,

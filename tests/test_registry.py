@@ -21,7 +21,7 @@ import pytest
 
 from kubetune import tracking
 from kubetune.cli import main
-from kubetune.registry_ops import Gates, check_gates, unchanged
+from kubetune.tracking.registry_ops import Gates, check_gates, unchanged
 from kubetune.stages.register import RegisterConfig, register
 from kubetune.tracking import RunContext
 
@@ -423,7 +423,7 @@ def test_register_decides_before_creating_and_fails_cleanly_on_a_held_lock(mlflo
 def test_pipeline_compiles_with_skip_branch(tmp_path):
     import yaml
 
-    from kubetune.runner import compile_all
+    from kubetune.ops.runner import compile_all
 
     (path,) = compile_all(tmp_path, None, ["peft"])
     spec = yaml.safe_load(path.read_text())
@@ -459,7 +459,7 @@ def test_other_settings_train_and_the_same_run_skips(mlflow_uri, tmp_path, tiny_
     and no run is left RUNNING."""
     import mlflow
 
-    from kubetune.runner import format_summary, run_local
+    from kubetune.ops.runner import format_summary, run_local
     from kubetune.stages.ingest import IngestConfig, _ingest
 
     data = tmp_path / "tickets.jsonl"
@@ -475,7 +475,7 @@ def test_other_settings_train_and_the_same_run_skips(mlflow_uri, tmp_path, tiny_
     # (a stand-in's weights could not be scored again).
     from dataclasses import asdict
 
-    from kubetune.run_keys import eval_key
+    from kubetune.lib.run_keys import eval_key
     from kubetune.stages.evaluate import EvaluateConfig
 
     settings = asdict(EvaluateConfig(base_model=str(tiny_llama), **params["eval_settings"]))

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kubetune.rl.reward import read_jsonl
+from kubetune.methods.rl.reward import read_jsonl
 
 DATA = Path(__file__).resolve().parents[1] / "kubetune" / "data"
 
@@ -59,7 +59,7 @@ def test_bundled_preferences_differ_only_in_format():
 
 
 def test_reward_model_learns_the_format_and_scores_consistently(tiny_llama, pairs, tmp_path):
-    from kubetune.rl.reward import RewardModelConfig, RewardModelScorer, train_reward_model
+    from kubetune.methods.rl.reward import RewardModelConfig, RewardModelScorer, train_reward_model
 
     train, val = pairs
     cfg = RewardModelConfig(learning_rate=1e-3, batch_size=16, max_steps=5)
@@ -80,8 +80,8 @@ def test_reward_model_learns_the_format_and_scores_consistently(tiny_llama, pair
 def test_ppo_raises_reward_keeps_kl_bounded_and_base_frozen(tiny_llama, rollout_prompts, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from kubetune.rl.compare import compare_policies
-    from kubetune.rl.ppo import PPOConfig, train_ppo
+    from kubetune.methods.rl.compare import compare_policies
+    from kubetune.methods.rl.ppo import PPOConfig, train_ppo
 
     cfg = PPOConfig(
         steps=8, batch_size=32, mini_batch_size=16, ppo_epochs=4, learning_rate=5e-3, max_new_tokens=6,
@@ -128,7 +128,7 @@ def test_ppo_raises_reward_keeps_kl_bounded_and_base_frozen(tiny_llama, rollout_
 
 
 def test_ppo_logprobs_do_not_depend_on_left_padding(tiny_llama):
-    from kubetune.rl.ppo import PPOConfig, PPOTrainer
+    from kubetune.methods.rl.ppo import PPOConfig, PPOTrainer
 
     trainer = PPOTrainer(tiny_llama, space_reward, PPOConfig(batch_size=2, mini_batch_size=1, max_new_tokens=4))
     ro = trainer.rollout(["Hi?", "How do I keep houseplants alive in a dark flat in winter?"])
@@ -145,8 +145,8 @@ def test_ppo_logprobs_do_not_depend_on_left_padding(tiny_llama):
 
 
 def test_ppo_accepts_a_reward_model_path(tiny_llama, pairs, rollout_prompts, tmp_path):
-    from kubetune.rl.ppo import PPOConfig, train_ppo
-    from kubetune.rl.reward import RewardModelConfig, train_reward_model
+    from kubetune.methods.rl.ppo import PPOConfig, train_ppo
+    from kubetune.methods.rl.reward import RewardModelConfig, train_reward_model
 
     train, val = pairs
     train_reward_model(tiny_llama, train[:32], val[:6], RewardModelConfig(max_steps=1, batch_size=8), tmp_path / "rm")
@@ -158,7 +158,7 @@ def test_ppo_accepts_a_reward_model_path(tiny_llama, pairs, rollout_prompts, tmp
 def test_dpo_raises_the_implicit_reward_margin(tiny_llama, pairs, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from kubetune.rl.dpo import DPOConfig, train_dpo
+    from kubetune.methods.rl.dpo import DPOConfig, train_dpo
 
     train, val = pairs
     metrics = train_dpo(tiny_llama, train[:64], val[:24], DPOConfig(learning_rate=5e-3, max_steps=6, batch_size=8),
@@ -178,7 +178,7 @@ def test_dpo_raises_the_implicit_reward_margin(tiny_llama, pairs, tmp_path):
 
 def test_dpo_with_an_nll_term_raises_the_chosen_answers_likelihood_more(tiny_llama, pairs, tmp_path):
     """RPO (sft_weight > 0): the chosen answers' implicit reward rises more than under plain DPO."""
-    from kubetune.rl.dpo import DPOConfig, train_dpo
+    from kubetune.methods.rl.dpo import DPOConfig, train_dpo
 
     train, val = pairs
     runs = {w: train_dpo(tiny_llama, train[:32], val[:8], DPOConfig(learning_rate=5e-3, max_steps=4, batch_size=8,
@@ -189,7 +189,7 @@ def test_dpo_with_an_nll_term_raises_the_chosen_answers_likelihood_more(tiny_lla
 
 
 def test_spread_caps_evaluation_rows_evenly():
-    from kubetune.rl.data import spread
+    from kubetune.methods.rl.data import spread
 
     rows = [{"i": i} for i in range(10)]
     assert [r["i"] for r in spread(rows, 4)] == [0, 2, 5, 7]
@@ -199,8 +199,8 @@ def test_spread_caps_evaluation_rows_evenly():
 def test_full_finetuning_paths_keep_the_reference_frozen(tiny_llama, pairs, rollout_prompts, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from kubetune.rl.dpo import DPOConfig, train_dpo
-    from kubetune.rl.ppo import PPOConfig, train_ppo
+    from kubetune.methods.rl.dpo import DPOConfig, train_dpo
+    from kubetune.methods.rl.ppo import PPOConfig, train_ppo
 
     base = _base_params(AutoModelForCausalLM.from_pretrained(tiny_llama))
     result = train_ppo(tiny_llama, rollout_prompts, space_reward,
@@ -237,8 +237,8 @@ def test_ppo_reference_is_the_base_model_and_kl_matches_an_independent_computati
     and the value of the first response token must be read at the last prompt position."""
     from transformers import AutoModelForCausalLM
 
-    from kubetune.rl import ppo_core as core
-    from kubetune.rl.ppo import PPOConfig, PPOTrainer
+    from kubetune.methods.rl import ppo_core as core
+    from kubetune.methods.rl.ppo import PPOConfig, PPOTrainer
 
     cfg = PPOConfig(batch_size=8, mini_batch_size=4, ppo_epochs=2, learning_rate=5e-3, max_new_tokens=6,
                     temperature=0.7, lora_target_modules=["q_proj", "v_proj", "lm_head"], seed=0)

@@ -46,7 +46,7 @@ def test_ingest_group_by_keeps_each_prompt_on_one_side(tmp_path):
 
 
 def test_stage_loaders_repair_a_row_by_row_split(tmp_path):
-    from kubetune.rl.data import chosen_as_instruction, load_pairs
+    from kubetune.methods.rl.data import chosen_as_instruction, load_pairs
     from kubetune.stages.ingest import IngestConfig, ingest
 
     ingest(IngestConfig(data_uri="bundled://preferences", group_by=""), tmp_path / "r")
@@ -60,7 +60,7 @@ def test_stage_loaders_repair_a_row_by_row_split(tmp_path):
 
 
 def test_configs_name_the_bad_key():
-    from kubetune.config import from_dict
+    from kubetune.core.config import from_dict
     from kubetune.stages.dpo import DPOConfig
     from kubetune.stages.evaluate_policy import EvaluatePolicyConfig
     from kubetune.stages.ppo import PPOConfig
@@ -112,7 +112,7 @@ def test_reward_model_stage_reports_for_register_and_compares_with_champion(tiny
 
 
 def test_reward_model_halves_are_prompt_disjoint_and_cover_the_training_pairs(prefs):
-    from kubetune.rl.data import load_pairs, prompt_half
+    from kubetune.methods.rl.data import load_pairs, prompt_half
 
     _, train, _ = load_pairs(prefs)
     policy, judge = prompt_half(train, "policy"), prompt_half(train, "judge")
@@ -125,9 +125,9 @@ def test_reward_model_halves_are_prompt_disjoint_and_cover_the_training_pairs(pr
 def test_policy_is_judged_by_the_judge_not_by_the_reward_model_it_optimised(tiny_llama, prefs, tmp_path):
     """The decision metric comes from the independent judge (or the programmatic check); the
     optimised reward model's score of the same samples is only reported, as train_reward."""
-    from kubetune.rl.compare import compare_policies
-    from kubetune.rl.data import load_pairs, unique_prompts
-    from kubetune.rl.reward import RewardModelScorer
+    from kubetune.methods.rl.compare import compare_policies
+    from kubetune.methods.rl.data import load_pairs, unique_prompts
+    from kubetune.methods.rl.reward import RewardModelScorer
     from kubetune.stages.evaluate_policy import EvaluatePolicyConfig, evaluate_policy
     from kubetune.stages.reward_model import RewardModelConfig, reward_model
 
@@ -174,7 +174,7 @@ def test_rlhf_pipeline_runs_and_registers_policy_and_reward_model(tiny_llama, tm
     from mlflow.tracking import MlflowClient
 
     from kubetune import tracking
-    from kubetune.runner import run_local
+    from kubetune.ops.runner import run_local
 
     summary = run_local("rlhf", {
         "base_model": str(tiny_llama), "model_name": "tiny-rlhf", "reward_model_name": "tiny-rlhf-reward",
@@ -219,7 +219,7 @@ def test_rlhf_pipeline_runs_and_registers_policy_and_reward_model(tiny_llama, tm
 
 def test_dpo_pipeline_runs_and_registers(tiny_llama, tmp_path, mlflow_uri):
     from kubetune import tracking
-    from kubetune.runner import run_local
+    from kubetune.ops.runner import run_local
 
     summary = run_local("dpo", {
         "base_model": str(tiny_llama), "model_name": "tiny-dpo", "max_steps": 4, "learning_rate": 5e-3,

@@ -6,7 +6,7 @@ import warnings
 
 from kfp import dsl
 
-from kubetune.image import CPU_IMAGE
+from kubetune.ops.image import CPU_IMAGE
 
 
 @dsl.component(base_image=CPU_IMAGE)
@@ -49,7 +49,7 @@ def tiny(steps: int = 5) -> str:
 def test_quiet_run_shows_one_line_per_task_and_logs_everything(tmp_path, capsys):
     from kfp import local
 
-    from kubetune.run_ui import task_lines
+    from kubetune.ops.run_ui import task_lines
 
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "outputs"))
     log = tmp_path / "logs" / "tiny.log"
@@ -78,7 +78,7 @@ def test_quiet_run_shows_one_line_per_task_and_logs_everything(tmp_path, capsys)
 def test_verbose_run_streams_the_log(tmp_path, capsys):
     from kfp import local
 
-    from kubetune.run_ui import task_lines
+    from kubetune.ops.run_ui import task_lines
 
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "outputs"))
     with task_lines(tmp_path / "v.log", verbose=True):
@@ -88,7 +88,7 @@ def test_verbose_run_streams_the_log(tmp_path, capsys):
 
 def test_run_help_lists_the_pipeline_parameters_with_defaults_and_help(capsys):
     from kubetune.cli import main
-    from kubetune.runner import get_pipeline, parameters
+    from kubetune.ops.runner import get_pipeline, parameters
 
     assert main(["run", "peft", "--help"]) == 0
     out = capsys.readouterr().out
@@ -105,7 +105,7 @@ def test_evaluate_line_reads_the_primary_metric_from_the_report_artifact(tmp_pat
     import io
     import json
 
-    from kubetune.run_ui import TaskLines
+    from kubetune.ops.run_ui import TaskLines
 
     report = tmp_path / "report"
     report.write_text(json.dumps({"primary_metric": "exact_match", "candidate": {"exact_match": 0.25},

@@ -17,7 +17,7 @@ from urllib.parse import urlparse
 
 import pytest
 
-from kubetune import storage
+from kubetune.lib import storage
 from kubetune.errors import DataError
 
 SSE_C_ALGORITHM = "x-amz-server-side-encryption-customer-algorithm"

@@ -8,9 +8,9 @@ import math
 
 import pytest
 
-from kubetune.registry_ops import Gates, check_gates
+from kubetune.tracking.registry_ops import Gates, check_gates
 from kubetune.stages import evaluate as ev
-from kubetune.stats import relative_change_interval, wilson
+from kubetune.lib.stats import relative_change_interval, wilson
 
 
 def _wilson_by_hand(k: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
@@ -86,7 +86,7 @@ def test_gate_beyond_noise_refuses_a_win_inside_the_noise_and_is_off_by_default(
 
 
 def test_run_summary_prints_n_and_the_intervals():
-    from kubetune.runner import format_summary
+    from kubetune.ops.runner import format_summary
 
     text = format_summary({"pipeline": "peft", "primary_metric": "exact_match", "base": 0.0, "candidate": 0.5,
                            "candidate_ci": [0.361, 0.639], "n": 48, "forgetting": 0.04,

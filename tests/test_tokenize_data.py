@@ -11,7 +11,7 @@ from kubetune.errors import StageError
 from kubetune.stages.ingest import IngestConfig, ingest
 from kubetune.stages.tokenize_data import (IGNORE, TokenizeConfig, encode_chat, pack, setup_tokenizer,
                                            tokenize_data)
-from kubetune.train import PackedCollator
+from kubetune.core.train import PackedCollator
 
 
 def _ingested(tmp_path, rows):

@@ -14,7 +14,7 @@ from kubetune.stages.evaluate import load_model_artifact
 from kubetune.stages.train_full import train_full
 from kubetune.stages.train_peft import train_peft
 from kubetune.tracking import RunContext
-from kubetune.train import COMPLETE_MARKER, TrainConfig, last_complete_checkpoint
+from kubetune.core.train import COMPLETE_MARKER, TrainConfig, last_complete_checkpoint
 
 
 def _state(path):
@@ -86,7 +86,7 @@ def test_train_peft_refuses_full_and_config_errors_name_the_key(tiny_llama):
         train_peft(TrainConfig(method="full"), "x", "y", "z")
     with pytest.raises(ConfigError, match=r"'max_steps' \(0\) or 'epochs' \(0.0\) must be > 0"):
         TrainConfig(max_steps=0)
-    from kubetune.config import from_dict
+    from kubetune.core.config import from_dict
 
     with pytest.raises(ConfigError, match=r"unknown key\(s\) \['lr'\]"):
         from_dict(TrainConfig, {"lr": 1e-4}, "train_settings")

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from kubetune import moe
+from kubetune.experimental import moe
 from kubetune.errors import ConfigError
 from kubetune.stages.train_moe import moe_config_from_dict, train_moe
 from kubetune.tracking import RunContext
@@ -130,7 +130,7 @@ def _router_change(tiny_llama, tiny_tickets, tmp_path, aux_coef):
 
 def test_load_balancing_loss_is_in_the_optimized_loss(tiny_llama, tiny_tickets, tmp_path):
     # Identical experts + renormalised top-k weights: the LM loss gives the router no gradient
-    # (kubetune.moe's docstring), so in the first step only the balance loss can move it.
+    # (kubetune.experimental.moe's docstring), so in the first step only the balance loss can move it.
     assert _router_change(tiny_llama, tiny_tickets, tmp_path, aux_coef=0.0) < 1e-7
     assert _router_change(tiny_llama, tiny_tickets, tmp_path, aux_coef=1.0) > 1e-5
 
@@ -167,8 +167,8 @@ def test_lora_experts_on_every_other_layer_save_as_a_native_moe(tiny_llama, tiny
 
 def test_moe_pipeline_runs_locally_and_registers_a_plain_transformers_model(tiny_llama, tmp_path, mlflow_uri):
     from kubetune import tracking
-    from kubetune.runner import run_local
-    from kubetune.storage import bundled
+    from kubetune.ops.runner import run_local
+    from kubetune.lib.storage import bundled
 
     data = tmp_path / "tickets.jsonl"
     data.write_text("\n".join(bundled("bundled://tickets").read_text().splitlines()[:60]) + "\n")
@@ -193,7 +193,7 @@ def test_moe_public_surface_is_a_decision(tmp_path):
     """Adding a pipeline parameter changes the user's API: update this snapshot on purpose."""
     import yaml
 
-    from kubetune.runner import compile_all, get_pipeline, parameters
+    from kubetune.ops.runner import compile_all, get_pipeline, parameters
 
     params = {k: v.default for k, v in parameters(get_pipeline("moe")).items()}
     assert params == {

@@ -12,8 +12,8 @@ from urllib.parse import parse_qs, urlparse
 import pytest
 import yaml
 
-from kubetune.kube import load_profile
-from kubetune.trainjob import (
+from kubetune.ops.kube import load_profile
+from kubetune.launcher.trainjob import (
     TrainJobFailed,
     build_manifest,
     job_name,
@@ -43,7 +43,7 @@ def test_trainjob_manifest_fields(profile):
     tr = m["spec"]["trainer"]
     assert tr["image"] == "reg/kubetune-train:9.9"
     # The same entry point as the single-pod path, under torchrun with operator-set PET_* vars.
-    assert tr["command"] == ["torchrun", "-m", "kubetune.train_entry", "--config", CFG]
+    assert tr["command"] == ["torchrun", "-m", "kubetune.launcher.train_entry", "--config", CFG]
     assert tr["numNodes"] == 3 and tr["numProcPerNode"] == 2
     assert tr["resourcesPerNode"]["limits"] == {"cpu": "16", "memory": "120Gi", "nvidia.com/gpu": "2"}
     assert tr["resourcesPerNode"]["requests"] == tr["resourcesPerNode"]["limits"]
@@ -84,7 +84,7 @@ def test_pytorchjob_manifest_fields(profile):
         pod = rep["template"]["spec"]
         (c,) = pod["containers"]
         assert c["name"] == "pytorch"  # the training operator finds its container by this name
-        assert c["command"] == ["torchrun", "-m", "kubetune.train_entry", "--config", CFG]
+        assert c["command"] == ["torchrun", "-m", "kubetune.launcher.train_entry", "--config", CFG]
         assert c["resources"]["limits"]["nvidia.com/gpu"] == "2"
         assert c["volumeMounts"] == [{"name": "workspace", "mountPath": "/workspace"}]
         assert pod["volumes"][0]["persistentVolumeClaim"]["claimName"] == "kubetune-workspace"
@@ -270,10 +270,12 @@ def test_nodes_above_one_train_through_a_trainjob(tiny_llama, tiny_tickets, tmp_
     import sys
     import time as _time
 
-    from kubetune import kube, trainjob
+    from kubetune.ops import kube
+
+    from kubetune.launcher import trainjob
     from kubetune.stages.train_peft import train_peft
     from kubetune.testing import free_port
-    from kubetune.train import TrainConfig
+    from kubetune.core.train import TrainConfig
 
     _, tok_dir = tiny_tickets
     ws = tmp_path / "ws"
@@ -337,7 +339,7 @@ def test_nodes_parameter_reaches_the_training_step(name, tmp_path):
 
     from kfp import compiler
 
-    from kubetune.kube import PROFILE_ENV, SERVICE_ACCOUNT_ENV, Profile
+    from kubetune.ops.kube import PROFILE_ENV, SERVICE_ACCOUNT_ENV, Profile
 
     module = importlib.import_module(f"kubetune.pipelines.{name}")
     out = tmp_path / f"{name}.yaml"

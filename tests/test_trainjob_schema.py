@@ -17,8 +17,8 @@ import jsonschema
 import pytest
 import yaml
 
-from kubetune.kube import Profile, Resources, load_profile
-from kubetune.trainjob import build_manifest, main
+from kubetune.ops.kube import Profile, Resources, load_profile
+from kubetune.launcher.trainjob import build_manifest, main
 
 CRD = Path(__file__).parent / "schemas" / "trainer.kubeflow.org_trainjobs.v2.3.0.yaml"
 CFG = "/workspace/jobs/j1/config.json"

@@ -2,7 +2,7 @@
 
 The fan-in step of the ``moa`` pipeline (``dsl.Collected`` over the ``propose`` tasks). The
 validation split is cut in two, by a seeded shuffle: the **fit half** is where the
-aggregator is tuned (vote weights by :func:`kubetune.moa.fit_weights`; optionally a LoRA of
+aggregator is tuned (vote weights by :func:`kubetune.methods.moa.fit_weights`; optionally a LoRA of
 the synthesis model, trained through the one training core on (prompt + proposals →
 reference) chat examples), the **eval half** is where ``evaluate_moa`` scores the mixture
 and every proposer alone, on examples no tuning has seen.
@@ -10,7 +10,7 @@ and every proposer alone, on examples no tuning has seen.
 Output model folder (what ``register`` registers, unchanged):
 
 * the MLflow pyfunc (``MLmodel``, ``artifacts/``): proposers and aggregator, called
-  concurrently with a deadline when served (:mod:`kubetune.moa_pyfunc`);
+  concurrently with a deadline when served (:mod:`kubetune.methods.moa_pyfunc`);
 * ``moa.json``: the mixture as evaluated (mode, weights, labels, aggregator, the two halves);
 * ``kubetune_method.json``: ``{"method": "moa", ...}``;
 * ``aggregator/``: the tuned aggregator adapter, when ``tune_aggregator`` is on.
@@ -31,9 +31,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
-from kubetune.config import setting
+from kubetune.core.config import setting
 from kubetune.errors import ConfigError, StageError
-from kubetune.models import DEFAULT_BASE_MODEL
+from kubetune.core.models import DEFAULT_BASE_MODEL
 from kubetune.tracking import RunContext, log_metrics, maybe_stage
 
 
@@ -110,7 +110,7 @@ def read_proposers(dirs: list[str | Path]) -> list[dict]:
 
 
 def resolve_labels(setting_: str, references: list[str]) -> list[str] | None:
-    from kubetune.moa import label_set
+    from kubetune.methods.moa import label_set
 
     if setting_ == "auto":
         return label_set(references)
@@ -143,10 +143,10 @@ def aggregator_spec(ref: str, max_new_tokens: int) -> dict:
 
 def tune_aggregator(cfg: MoAConfig, examples: list[dict], out: Path, workspace: str | Path, ctx) -> dict:
     """LoRA on chat examples, through ``tokenize_data`` and the one training core."""
-    from kubetune.config import from_dict
+    from kubetune.core.config import from_dict
     from kubetune.stages.ingest import fingerprint, write_jsonl
     from kubetune.stages.tokenize_data import TokenizeConfig, tokenize_data
-    from kubetune.train import TrainConfig, run_training
+    from kubetune.core.train import TrainConfig, run_training
 
     from kubetune.stages.propose import whole_ints
 
@@ -191,8 +191,8 @@ def aggregate_moa(cfg: MoAConfig, proposer_dirs: list[str | Path], dataset_dir: 
         The fitted weights, the label set, each proposer's accuracy on the fit half and the
         aggregator's training metrics (when tuned).
     """
-    from kubetune import moa
-    from kubetune.moa_pyfunc import save_moa_model
+    from kubetune.methods import moa
+    from kubetune.methods.moa_pyfunc import save_moa_model
     from kubetune.stages.ingest import load_dataset_dir
 
     meta, train, val = load_dataset_dir(dataset_dir)

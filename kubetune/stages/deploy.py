@@ -1,11 +1,11 @@
 """Stage `deploy`: serve a registered version, smoke-test it, and move the alias back if it fails.
 
-On a cluster the version becomes a KServe ``InferenceService`` (``kubetune.deploy`` picks the
+On a cluster the version becomes a KServe ``InferenceService`` (``kubetune.serving.deploy`` picks the
 runtime: vLLM for LLMs, LoRA adapters on their base where vLLM takes them, MLflow for the
 rest), applied through the Kubernetes client; the stage waits for ``Ready`` and sends the smoke
 prompts. Locally the same stage starts ``mlflow models serve`` on the version and sends the
 same prompts. A version that does not come up or does not answer is not left as champion: the
-alias returns to the previous champion (``kubetune.registry_ops.rollback``), the version is
+alias returns to the previous champion (``kubetune.tracking.registry_ops.rollback``), the version is
 tagged with why, and the stage fails with that reason.
 """
 
@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from kubetune.config import setting
+from kubetune.core.config import setting
 from kubetune.errors import ConfigError, KubetuneError, StageError
 from kubetune.tracking import RunContext, maybe_stage
 
@@ -82,7 +82,7 @@ def _cluster(cfg: DeployConfig, target) -> DeployResult:
     from kubernetes import client as k8s
     from kubernetes import config as k8s_config
 
-    from kubetune import deploy
+    from kubetune.serving import deploy
 
     try:
         k8s_config.load_incluster_config()
@@ -104,7 +104,7 @@ def _cluster(cfg: DeployConfig, target) -> DeployResult:
 
 
 def _local(cfg: DeployConfig, target, log_dir: Path) -> DeployResult:
-    from kubetune import deploy
+    from kubetune.serving import deploy
     from kubetune.testing import free_port, wait_http
 
     port = cfg.port or free_port()
@@ -143,8 +143,9 @@ def deploy(cfg: DeployConfig, ctx: RunContext | None = None, log_dir: str | Path
         StageError: It did not become ready or did not answer; the message says why and whether
             the champion was rolled back.
     """
-    from kubetune import deploy as serving
-    from kubetune import registry_ops, tracking
+    from kubetune.serving import deploy as serving
+    from kubetune.tracking import registry_ops
+    from kubetune import tracking
 
     target = serving.describe(cfg.model_name, cfg.alias)
     where = cfg.target if cfg.target != "auto" else ("cluster" if _in_cluster() else "local")

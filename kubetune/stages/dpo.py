@@ -14,9 +14,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
-from kubetune.config import setting
+from kubetune.core.config import setting
 from kubetune.errors import ConfigError
-from kubetune.models import DEFAULT_BASE_MODEL
+from kubetune.core.models import DEFAULT_BASE_MODEL
 from kubetune.tracking import RunContext, log_metrics, maybe_stage
 
 
@@ -74,10 +74,10 @@ def dpo(cfg: DPOConfig, dataset_dir: str | Path, output_dir: str | Path, ctx: Ru
     Returns:
         Implicit-reward margin and accuracy on held-out pairs before and after, training loss.
     """
-    from kubetune import models
-    from kubetune.rl.data import load_pairs, spread
-    from kubetune.rl.dpo import DPOConfig as Settings
-    from kubetune.rl.dpo import train_dpo
+    from kubetune.core import models
+    from kubetune.methods.rl.data import load_pairs, spread
+    from kubetune.methods.rl.dpo import DPOConfig as Settings
+    from kubetune.methods.rl.dpo import train_dpo
 
     meta, train, val = load_pairs(dataset_dir)
     val = spread(val, cfg.max_eval_pairs)

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
-from kubetune.config import setting
+from kubetune.core.config import setting
 from kubetune.errors import ConfigError, StageError
 from kubetune.tracking import RunContext, log_metrics, maybe_stage
 
@@ -58,7 +58,7 @@ def embed(cfg: EmbedConfig, dataset_dir: str | Path, output_dir: str | Path,
     import torch
     from safetensors.torch import save_file
 
-    from kubetune.features import embed_texts, load_backbone, replace_dir
+    from kubetune.methods.features import embed_texts, load_backbone, replace_dir
     from kubetune.stages.ingest import load_dataset_dir
 
     meta, train, val = load_dataset_dir(dataset_dir)

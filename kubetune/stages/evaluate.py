@@ -18,9 +18,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
-from kubetune.config import setting
+from kubetune.core.config import setting
 from kubetune.errors import ConfigError, StageError
-from kubetune.models import DEFAULT_BASE_MODEL
+from kubetune.core.models import DEFAULT_BASE_MODEL
 from kubetune.tracking import RunContext, log_metrics, maybe_stage, set_tags
 
 GENERAL_TEXT = Path(__file__).resolve().parent.parent / "data" / "general_text.txt"
@@ -112,7 +112,7 @@ def rouge_l(pred: str, ref: str) -> float:
 
 def task_metrics(preds: list[str], refs: list[str]) -> dict[str, float]:
     """Each task metric with its 95% interval (``<metric>_ci_low/high``) and the number of examples ``n``."""
-    from kubetune.stats import with_interval
+    from kubetune.lib.stats import with_interval
 
     out = {"n": len(refs),
            **with_interval("exact_match", [float(exact_match(p, r)) for p, r in zip(preds, refs)], proportion=True),
@@ -130,7 +130,7 @@ def validation_loss(model, rows: list[dict], pad_id: int, batch_size: int) -> fl
     """Mean next-token loss over all label tokens of the (packed) validation rows."""
     import torch
 
-    from kubetune.train import PackedCollator
+    from kubetune.core.train import PackedCollator
 
     collate = PackedCollator(pad_id)
     total, count = 0.0, 0
@@ -147,11 +147,11 @@ def validation_loss(model, rows: list[dict], pad_id: int, batch_size: int) -> fl
 
 def line_losses(model, tok, texts: list[str], batch_size: int) -> tuple[list[float], list[int]]:
     """Summed next-token loss and predicted-token count of each text (their pooled ratio is the
-    log-perplexity); per line, so two models can be compared line by line (``kubetune.stats``)."""
+    log-perplexity); per line, so two models can be compared line by line (``kubetune.lib.stats``)."""
     import torch
     import torch.nn.functional as F
 
-    from kubetune.train import PackedCollator
+    from kubetune.core.train import PackedCollator
 
     rows = []
     for t in texts:
@@ -182,7 +182,7 @@ def generate(model, tok, prompts: list[list[dict]], max_new_tokens: int, batch_s
     """Greedy answers to chat prompts (left-padded batches)."""
     import torch
 
-    from kubetune.progress import progress
+    from kubetune.lib.progress import progress
 
     tok.padding_side = "left"
     device = next(model.parameters()).device
@@ -236,8 +236,8 @@ def load_model_artifact(model_dir: str | Path, policy: "models.LoadPolicy | None
         model_dir: A folder a training stage wrote.
         policy: The run's loading policy (default: no remote code, no pickles).
     """
-    from kubetune import models
-    from kubetune.peft_methods import load_trained, read_manifest
+    from kubetune.core import models
+    from kubetune.core.peft_methods import load_trained, read_manifest
 
     policy = policy or models.LoadPolicy()
     manifest = read_manifest(model_dir)
@@ -267,7 +267,7 @@ def score_model(model, tok, val_records, val_rows, shape, cfg: EvaluateConfig, g
         out["general_perplexity"] = math.exp(sum(sums) / max(sum(counts), 1))
         out["general_line_losses"], out["general_line_tokens"] = sums, counts
     if cfg.benchmarks:
-        from kubetune.benchmarks import scores
+        from kubetune.lib.benchmarks import scores
 
         out.update(scores(model, tok, cfg.benchmarks, cfg.benchmark_limit, cfg.batch_size))
     return out
@@ -287,8 +287,8 @@ def _base_scores(cfg: EvaluateConfig, tok, val_records, val_rows, shape, general
     import torch
     import transformers
 
-    from kubetune import models
-    from kubetune.run_keys import code_hash
+    from kubetune.core import models
+    from kubetune.lib.run_keys import code_hash
 
     device = models.pick_device()
     path = Path(models.resolve(cfg.base_model))
@@ -355,8 +355,10 @@ def evaluate(cfg: EvaluateConfig, model_dir: str | Path, dataset_dir: str | Path
     import datasets
     from transformers import AutoTokenizer
 
-    from kubetune import models, tracking
-    from kubetune.benchmarks import gate as benchmark_gate
+    from kubetune.core import models
+
+    from kubetune import tracking
+    from kubetune.lib.benchmarks import gate as benchmark_gate
     from kubetune.stages.ingest import load_dataset_dir
 
     meta, _, val_records = load_dataset_dir(dataset_dir)
@@ -372,7 +374,7 @@ def evaluate(cfg: EvaluateConfig, model_dir: str | Path, dataset_dir: str | Path
     policy = models.LoadPolicy(trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle)
     # The champion's recorded scores are reused only for the same validation rows, evaluate
     # settings and code; anything else and it is scored again.
-    from kubetune.run_keys import eval_key
+    from kubetune.lib.run_keys import eval_key
 
     key = eval_key(meta.get("validation_fingerprint") or meta["fingerprint"],
                    {k: v for k, v in asdict(cfg).items() if k not in ("model_name", "reuse_base_scores")})
@@ -400,7 +402,7 @@ def evaluate(cfg: EvaluateConfig, model_dir: str | Path, dataset_dir: str | Path
         if "general_perplexity" in candidate:
             forgetting = candidate["general_perplexity"] / base["general_perplexity"] - 1.0
             if "general_line_losses" in base:
-                from kubetune.stats import relative_change_interval
+                from kubetune.lib.stats import relative_change_interval
 
                 forgetting_ci = relative_change_interval(candidate["general_line_losses"],
                                                          base["general_line_losses"], candidate["general_line_tokens"])
@@ -440,7 +442,7 @@ def evaluate(cfg: EvaluateConfig, model_dir: str | Path, dataset_dir: str | Path
                 mlflow.log_table({k: [s[k] for s in candidate["samples"]] for k in candidate["samples"][0]},
                                  "samples.json")
             _log_comparison_plot(report)
-            from kubetune.eval_card import render
+            from kubetune.lib.eval_card import render
 
             tracking.log_text(render(report), "evaluation_card.md")
     output_path = Path(output_path)

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
-from kubetune.config import setting
+from kubetune.core.config import setting
 from kubetune.tracking import RunContext, log_metrics, maybe_stage, set_tags
 
 
@@ -50,7 +50,7 @@ def evaluate_head(cfg: EvaluateHeadConfig, model_dir: str | Path, embeddings_dir
         The report (same keys as ``evaluate``'s).
     """
     from kubetune import tracking
-    from kubetune.features import Head, artifact_dir, classification_metrics, majority_baseline
+    from kubetune.methods.features import Head, artifact_dir, classification_metrics, majority_baseline
     from kubetune.stages.embed import load_features
     from kubetune.stages.ingest import load_dataset_dir
 
@@ -58,7 +58,7 @@ def evaluate_head(cfg: EvaluateHeadConfig, model_dir: str | Path, embeddings_dir
     labels = meta["labels"]
     ref = [labels[i] for i in t["validation_y"].tolist()]
     metric = cfg.primary_metric
-    from kubetune.run_keys import eval_key
+    from kubetune.lib.run_keys import eval_key
 
     key = eval_key(meta.get("validation_fingerprint") or meta["fingerprint"],
                    {k: v for k, v in asdict(cfg).items() if k != "model_name"})

@@ -23,7 +23,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from kubetune.config import setting
+from kubetune.core.config import setting
 from kubetune.errors import ConfigError, StageError
 from kubetune.tracking import RunContext, log_metrics, maybe_stage
 
@@ -55,7 +55,7 @@ class EvaluateMoAResult:
 
 
 def _row(name: str, preds, refs, labels, tokens, latency) -> dict:
-    from kubetune import moa
+    from kubetune.methods import moa
 
     return {"name": name, "accuracy": moa.accuracy(preds, refs, labels),
             "tokens_per_answer": sum(tokens) / len(tokens), "latency_s": sum(latency) / len(latency)}
@@ -63,7 +63,7 @@ def _row(name: str, preds, refs, labels, tokens, latency) -> dict:
 
 def mixture_rows(desc: dict, proposals: dict, modes: list[str], model_dir: Path, batch_size: int):
     """Rows for each proposer and each mode on the eval half, plus the mixture's predictions."""
-    from kubetune import moa
+    from kubetune.methods import moa
 
     names, labels, idx = proposals["names"], proposals["labels"], desc["eval"]
     refs = [proposals["references"][i] for i in idx]
@@ -104,7 +104,7 @@ def served_check(model_dir: Path, prompts: list, expected: list, labels) -> dict
     import mlflow.pyfunc
     import pandas as pd
 
-    from kubetune import moa
+    from kubetune.methods import moa
 
     t0 = time.perf_counter()
     model = mlflow.pyfunc.load_model(str(model_dir))
@@ -124,7 +124,8 @@ def served_check(model_dir: Path, prompts: list, expected: list, labels) -> dict
 def _champion(model_name: str, eval_fp: str, prompts: list, refs: list, labels) -> tuple[dict | None, str | None]:
     """The current champion's numbers on the eval half: recorded tags when the eval data
     matches, else by running it (a MoA pyfunc, or any model folder kubetune registered)."""
-    from kubetune import moa, tracking
+    from kubetune.methods import moa
+    from kubetune import tracking
 
     tracking.configure()
     holder = tracking.get_alias(model_name, tracking.CHAMPION)
@@ -160,7 +161,7 @@ def evaluate_moa(cfg: EvaluateMoAConfig, model_dir: str | Path, proposals_path: 
     Returns:
         The report: rows per proposer and mode, the candidate, base, champion and verdict.
     """
-    from kubetune import moa
+    from kubetune.methods import moa
     from kubetune.stages.evaluate import better
 
     model_dir = Path(model_dir)

@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
-from kubetune.config import setting
+from kubetune.core.config import setting
 from kubetune.errors import ConfigError
 from kubetune.tracking import RunContext, log_metrics, maybe_stage
 
@@ -93,7 +93,7 @@ def mean_logprobs(model, tok, prompts: list[str], responses: list[str], batch_si
     """Mean per-token log-probability of each response given its prompt, in the chat format."""
     import torch
 
-    from kubetune.rl.ppo_core import logprobs_from_logits
+    from kubetune.methods.rl.ppo_core import logprobs_from_logits
 
     seqs = []
     for p, r in zip(prompts, responses):
@@ -129,7 +129,7 @@ def preference_accuracy(model, tok, pairs: list[dict], batch_size: int) -> float
 
 
 def _model_scores(path: str, pairs: list[dict], general: list[str], cfg: EvaluatePolicyConfig) -> dict:
-    from kubetune import models
+    from kubetune.core import models
     from kubetune.stages.evaluate import text_perplexity
 
     tok = models.load_tokenizer(path)
@@ -163,9 +163,9 @@ def evaluate_policy(cfg: EvaluatePolicyConfig, model_dir: str | Path, reference:
         The report: per-policy metrics, forgetting, primary metric and the verdict.
     """
     from kubetune import tracking
-    from kubetune.rl.compare import compare_policies
-    from kubetune.rl.data import load_pairs, policy_folder, unique_prompts
-    from kubetune.rl.reward import RewardModelScorer
+    from kubetune.methods.rl.compare import compare_policies
+    from kubetune.methods.rl.data import load_pairs, policy_folder, unique_prompts
+    from kubetune.methods.rl.reward import RewardModelScorer
     from kubetune.stages.evaluate import GENERAL_TEXT
 
     meta, _, val = load_pairs(dataset_dir)

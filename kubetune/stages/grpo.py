@@ -3,10 +3,10 @@
 The policy starts from the SFT model (or the base model) as a LoRA adapter; the reference is
 the same model with the adapter disabled. Each step samples ``num_generations`` completions
 for each of ``prompts_per_step`` training prompts, scores them with the weighted rewards
-(``kubetune.rl.rewards``: exact match or JSON fields against the dataset's reference answer, a
+(``kubetune.methods.rl.rewards``: exact match or JSON fields against the dataset's reference answer, a
 regex format, a length penalty, a reward model, user functions by import path), turns the
 rewards into group-relative advantages and takes a clipped policy step with a k3 KL penalty
-to the reference (``kubetune.rl.grpo``). Logged per step: reward (total and per reward), KL,
+to the reference (``kubetune.methods.rl.grpo``). Logged per step: reward (total and per reward), KL,
 clip fraction, completion length, the share of groups without signal, and the time split
 generate / log-probs / train; sample completions as an MLflow table.
 """
@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
-from kubetune.config import setting
+from kubetune.core.config import setting
 from kubetune.errors import ConfigError, DataError
 from kubetune.tracking import RunContext, log_metrics, maybe_stage
 
@@ -58,7 +58,7 @@ class GRPOConfig:
     seed: int = setting(0, "Seed of prompt order, sampling and the adapter init.")
 
     def __post_init__(self):
-        from kubetune.rl.rewards import check_spec
+        from kubetune.methods.rl.rewards import check_spec
 
         for name in ("steps", "prompts_per_step", "mini_batch_size", "num_iterations", "max_new_tokens",
                      "lora_rank", "max_chars"):
@@ -80,7 +80,7 @@ class GRPOConfig:
                               "is empty")
 
     def trainer_settings(self):
-        from kubetune.rl.grpo import GRPOConfig as Settings
+        from kubetune.methods.rl.grpo import GRPOConfig as Settings
 
         targets = self.target_modules if self.target_modules == "all-linear" else \
             [m.strip() for m in self.target_modules.split(",") if m.strip()]
@@ -108,8 +108,8 @@ def training_examples(dataset_dir: str | Path, max_prompts: int = 0):
             reference), or text rows (prompts only).
         max_prompts: Keep at most this many, evenly spread (0 = all).
     """
-    from kubetune.rl.data import spread
-    from kubetune.rl.grpo import Example
+    from kubetune.methods.rl.data import spread
+    from kubetune.methods.rl.grpo import Example
     from kubetune.stages.ingest import load_dataset_dir
     from kubetune.stages.tokenize_data import prompt_messages, reference_answer
 
@@ -162,10 +162,10 @@ def grpo(cfg: GRPOConfig, policy: str | Path, dataset_dir: str | Path, output_di
         StageError: A reference reward meets a prompt without a reference, or a reward raises or
             returns a non-finite score (the message names the reward and the dataset row).
     """
-    from kubetune import models
-    from kubetune.rl import rewards as reward_lib
-    from kubetune.rl.data import policy_folder
-    from kubetune.rl.grpo import train_grpo
+    from kubetune.core import models
+    from kubetune.methods.rl import rewards as reward_lib
+    from kubetune.methods.rl.data import policy_folder
+    from kubetune.methods.rl.grpo import train_grpo
 
     meta, examples = training_examples(dataset_dir, cfg.max_prompts)
     output_dir = Path(output_dir)

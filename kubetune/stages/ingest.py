@@ -21,8 +21,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator, Literal
 
-from kubetune import storage
-from kubetune.config import setting
+from kubetune.lib import storage
+from kubetune.core.config import setting
 from kubetune.errors import ConfigError, DataError
 from kubetune.tracking import RunContext, log_metrics, maybe_stage, tag_parent
 from kubetune.tracking import set_tags as mlflow_set_tags

@@ -4,7 +4,7 @@ The policy starts from the instruction-tuned (SFT) model; it is a LoRA adapter o
 reference is the same model with the adapter disabled (no second copy). Each update samples
 responses to a batch of rollout prompts, scores them with the reward model, subtracts a KL
 penalty to the reference (fixed or adaptive β), computes GAE advantages (whitened) from a value
-head and takes clipped policy and value steps (``kubetune.rl.ppo``, our compact PPO: TRL removed
+head and takes clipped policy and value steps (``kubetune.methods.rl.ppo``, our compact PPO: TRL removed
 its PPO trainer in 1.13). Logged per update: mean reward, KL, entropy, clip fraction, value
 loss, response length; sample generations as an MLflow table.
 """
@@ -15,7 +15,7 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from kubetune.config import setting
+from kubetune.core.config import setting
 from kubetune.errors import ConfigError
 from kubetune.tracking import RunContext, log_metrics, maybe_stage
 
@@ -59,7 +59,7 @@ class PPOConfig:
             raise ConfigError("'kl_coef' and 'vf_coef' must be >= 0")
 
     def trainer_settings(self):
-        from kubetune.rl.ppo import PPOConfig as Settings
+        from kubetune.methods.rl.ppo import PPOConfig as Settings
 
         modules = self.target_modules if self.target_modules == "all-linear" else \
             [m.strip() for m in self.target_modules.split(",") if m.strip()]
@@ -94,8 +94,8 @@ def ppo(cfg: PPOConfig, policy: str | Path, reward_model_dir: str | Path, output
     Returns:
         Summary metrics (reward first/last update, KL, seconds), per-update history, the folder.
     """
-    from kubetune.rl.data import load_prompts, policy_folder
-    from kubetune.rl.ppo import train_ppo
+    from kubetune.methods.rl.data import load_prompts, policy_folder
+    from kubetune.methods.rl.ppo import train_ppo
 
     output_dir = Path(output_dir)
     prompts = load_prompts(cfg.prompts_uri, output_dir.parent / ".prompts-cache")

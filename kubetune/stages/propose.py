@@ -13,7 +13,7 @@ Output folder:
 * ``answers.jsonl``: one row per answered example: ``split``, ``index`` (position in that
   split of the ingested dataset), ``text``, ``tokens`` (generated), ``latency_s``;
 * ``proposer.json``: the spec the mixture serves this proposer with
-  (:func:`kubetune.moa.proposer_from_spec`; a trained proposer's ``path`` is ``model``,
+  (:func:`kubetune.methods.moa.proposer_from_spec`; a trained proposer's ``path`` is ``model``,
   relative to this folder);
 * ``model/``: the trained adapter, when ``train`` was given.
 """
@@ -27,7 +27,7 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from kubetune.config import setting
+from kubetune.core.config import setting
 from kubetune.errors import ConfigError
 from kubetune.tracking import RunContext, log_metrics, maybe_stage
 
@@ -97,7 +97,7 @@ def serving_spec(cfg: ProposeConfig, trained: bool) -> dict:
     if trained:
         return {"kind": "local", "path": "model", **common}
     if kind == "registry":
-        from kubetune.moa import resolve_model_uri
+        from kubetune.methods.moa import resolve_model_uri
 
         # Pinned: the mixture is served with the version it was evaluated with.
         return {"kind": "registry", "uri": resolve_model_uri(cfg.model), **common}
@@ -110,9 +110,9 @@ def serving_spec(cfg: ProposeConfig, trained: bool) -> dict:
 
 def _finetune(cfg: ProposeConfig, dataset_dir: Path, out: Path, workspace: str | Path, ctx) -> dict:
     """Tokenize for ``cfg.model`` and train it with the one training core into ``out``."""
-    from kubetune.config import from_dict
+    from kubetune.core.config import from_dict
     from kubetune.stages.tokenize_data import TokenizeConfig, tokenize_data
-    from kubetune.train import TrainConfig, run_training
+    from kubetune.core.train import TrainConfig, run_training
 
     train_cfg = from_dict(TrainConfig, {**whole_ints(TrainConfig, cfg.train), "base_model": cfg.model},
                           f"proposer '{cfg.name}' train")
@@ -138,7 +138,7 @@ def propose(cfg: ProposeConfig, dataset_dir: str | Path, output_dir: str | Path,
         The serving spec, answer metrics (tokens and latency per answer; training metrics
         when trained) and the output folder.
     """
-    from kubetune import moa
+    from kubetune.methods import moa
     from kubetune.stages.ingest import load_dataset_dir, write_jsonl
 
     dataset_dir, output_dir = Path(dataset_dir), Path(output_dir)

@@ -6,7 +6,7 @@ The champion moves only when the candidate beat the champion evaluate compared i
 there was none), passes the forgetting gate, and the alias still points where evaluate saw
 it (compare-and-set under a registry lock, so two runs finishing together leave exactly one
 champion). The gates are register's settings (``min_improvement``, ``max_forgetting``,
-``require_complete``); their checks are ``kubetune.registry_ops.check_gates``, shared with
+``require_complete``); their checks are ``kubetune.tracking.registry_ops.check_gates``, shared with
 ``kubetune promote``.
 """
 
@@ -16,10 +16,10 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from kubetune.config import setting
+from kubetune.core.config import setting
 from kubetune.errors import ConfigError, StageError
-from kubetune.llm_pyfunc import log_model, register_logged
-from kubetune.registry_ops import RUN_KEY_TAG, Decision, Gates, check_gates, model_card
+from kubetune.serving.llm_pyfunc import log_model, register_logged
+from kubetune.tracking.registry_ops import RUN_KEY_TAG, Decision, Gates, check_gates, model_card
 from kubetune.tracking import RunContext, maybe_stage
 
 
@@ -80,7 +80,7 @@ def gates(report: dict, cfg: RegisterConfig) -> Gates:
 
 
 def decide_all(report: dict, cfg: RegisterConfig) -> Decision:
-    """The gate checks on evaluate's numbers (see ``kubetune.registry_ops.check_gates``)."""
+    """The gate checks on evaluate's numbers (see ``kubetune.tracking.registry_ops.check_gates``)."""
     return check_gates(report["primary_metric"], report["candidate"], report.get("base"), report.get("champion"),
                        None if report.get("champion_version") is None else str(report["champion_version"]),
                        report.get("forgetting"), gates(report, cfg), evaluated=bool(report.get("evaluated")),

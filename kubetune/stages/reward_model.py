@@ -1,7 +1,7 @@
 """Stage `reward_model`: a pairwise (Bradley-Terry) reward model on preference pairs.
 
 TRL's ``RewardTrainer`` on a one-logit sequence-classification head over a pretrained
-backbone, full or LoRA (``kubetune.rl.reward``). Evaluated on the held-out pairs: pairwise
+backbone, full or LoRA (``kubetune.methods.rl.reward``). Evaluated on the held-out pairs: pairwise
 accuracy (share of pairs with r(chosen) > r(rejected); the untrained head is the chance
 baseline) and the margin distribution (``reward_margins.png``). Writes the model folder with
 its ``kubetune_method.json`` and an ``eval.json`` in the schema ``register`` reads, so the
@@ -17,9 +17,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
-from kubetune.config import setting
+from kubetune.core.config import setting
 from kubetune.errors import ConfigError, DataError
-from kubetune.models import DEFAULT_BASE_MODEL
+from kubetune.core.models import DEFAULT_BASE_MODEL
 from kubetune.tracking import RunContext, log_metrics, maybe_stage
 
 PRIMARY_METRIC = "accuracy"
@@ -74,7 +74,7 @@ def _accuracy(margins: list[float]) -> float:
 def _champion_accuracy(model_name: str, val_pairs: list[dict]) -> tuple[dict | None, str | None]:
     """The registered champion's accuracy on these held-out pairs (downloaded and scored)."""
     from kubetune import tracking
-    from kubetune.rl.reward import load_reward_model, pairwise_margins
+    from kubetune.methods.rl.reward import load_reward_model, pairwise_margins
 
     tracking.configure()
     holder = tracking.get_alias(model_name, tracking.CHAMPION)
@@ -104,10 +104,10 @@ def reward_model(cfg: RewardModelConfig, dataset_dir: str | Path, output_dir: st
     Returns:
         Metrics (accuracy, accuracy_before, margins, loss), the evaluation report, the folder.
     """
-    from kubetune import models
-    from kubetune.rl.data import load_pairs, prompt_half, spread
-    from kubetune.rl.reward import RewardModelConfig as TrainSettings
-    from kubetune.rl.reward import train_reward_model
+    from kubetune.core import models
+    from kubetune.methods.rl.data import load_pairs, prompt_half, spread
+    from kubetune.methods.rl.reward import RewardModelConfig as TrainSettings
+    from kubetune.methods.rl.reward import train_reward_model
 
     meta, train, val = load_pairs(dataset_dir)
     train = prompt_half(train, cfg.pairs)

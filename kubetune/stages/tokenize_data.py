@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from kubetune.config import setting
+from kubetune.core.config import setting
 from kubetune.errors import ConfigError, StageError
-from kubetune.models import DEFAULT_BASE_MODEL, load_tokenizer
+from kubetune.core.models import DEFAULT_BASE_MODEL, load_tokenizer
 
 IGNORE = -100
 CHATML = (

@@ -1,6 +1,6 @@
 """Stage `train_full`: train every weight of the model.
 
-A configuration of the one training core (``kubetune.train``); see ``train_peft`` for its twin.
+A configuration of the one training core (``kubetune.core.train``); see ``train_peft`` for its twin.
 """
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-from kubetune.train import TrainConfig, TrainResult, run_training
+from kubetune.core.train import TrainConfig, TrainResult, run_training
 from kubetune.tracking import RunContext
 
 

@@ -2,7 +2,7 @@
 
 The backbone stays frozen and is not even loaded: the head trains on the ``embed`` cache in
 seconds. The output is a complete model folder: an MLflow pyfunc text classifier (backbone
-reference or copy + head, see ``kubetune.features``) and ``kubetune_method.json``, so
+reference or copy + head, see ``kubetune.methods.features``) and ``kubetune_method.json``, so
 ``register`` registers it as it is and ``mlflow.pyfunc.load_model("models:/NAME@champion")``
 predicts labels from raw text.
 """
@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
-from kubetune.config import setting
+from kubetune.core.config import setting
 from kubetune.errors import ConfigError
 from kubetune.tracking import RunContext, log_metrics, maybe_stage
 
@@ -57,7 +57,7 @@ def fit_head(cfg: TrainHeadConfig, x, y, n_labels: int, labels: list[str]):
     """
     import torch
 
-    from kubetune.features import Head, build_head
+    from kubetune.methods.features import Head, build_head
 
     torch.manual_seed(cfg.seed)
     mean, std = x.mean(0), x.std(0).clamp(min=1e-6)
@@ -91,7 +91,7 @@ def train_head(cfg: TrainHeadConfig, embeddings_dir: str | Path, output_dir: str
     """
     import tempfile
 
-    from kubetune.features import classification_metrics, majority_baseline, replace_dir, save_text_classifier
+    from kubetune.methods.features import classification_metrics, majority_baseline, replace_dir, save_text_classifier
     from kubetune.stages.embed import load_features
 
     meta, t = load_features(embeddings_dir)

@@ -1,7 +1,7 @@
 """Stage `train_moe`: upcycle a dense model into a Mixture of Experts and train experts + router.
 
-Experimental (STYLE.md 14). The model work is ``kubetune.moe`` (sparse upcycling, freezing,
-router z-loss, utilisation); the loop is the one training core (``kubetune.train``), given the
+Experimental (STYLE.md 14). The model work is ``kubetune.experimental.moe`` (sparse upcycling, freezing,
+router z-loss, utilisation); the loop is the one training core (``kubetune.core.train``), given the
 prepared model. What this stage adds is the wiring:
 
 - the load-balancing loss is *in the optimized loss*: transformers' MoE models add
@@ -25,9 +25,9 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from kubetune.config import from_dict, setting
+from kubetune.core.config import from_dict, setting
 from kubetune.errors import ConfigError
-from kubetune.train import TrainConfig, TrainResult, run_training
+from kubetune.core.train import TrainConfig, TrainResult, run_training
 from kubetune.tracking import RunContext
 
 # Learning rates when ``learning_rate`` is 0. Upcycled experts start as a trained MLP, so they
@@ -127,7 +127,9 @@ def train_moe(cfg: MoEConfig, tokenized_dir: str | Path, output_dir: str | Path,
     import datasets
     import torch
 
-    from kubetune import models, moe
+    from kubetune.core import models
+
+    from kubetune.experimental import moe
 
     # method "full": to the core the upcycled model is a whole model (flags, whole-folder save).
     # fast_path "off": the GPU fast path computes its own loss (no balance loss) and runs no callbacks.
@@ -179,7 +181,9 @@ def _report_callback(model, cfg: MoEConfig, val_rows: list[dict]):
     """
     from transformers import TrainerCallback
 
-    from kubetune import moe, tracking
+    from kubetune.experimental import moe
+
+    from kubetune import tracking
 
     class MoEReport(TrainerCallback):
         def __init__(self):

@@ -1,6 +1,6 @@
 """Stage `train_peft`: train a PEFT method (LoRA, DoRA, QLoRA, adapters, prompt, prefix, IA3).
 
-A configuration of the one training core (``kubetune.train``); see ``train_full`` for its twin.
+A configuration of the one training core (``kubetune.core.train``); see ``train_full`` for its twin.
 """
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from kubetune.errors import ConfigError
-from kubetune.train import TrainConfig, TrainResult, run_training
+from kubetune.core.train import TrainConfig, TrainResult, run_training
 from kubetune.tracking import RunContext
 
 

@@ -16,9 +16,9 @@ import time
 import torch
 from transformers import TrainerCallback
 
-from kubetune.config import from_dict
+from kubetune.core.config import from_dict
 from kubetune.tracking import RunContext
-from kubetune.train import TrainConfig, run_training
+from kubetune.core.train import TrainConfig, run_training
 
 spec = json.loads(sys.argv[1])
 torch.set_num_threads(1)

@@ -12,14 +12,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kubetune import cli
-from kubetune.config import from_dict, parse_set
+from kubetune.core.config import from_dict, parse_set
 from kubetune.errors import ConfigError, DataError, KubetuneError, StageError
 from kubetune.stages.evaluate import EvaluateConfig
 from kubetune.stages.ingest import (IngestConfig, _read_csv, _read_json, _read_jsonl, ingest, normalize,
                                     read_records, validate)
 from kubetune.stages.register import RegisterConfig
 from kubetune.stages.tokenize_data import TokenizeConfig, tokenize_data
-from kubetune.train import TrainConfig
+from kubetune.core.train import TrainConfig
 
 
 def _j(*records) -> bytes:
@@ -189,7 +189,7 @@ def test_bad_data_through_the_pipeline_registers_nothing(tiny_llama, mlflow_uri,
     """One real pipeline run on malformed data: ingest fails with file:line, nothing is registered."""
     from mlflow.tracking import MlflowClient
 
-    from kubetune.runner import run_local
+    from kubetune.ops.runner import run_local
 
     bad = tmp_path / "bad.jsonl"
     bad.write_bytes(_j(*rows(8)) + b'{"instruction": "x", "output": 3}\n')

@@ -16,8 +16,8 @@ from pathlib import Path
 
 from _rel import HERE, child_env
 
-from kubetune.config import from_dict
-from kubetune.train import (COMPLETE_MARKER, TrainConfig, checkpoint_dir_for, commit_checkpoint,
+from kubetune.core.config import from_dict
+from kubetune.core.train import (COMPLETE_MARKER, TrainConfig, checkpoint_dir_for, commit_checkpoint,
                             last_complete_checkpoint, run_training)
 
 CONFIG = {"method": "lora", "max_steps": 12, "save_steps": 4, "batch_size": 2, "seed": 7, "lora_rank": 4}

@@ -163,7 +163,7 @@ def test_check_params_builds_every_stage_config_for_compile_and_submit():
     """The one function compile, submit and schedule call: every pipeline's defaults pass, bad values do not."""
     from kubetune.errors import ConfigError
     from kubetune.pipelines import PIPELINES
-    from kubetune.runner import check_params
+    from kubetune.ops.runner import check_params
 
     for module in PIPELINES.values():
         check_params(module, {}, "defaults")

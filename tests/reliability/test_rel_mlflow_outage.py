@@ -15,10 +15,10 @@ from _rel import free_port, start_mlflow, stop
 from transformers import TrainerCallback
 
 from kubetune import tracking
-from kubetune.config import from_dict
+from kubetune.core.config import from_dict
 from kubetune.errors import StageError
 from kubetune.stages.register import RegisterConfig, register
-from kubetune.train import TrainConfig, run_training
+from kubetune.core.train import TrainConfig, run_training
 
 STEPS, KILL_AT = 10, 3
 

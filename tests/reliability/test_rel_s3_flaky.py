@@ -17,7 +17,7 @@ import boto3
 import pytest
 from _rel import free_port, start_moto, stop
 
-from kubetune import storage
+from kubetune.lib import storage
 from kubetune.errors import DataError
 
 

@@ -14,7 +14,9 @@ import pytest
 import torch
 from _rel import rows, write_jsonl
 
-from kubetune import models, storage
+from kubetune.core import models
+
+from kubetune.lib import storage
 from kubetune.errors import DataError, StageError
 from kubetune.stages.ingest import IngestConfig, ingest
 
@@ -99,7 +101,7 @@ CANARIES = {
 def test_secrets_never_written_anywhere(tiny_llama, mlflow_uri, tmp_path, monkeypatch, capfd):
     """A whole pipeline run and a compile with canary secrets in the environment; then every byte
     written (MLflow database and artifacts, KFP outputs, workspace, stdout/stderr, YAML) is scanned."""
-    from kubetune.runner import compile_all, run_local
+    from kubetune.ops.runner import compile_all, run_local
 
     for k, v in CANARIES.items():
         monkeypatch.setenv(k, v)
@@ -166,7 +168,7 @@ def _untrusted_base(tiny_llama: Path, folder: Path) -> Path:
 
 def test_every_loader_applies_the_gates(tiny_llama, tmp_path):
     """The loader QLoRA and evaluate's candidates go through refuses what load_causal_lm refuses."""
-    from kubetune.peft_methods import load_base_model
+    from kubetune.core.peft_methods import load_base_model
 
     folder = _untrusted_base(tiny_llama, tmp_path / "untrusted")
     with pytest.raises(StageError, match="trust_remote_code=true"):
@@ -182,7 +184,7 @@ def test_every_loader_applies_the_gates(tiny_llama, tmp_path):
 def test_one_loading_policy_from_train_settings_reaches_every_step(tiny_llama, mlflow_uri, tmp_path, monkeypatch):
     """One pipeline run on an untrusted base with both opt-ins in train_settings: tokenize (the
     tokenizer), train, and evaluate (base and candidate) all load it; the run registers a version."""
-    from kubetune.runner import run_local
+    from kubetune.ops.runner import run_local
 
     monkeypatch.setenv("HF_MODULES_CACHE", str(tmp_path / "hf-modules"))  # where transformers copies model code
     base = _untrusted_base(tiny_llama, tmp_path / "untrusted")

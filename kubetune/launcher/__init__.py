@@ -1,0 +1,1 @@
+"""The distributed launcher: a Kubeflow TrainJob (or torchrun locally) around one training call."""

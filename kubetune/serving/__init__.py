@@ -1,0 +1,1 @@
+"""Serving a registered model: MLflow pyfuncs, KServe / mlflow-serve deployment."""

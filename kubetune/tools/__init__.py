@@ -1,0 +1,1 @@
+"""Tools over pipelines: compare methods, advise a method, estimate memory."""
