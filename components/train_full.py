@@ -12,7 +12,7 @@ def train_full(tokenized: dsl.Input[dsl.Dataset], base_model: str, max_steps: in
     Args:
         tokenized: Output of tokenize_data.
         base_model: Base model reference.
-        max_steps: Optimizer steps.
+        max_steps: Optimizer steps (0 = from the data: TrainConfig.steps_for).
         learning_rate: Peak learning rate (0 = the full-tuning default).
         model_name: Registered model name (MLflow experiment).
         pipeline: Pipeline name (lineage).

@@ -13,7 +13,7 @@ def train_peft(tokenized: dsl.Input[dsl.Dataset], base_model: str, method: str, 
         tokenized: Output of tokenize_data.
         base_model: Base model reference.
         method: lora, dora, qlora, adapter, prompt, prefix or ia3.
-        max_steps: Optimizer steps.
+        max_steps: Optimizer steps (0 = from the data: TrainConfig.steps_for).
         learning_rate: Peak learning rate (0 = the method's default).
         lora_rank: LoRA rank / adapter bottleneck width.
         model_name: Registered model name (MLflow experiment).

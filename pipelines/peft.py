@@ -40,10 +40,11 @@ def build(profile: "kube.Profile | None" = None):
         base_model: str = DEFAULT_BASE_MODEL,
         data_uri: str = "bundled://tickets",
         method: str = "lora",
-        # The defaults are the main job, sized for 2 CPU cores in ~10 minutes: rows of 256 tokens
-        # hold two tickets; 2 rows x 30 steps = ~15k tokens (~130 tickets, a third of an epoch),
-        # so LoRA runs at 1e-3 (5x the usual 2e-4 for thousands of steps). 0 = method default.
-        max_steps: int = 30,
+        # The defaults are the main job, sized for 2 CPU cores in ~10 minutes. max_steps 0 = from
+        # the data (TrainConfig.steps_for: one epoch, 20 to 60 steps): rows of 256 tokens hold two
+        # tickets, 216 rows / 2 per step = 108 steps an epoch, capped to 60 (~240 tickets), so LoRA
+        # runs at 1e-3 (5x the usual 2e-4 for thousands of steps). learning_rate 0 = method default.
+        max_steps: int = 0,
         learning_rate: float = 1e-3,
         lora_rank: int = 16,
         max_length: int = 256,

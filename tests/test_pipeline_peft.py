@@ -99,7 +99,7 @@ def test_peft_public_surface_is_a_decision():
     params = {k: v.default for k, v in parameters(get_pipeline("peft")).items()}
     assert params == {
         "base_model": "smollm2-135m-instruct", "data_uri": "bundled://tickets", "method": "lora",
-        "max_steps": 30, "learning_rate": 1e-3, "lora_rank": 16, "max_length": 256, "model_name": "tickets-peft",
+        "max_steps": 0, "learning_rate": 1e-3, "lora_rank": 16, "max_length": 256, "model_name": "tickets-peft",
         "max_forgetting": -1.0, "train_settings": {"batch_size": 2},
         "eval_settings": {"max_examples": 48, "max_new_tokens": 40, "batch_size": 48},
         "register_settings": {}, "force": False, "nodes": 1, "deploy": False,

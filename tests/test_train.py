@@ -85,7 +85,7 @@ def test_train_peft_refuses_full_and_config_errors_name_the_key(tiny_llama):
     with pytest.raises(ConfigError, match="train_full"):
         train_peft(TrainConfig(method="full"), "x", "y", "z")
     with pytest.raises(ConfigError, match=r"'max_steps' \(0\) or 'epochs' \(0.0\) must be > 0"):
-        TrainConfig(max_steps=0)
+        TrainConfig(max_steps=0, epochs=0.0)
     from kubetune.core.config import from_dict
 
     with pytest.raises(ConfigError, match=r"unknown key\(s\) \['lr'\]"):
@@ -148,7 +148,8 @@ def test_epochs_set_the_steps_and_early_stopping_keeps_the_best_evaluation(tiny_
     data = datasets.load_from_disk(str(tok_dir))
     n_train = len(data["train"])
     per_epoch = math.ceil(n_train / 2)
-    assert TrainConfig(max_steps=0, epochs=1.5, batch_size=2).steps_for(n_train) == math.ceil(1.5 * per_epoch)
+    assert TrainConfig(max_steps=0, epochs=1.5, batch_size=2, min_steps=1, step_cap=0).steps_for(n_train) == \
+        math.ceil(1.5 * per_epoch)
     # lr 1.0 on LoRA overshoots: validation loss gets worse after the first evaluations, so the run stops early
     cfg = TrainConfig(base_model=str(tiny_llama), method="lora", max_steps=0, epochs=3, learning_rate=1.0,
                       batch_size=2, lora_rank=4, eval_steps=2, best_checkpoint=True, early_stopping_patience=1,
@@ -162,9 +163,57 @@ def test_epochs_set_the_steps_and_early_stopping_keeps_the_best_evaluation(tiny_
     assert saved == pytest.approx(m["eval_loss_best"], rel=1e-3), (saved, m)
 
 
+def test_default_length_follows_the_data():
+    """max_steps 0 (the default): one pass over the training rows, kept within [min_steps, step_cap]."""
+    from dataclasses import replace
+
+    cfg = TrainConfig(batch_size=2)  # the pipelines' batch: 2 rows per step
+    assert cfg.max_steps == 0
+    assert cfg.steps_for(216) == 60  # the bundled tickets: 108 steps an epoch, capped
+    assert cfg.steps_for(100) == 50  # a few hundred short examples packed into 100 rows: one epoch
+    assert cfg.steps_for(101) == 51  # a last partial batch is a step
+    assert cfg.steps_for(100, world=2) == 25  # each step takes 2 rows per process
+    assert cfg.steps_for(10) == 20  # tiny data: the minimum, repeated
+    assert cfg.steps_for(100_000) == 60  # huge data: the cap
+    assert replace(cfg, step_cap=0).steps_for(100_000) == 50_000
+    assert replace(cfg, epochs=0.5).steps_for(100) == 25
+    assert replace(cfg, max_steps=7).steps_for(100_000) == 7  # steps asked for by name are taken as they are
+    assert cfg.eval_every(60) == 15 and cfg.eval_every(21) == 6
+    assert replace(cfg, eval_steps=7).eval_every(60) == 7
+
+
+def test_pipeline_defaults_train_by_the_data_and_keep_the_best_evaluation(tiny_llama, tiny_tickets, tmp_path):
+    """The peft pipeline's default parameters, turned into a config as its train step does: the
+    step count comes from the data, and the validation loss is evaluated during training with the
+    best evaluation's weights saved."""
+    import datasets
+
+    from kubetune.core.config import from_dict
+    from kubetune.ops.runner import get_pipeline, parameters
+    from kubetune.stages.evaluate import validation_loss
+
+    _, tok_dir = tiny_tickets
+    data = datasets.load_from_disk(str(tok_dir))
+    params = {k: v.default for k, v in parameters(get_pipeline("peft")).items()}
+    cfg = from_dict(TrainConfig, {**params["train_settings"], "base_model": str(tiny_llama), "method": params["method"],
+                                  "max_steps": params["max_steps"], "learning_rate": params["learning_rate"],
+                                  "lora_rank": params["lora_rank"]}, "peft defaults")
+    planned = cfg.steps_for(len(data["train"]))
+    assert params["max_steps"] == 0 and planned == cfg.min_steps  # 48 tiny tickets: the minimum
+    m = train_peft(cfg, tok_dir, tmp_path / "model", tmp_path / "ws").metrics
+    assert m["evaluations"] >= 3 and m["steps"] <= planned, m  # 4 planned; early stopping may end it at 3
+    assert m["eval_loss_best"] <= m["eval_loss_last"]
+    manifest = json.loads((tmp_path / "model" / "kubetune_method.json").read_text())["train"]
+    assert manifest["max_steps"] == planned and manifest["eval_steps"] == math.ceil(planned / 4)
+    assert manifest["best_checkpoint"] and manifest["early_stopping_patience"] > 0
+    saved = validation_loss(load_model_artifact(tmp_path / "model"), list(data["validation"]), 0, 2)
+    assert saved == pytest.approx(m["eval_loss_best"], rel=1e-3), (saved, m)
+
+
 @pytest.mark.parametrize("kwargs,field", [
-    (dict(max_steps=0, epochs=0), "epochs"), (dict(best_checkpoint=True), "eval_steps"),
-    (dict(eval_steps=5, early_stopping_patience=2), "best_checkpoint"), (dict(eval_steps=-1), "eval_steps")])
+    (dict(max_steps=0, epochs=0), "epochs"), (dict(evaluations=0), "eval_steps"),
+    (dict(eval_steps=5, best_checkpoint=False), "best_checkpoint"), (dict(eval_steps=-1), "eval_steps"),
+    (dict(min_steps=0), "min_steps"), (dict(min_steps=30, step_cap=20), "step_cap")])
 def test_training_length_and_evaluation_settings_are_checked(kwargs, field):
     with pytest.raises(ConfigError, match=field):
         TrainConfig(**kwargs)

@@ -34,16 +34,27 @@ class TrainConfig:
     base_model: str = setting(DEFAULT_BASE_MODEL, "Base model: packaged name, local folder or hub id.")
     method: Literal["full", "lora", "dora", "qlora", "adapter", "prompt", "prefix", "ia3"] = setting(
         "lora", "Which weights train: all (full) or a PEFT method.")
-    max_steps: int = setting(60, "Optimizer steps; 0 = as many as 'epochs' passes over the training rows take.")
+    max_steps: int = setting(
+        0, "Optimizer steps; 0 = worked out from the data: 'epochs' passes over the training rows, at least "
+           "'min_steps', at most 'step_cap' (TrainConfig.steps_for shows the arithmetic).")
     epochs: float = setting(
-        0.0, "Passes over the training rows when max_steps is 0, so the run scales with the data (a fraction is "
+        1.0, "Passes over the training rows when max_steps is 0, so the run scales with the data (a fraction is "
              "fine). The step count is worked out before training; warmup, schedule and time cap use it.")
-    eval_steps: int = setting(0, "Validation loss every this many optimizer steps during training (0 = never).")
+    min_steps: int = setting(20, "Fewest optimizer steps 'epochs' may give (tiny data is repeated up to it).")
+    step_cap: int = setting(
+        60, "Most optimizer steps 'epochs' may give (0 = no cap): sized so the main job trains in about 5 of its 10 "
+            "minutes on 2 CPU cores; raise it where steps are cheap (a GPU).")
+    eval_steps: int = setting(
+        0, "Validation loss every this many optimizer steps during training (0 = 'evaluations' spread over the run).")
+    evaluations: int = setting(
+        4, "Validation-loss evaluations spread evenly over the run when eval_steps is 0 (0 = none). Only where "
+           "the Trainer path trains (the CPU, QLoRA, prompt/prefix tuning): the GPU fast path does not evaluate "
+           "during training, so these are skipped there; an explicit eval_steps moves a GPU run to the Trainer path.")
     best_checkpoint: bool = setting(
-        False, "Finish with the weights of the evaluation that had the lowest validation loss (the Trainer's "
-               "load_best_model_at_end), not the last step's; needs eval_steps, and checkpoints at each evaluation.")
+        True, "Finish with the weights of the evaluation that had the lowest validation loss (the Trainer's "
+              "load_best_model_at_end), not the last step's; needs evaluations, and checkpoints at each one.")
     early_stopping_patience: int = setting(
-        0, "Stop once this many evaluations in a row brought no lower validation loss (0 = never); needs "
+        2, "Stop once this many evaluations in a row brought no lower validation loss (0 = never); needs "
            "best_checkpoint, so the run ends with the best weights rather than the last.")
     learning_rate: float = setting(0.0, "Peak learning rate; 0 = the method's known-good default.")
     batch_size: int = setting(4, "Rows per device per micro-batch (a row holds several packed examples).")
@@ -86,10 +97,14 @@ class TrainConfig:
         if self.max_steps < 0 or self.epochs < 0 or (self.max_steps == 0 and self.epochs == 0):
             raise ConfigError(f"'max_steps' ({self.max_steps}) or 'epochs' ({self.epochs}) must be > 0 (neither "
                               "negative): how long to train")
-        if self.eval_steps < 0 or self.early_stopping_patience < 0:
-            raise ConfigError("'eval_steps' and 'early_stopping_patience' must be >= 0 (0 = off)")
-        if self.best_checkpoint and not self.eval_steps:
-            raise ConfigError("'best_checkpoint' needs 'eval_steps' > 0: the best is chosen among evaluations")
+        if self.min_steps < 1 or self.step_cap < 0 or (self.step_cap and self.step_cap < self.min_steps):
+            raise ConfigError(f"'min_steps' ({self.min_steps}) must be >= 1 and 'step_cap' ({self.step_cap}) 0 "
+                              "(no cap) or >= min_steps")
+        if self.eval_steps < 0 or self.evaluations < 0 or self.early_stopping_patience < 0:
+            raise ConfigError("'eval_steps', 'evaluations' and 'early_stopping_patience' must be >= 0 (0 = off)")
+        if self.best_checkpoint and not (self.eval_steps or self.evaluations):
+            raise ConfigError("'best_checkpoint' needs 'eval_steps' or 'evaluations' > 0: the best is chosen among "
+                              "evaluations")
         if self.early_stopping_patience and not self.best_checkpoint:
             raise ConfigError("'early_stopping_patience' needs 'best_checkpoint': stopping early must keep the best "
                               "weights seen, not the last")
@@ -103,11 +118,32 @@ class TrainConfig:
             raise ConfigError(f"'lora_dropout' must be in [0, 1), got {self.lora_dropout}")
 
     def steps_for(self, train_rows: int, world: int = 1) -> int:
-        """Optimizer steps: ``max_steps``, or ``epochs`` passes over ``train_rows`` rows."""
+        """Optimizer steps: ``max_steps``, or else ``epochs`` passes over ``train_rows`` rows, kept
+        within [``min_steps``, ``step_cap``].
+
+        The default is one pass, at least 20 and at most 60 steps, at batch_size x accumulation x
+        world rows per step. The bundled tickets (the main job): 432 tickets, two per 256-token row =
+        216 rows; at 2 rows per step one epoch is 108 steps, capped to 60 = 120 rows, 240 tickets,
+        0.56 epoch. The cap is the CPU budget: 60 steps x ~5.3 s on 2 cores = ~5.3 minutes, leaving
+        ingest, evaluation and registration inside the main job's 10 minutes; on that task 60 steps
+        come close to the exact match of 108 and 324 and 30 do not (docs/compare.md, "Training length").
+        A task of 300 short examples packed 3 to a row = 100 rows = 50 steps, one full epoch. Ten
+        examples = 5 rows = 3 steps, raised to 20 (eight passes): below that LoRA has barely moved
+        from its zero start. 100,000 rows = 50,000 steps, capped to 60: raise step_cap (or set
+        max_steps) where steps are cheap.
+        """
         if self.max_steps:
             return self.max_steps
         per_step = self.batch_size * self.gradient_accumulation_steps * world
-        return max(1, math.ceil(self.epochs * math.ceil(train_rows / per_step)))
+        steps = max(self.min_steps, math.ceil(self.epochs * math.ceil(train_rows / per_step)))
+        return min(steps, self.step_cap) if self.step_cap else steps
+
+    def eval_every(self, steps: int) -> int:
+        """Steps between evaluations: ``eval_steps``, or ``evaluations`` spread over ``steps``
+        (60 steps / 4 = every 15; the last evaluation falls on the last step when it divides)."""
+        if self.eval_steps or not self.evaluations:
+            return self.eval_steps
+        return max(1, math.ceil(steps / self.evaluations))
 
     def lr(self) -> float:
         from kubetune.core.peft_methods import default_learning_rate
@@ -355,6 +391,9 @@ def train(cfg: TrainConfig, tokenized_dir: str | Path, output_dir: str | Path, c
     fast = reason is None
     if not fast:
         print(f"train: Trainer path: {reason}", flush=True)
+    # The fast path does not evaluate during training: the derived evaluations are dropped there
+    # (and so are best checkpoint and early stopping), and the manifest records what ran.
+    cfg = _with_evaluations(cfg, 0 if fast or "validation" not in data else len(data["validation"]))
     if report_to_mlflow:
         from kubetune.tracking import log_params
 
@@ -521,6 +560,18 @@ def _trainer(cfg: TrainConfig, model, data, collator: PackedCollator, tokenizer,
     for cb in reversed(_callbacks(collator, cfg.max_train_seconds)):
         trainer.callback_handler.callbacks.insert(0, cb)
     return trainer
+
+
+def _with_evaluations(cfg: TrainConfig, validation_rows: int) -> TrainConfig:
+    """``cfg`` with its evaluation schedule fixed for the Trainer path: ``evaluations`` become an
+    ``eval_steps``; with no validation rows there is nothing to evaluate, so none (and no best
+    checkpoint or early stopping) unless ``eval_steps`` asked for them by name."""
+    if cfg.eval_steps:
+        return cfg
+    every = cfg.eval_every(cfg.max_steps) if validation_rows else 0
+    if not every:
+        return replace(cfg, evaluations=0, best_checkpoint=False, early_stopping_patience=0)
+    return replace(cfg, eval_steps=every)
 
 
 def _eval_args(cfg: TrainConfig) -> dict:
