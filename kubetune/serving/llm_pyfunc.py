@@ -12,7 +12,7 @@ load time) whose one artifact is the folder the training stage wrote:
 Loading goes through ``kubetune.stages.evaluate.load_model_artifact`` and answers through its
 ``generate``, so a served model answers exactly as the evaluated one did (prompt and prefix
 tuning need their own decoding path there). Heads and Mixtures of Agents are pyfunc folders
-already (``kubetune.methods.features``, ``kubetune.methods.moa_pyfunc``) and are logged as they are.
+already (``kubetune.methods.features``, ``kubetune.methods.moa.pyfunc``) and are logged as they are.
 
 Every version is one MLflow 3 ``LoggedModel``, an output of the ``register`` run, and the model
 version is created from it (``models:/<model_id>``), which links the three. The model card is

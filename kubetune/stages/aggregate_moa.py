@@ -10,7 +10,7 @@ and every proposer alone, on examples no tuning has seen.
 Output model folder (what ``register`` registers, unchanged):
 
 * the MLflow pyfunc (``MLmodel``, ``artifacts/``): proposers and aggregator, called
-  concurrently with a deadline when served (:mod:`kubetune.methods.moa_pyfunc`);
+  concurrently with a deadline when served (:mod:`kubetune.methods.moa.pyfunc`);
 * ``moa.json``: the mixture as evaluated (mode, weights, labels, aggregator, the two halves);
 * ``kubetune_method.json``: ``{"method": "moa", ...}``;
 * ``aggregator/``: the tuned aggregator adapter, when ``tune_aggregator`` is on.
@@ -192,7 +192,7 @@ def aggregate_moa(cfg: MoAConfig, proposer_dirs: list[str | Path], dataset_dir: 
         aggregator's training metrics (when tuned).
     """
     from kubetune.methods import moa
-    from kubetune.methods.moa_pyfunc import save_moa_model
+    from kubetune.methods.moa.pyfunc import save_moa_model
     from kubetune.stages.ingest import load_dataset_dir
 
     meta, train, val = load_dataset_dir(dataset_dir)
