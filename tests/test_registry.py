@@ -460,13 +460,13 @@ def test_other_settings_train_and_the_same_run_skips(mlflow_uri, tmp_path, tiny_
     import mlflow
 
     from kubetune.ops.runner import format_summary, run_local
-    from kubetune.stages.ingest import IngestConfig, _ingest
+    from kubetune.stages.ingest import IngestConfig, check
 
     data = tmp_path / "tickets.jsonl"
     rows = [{"instruction": f"Classify ticket {i}", "input": f"my router {i} is broken",
              "output": json.dumps({"team": "network", "n": i})} for i in range(24)]
     data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    fp = _ingest(IngestConfig(data_uri=str(data)), tmp_path / "ing", tmp_path / "cache").fingerprint
+    fp = check(IngestConfig(data_uri=str(data))).fingerprint
     name = f"skip-{uuid.uuid4().hex[:6]}"
     make_version(tmp_path, name, 0.4, fingerprint=fp)  # the champion: this data, other settings
     params = {"data_uri": str(data), "base_model": str(tiny_llama), "model_name": name, "max_steps": 1,
