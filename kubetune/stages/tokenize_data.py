@@ -13,14 +13,14 @@ from kubetune.core.tokenization import TokenizeConfig, TokenizeResult, tokenize_
 
 
 def tokenize_data(cfg: TokenizeConfig, dataset_dir: str | Path, output_dir: str | Path) -> TokenizeResult:
-    """Tokenize an ingested dataset folder into a ``datasets`` folder the trainers read.
+    """The step between ``ingest`` and the trainers.
 
     Args:
-        cfg: Tokenizer and packing settings.
-        dataset_dir: Output folder of ``ingest``.
-        output_dir: Where to save the ``DatasetDict`` (train/validation) and ``meta.json``.
+        cfg: The step's settings: tokenizer (with its chat template), max_length, packing.
+        dataset_dir: The ingested dataset.
+        output_dir: The tokenized dataset: a ``datasets`` folder with ``meta.json`` and ``tokenizer/``.
 
     Returns:
-        Counts per split (examples, dropped, truncated, rows, tokens, label tokens).
+        Token counts per split and the output folder.
     """
     return tokenize_dataset(cfg, dataset_dir, output_dir)
