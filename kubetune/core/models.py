@@ -25,6 +25,7 @@ from pathlib import Path
 from dataclasses import asdict, dataclass
 
 from kubetune.errors import StageError
+from kubetune.lib.dataset import atomic_dir
 
 DEFAULT_BASE_MODEL = "smollm2-135m-instruct"
 PACKAGED = {
@@ -80,8 +81,6 @@ def _convert_gguf(package: str, filename: str, target: Path) -> Path:
     model.hf_quantizer = None
     if getattr(model, "is_quantized", False):
         model.is_quantized = False
-    from kubetune.lib.dataset import atomic_dir
-
     with atomic_dir(target) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)

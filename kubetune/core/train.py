@@ -24,6 +24,7 @@ from typing import Literal
 from kubetune.core.config import setting
 from kubetune.errors import ConfigError, StageError
 from kubetune.core.models import DEFAULT_BASE_MODEL
+from kubetune.lib.dataset import atomic_file, fsync_path, staging_dir, swap_in
 
 IGNORE = -100
 COMPLETE_MARKER = "KUBETUNE_COMPLETE"
@@ -179,8 +180,6 @@ def commit_checkpoint(ckpt: Path, step: int) -> None:
     and the folder fsynced, so after a crash (SIGKILL, power loss) the marker exists only if all
     the files it vouches for are on disk: write, fsync, rename, at the level of the checkpoint.
     """
-    from kubetune.lib.dataset import atomic_file, fsync_path
-
     for path in sorted(ckpt.rglob("*")):
         if path.is_file():
             fsync_path(path)
@@ -371,8 +370,6 @@ def train(cfg: TrainConfig, tokenized_dir: str | Path, output_dir: str | Path, c
             raise _out_of_memory(cfg, e) from None
         raise
     wall = time.perf_counter() - t0
-
-    from kubetune.lib.dataset import staging_dir, swap_in
 
     # Not atomic_dir: with sharded weights every rank writes into the folder, rank 0 swaps it in.
     output_dir = Path(output_dir)

@@ -31,6 +31,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from kubetune.errors import DataError
+from kubetune.lib.dataset import atomic_file
 
 
 def is_s3(uri: str) -> bool:
@@ -277,8 +278,6 @@ def _download_verified(client, bucket: str, key: str, dest: Path) -> None:
     the ETag where it is an MD5 (see ``_etag_is_md5``). An object with none of them is checked
     by size only. A mismatch is downloaded again; a persistent one is an error.
     """
-    from kubetune.lib.dataset import atomic_file
-
     where = f"s3://{bucket}/{key}"
     sse_c = sse_c_args()
 
