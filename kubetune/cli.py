@@ -68,17 +68,13 @@ def cmd_pipelines(args) -> int:
 
 
 def cmd_validate(args) -> int:
-    import tempfile
-    from pathlib import Path
-
     from kubetune.core.config import from_dict
     from kubetune.errors import DataError
-    from kubetune.stages.ingest import IngestConfig, _ingest
+    from kubetune.stages.ingest import IngestConfig, check
 
     cfg = from_dict(IngestConfig, {"data_uri": args.data_uri, "shape": args.shape}, "kubetune validate")
     try:
-        with tempfile.TemporaryDirectory() as tmp:
-            result = _ingest(cfg, Path(tmp) / "out", Path(tmp))
+        result = check(cfg)
     except DataError as e:
         print(str(e) if str(e).startswith(args.data_uri) else f"{args.data_uri}: {e}", file=sys.stderr)
         return 1
@@ -111,9 +107,27 @@ def cmd_models(args) -> int:
 
 
 def cmd_deploy(args) -> int:
-    from kubetune.serving.deploy import deploy_command
+    """Run the deploy stage; print the outcome in a few lines."""
+    import yaml
 
-    return deploy_command(args)
+    from kubetune.serving.deploy import describe, render
+    from kubetune.stages.deploy import DeployConfig, deploy
+
+    name, _, alias = args.model.partition("@")
+    cfg = DeployConfig(model_name=name, alias=alias or "champion", target=args.target, namespace=args.namespace,
+                       endpoint=args.endpoint, keep_serving=args.keep, port=args.port, rollback=not args.no_rollback,
+                       **({"smoke_prompts": args.prompt} if args.prompt else {}))
+    if args.render:
+        target = describe(cfg.model_name, cfg.alias)
+        print(yaml.safe_dump(render(target, namespace=cfg.namespace or "default", gpus=cfg.gpus), sort_keys=False))
+        return 0
+    result = deploy(cfg)
+    print(f"deployed {name} v{result.version} ({result.runtime}) at {result.url}")
+    for prompt, answer in zip(cfg.smoke_prompts, result.answers):
+        print(f"  {prompt!r} -> {answer[:80]!r}")
+    if result.pid:
+        print(f"  serving (pid {result.pid}); stop it with: kill {result.pid}")
+    return 0
 
 
 def cmd_schedule(args) -> int:

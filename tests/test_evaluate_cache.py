@@ -5,7 +5,7 @@ import os
 import datasets
 
 from kubetune.stages import evaluate as ev
-from kubetune.stages.ingest import load_dataset_dir
+from kubetune.lib.dataset import load_dataset_dir
 
 
 def test_base_scores_are_reused_only_for_an_identical_evaluation(tiny_llama, tiny_tickets, tmp_path, monkeypatch):

@@ -11,7 +11,8 @@ import torch
 
 from kubetune.errors import ConfigError, StageError
 from kubetune.methods.features import artifact_dir, classification_metrics
-from kubetune.stages.embed import EmbedConfig, embed, load_features
+from kubetune.methods.features import load_features
+from kubetune.stages.embed import EmbedConfig, embed
 from kubetune.stages.evaluate_head import EvaluateHeadConfig, evaluate_head
 from kubetune.stages.ingest import IngestConfig, ingest
 from kubetune.stages.register import RegisterConfig, register

@@ -460,13 +460,14 @@ def test_other_settings_train_and_the_same_run_skips(mlflow_uri, tmp_path, tiny_
     import mlflow
 
     from kubetune.ops.runner import format_summary, run_local
-    from kubetune.stages.ingest import IngestConfig, _ingest
+    from kubetune.stages.ingest import IngestConfig, check
 
     data = tmp_path / "tickets.jsonl"
     rows = [{"instruction": f"Classify ticket {i}", "input": f"my router {i} is broken",
              "output": json.dumps({"team": "network", "n": i})} for i in range(24)]
     data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    fp = _ingest(IngestConfig(data_uri=str(data)), tmp_path / "ing", tmp_path / "cache").fingerprint
+    checked = check(IngestConfig(data_uri=str(data)))
+    fp = checked.fingerprint
     name = f"skip-{uuid.uuid4().hex[:6]}"
     make_version(tmp_path, name, 0.4, fingerprint=fp)  # the champion: this data, other settings
     params = {"data_uri": str(data), "base_model": str(tiny_llama), "model_name": name, "max_steps": 1,
@@ -479,7 +480,7 @@ def test_other_settings_train_and_the_same_run_skips(mlflow_uri, tmp_path, tiny_
     from kubetune.stages.evaluate import EvaluateConfig
 
     settings = asdict(EvaluateConfig(base_model=str(tiny_llama), **params["eval_settings"]))
-    validation = json.loads((tmp_path / "ing" / "meta.json").read_text())["validation_fingerprint"]
+    validation = checked.meta["validation_fingerprint"]
     tracking.set_version_tags(name, "1", {"kubetune.eval_key": eval_key(validation, {
         k: v for k, v in settings.items() if k not in ("model_name", "reuse_base_scores")})})
 

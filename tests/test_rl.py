@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kubetune.methods.rl.reward import read_jsonl
+from kubetune.lib.dataset import read_jsonl
 
 DATA = Path(__file__).resolve().parents[1] / "kubetune" / "data"
 

@@ -31,7 +31,8 @@ def prefs(tmp_path):
 
 
 def test_ingest_group_by_keeps_each_prompt_on_one_side(tmp_path):
-    from kubetune.stages.ingest import IngestConfig, ingest, load_dataset_dir
+    from kubetune.lib.dataset import load_dataset_dir
+    from kubetune.stages.ingest import IngestConfig, ingest
 
     result = ingest(IngestConfig(data_uri="bundled://preferences", group_by="prompt"), tmp_path / "g")
     _, train, val = load_dataset_dir(tmp_path / "g")

@@ -9,8 +9,8 @@ import torch
 
 from kubetune.errors import StageError
 from kubetune.stages.ingest import IngestConfig, ingest
-from kubetune.stages.tokenize_data import (IGNORE, TokenizeConfig, encode_chat, pack, setup_tokenizer,
-                                           tokenize_data)
+from kubetune.core.tokenization import IGNORE, TokenizeConfig, encode_chat, pack, setup_tokenizer
+from kubetune.stages.tokenize_data import tokenize_data
 from kubetune.core.train import PackedCollator
 
 

@@ -510,7 +510,6 @@ def _save_checkpoint(root, step: int, wrapped, opt, extra: dict, keep: int = 2) 
     through torch.distributed.checkpoint, sharded as trained; RNG and data position per rank),
     then rank 0 fsyncs, marks and renames it into place. A crash before the rename leaves only a
     `.tmp` folder, which `last_checkpoint` never picks."""
-    import os
     import shutil
     from pathlib import Path
 
@@ -519,10 +518,12 @@ def _save_checkpoint(root, step: int, wrapped, opt, extra: dict, keep: int = 2) 
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     from kubetune.core.train import commit_checkpoint
+    from kubetune.lib.dataset import staging_dir, swap_in
 
     world, rank = _dist()
     root = Path(root)
-    final, tmp = root / f"{CHECKPOINT_PREFIX}{step}", root / f"{CHECKPOINT_PREFIX}{step}.tmp"
+    final = root / f"{CHECKPOINT_PREFIX}{step}"
+    tmp = staging_dir(final)
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -535,7 +536,7 @@ def _save_checkpoint(root, step: int, wrapped, opt, extra: dict, keep: int = 2) 
         dist.barrier()
     if rank == 0:
         commit_checkpoint(tmp, step)
-        os.replace(tmp, final)
+        swap_in(tmp, final)
         older = sorted((p for p in root.glob(CHECKPOINT_PREFIX + "*") if p.name[len(CHECKPOINT_PREFIX):].isdigit()),
                        key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
         for p in older[:-keep]:

@@ -24,6 +24,7 @@ from typing import Literal
 from kubetune.core.config import setting
 from kubetune.errors import ConfigError, StageError
 from kubetune.core.models import DEFAULT_BASE_MODEL
+from kubetune.lib.dataset import atomic_file, fsync_path, staging_dir, swap_in
 
 IGNORE = -100
 COMPLETE_MARKER = "KUBETUNE_COMPLETE"
@@ -172,14 +173,6 @@ def last_complete_checkpoint(checkpoint_dir: Path) -> Path | None:
     return max(done, key=lambda p: int(p.name.split("-")[-1]), default=None)
 
 
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def commit_checkpoint(ckpt: Path, step: int) -> None:
     """Make a written checkpoint durable, then mark it complete atomically.
 
@@ -189,15 +182,10 @@ def commit_checkpoint(ckpt: Path, step: int) -> None:
     """
     for path in sorted(ckpt.rglob("*")):
         if path.is_file():
-            _fsync_path(path)
-    tmp = ckpt / (COMPLETE_MARKER + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(str(step))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, ckpt / COMPLETE_MARKER)
-    _fsync_path(ckpt)
-    _fsync_path(ckpt.parent)
+            fsync_path(path)
+    with atomic_file(ckpt / COMPLETE_MARKER, durable=True) as tmp:
+        tmp.write_text(str(step))
+    fsync_path(ckpt.parent)
 
 
 def _disk_full(e: BaseException) -> bool:
@@ -341,7 +329,7 @@ def train(cfg: TrainConfig, tokenized_dir: str | Path, output_dir: str | Path, c
                          "row, so packed examples would see each other); tokenize with packing=false")
     if model is None:
         if world == 1:  # the estimate is per device; sharded runs are sized by the cluster profile
-            from kubetune.ops.preflight import check_memory
+            from kubetune.core.memory_check import check_memory
 
             check_memory(cfg, meta.get("tokenize", {}).get("max_length") or 512, device)
         model = load_for_training(cfg, device, tokenizer)
@@ -383,8 +371,9 @@ def train(cfg: TrainConfig, tokenized_dir: str | Path, output_dir: str | Path, c
         raise
     wall = time.perf_counter() - t0
 
+    # Not atomic_dir: with sharded weights every rank writes into the folder, rank 0 swaps it in.
     output_dir = Path(output_dir)
-    tmp = output_dir.with_name(output_dir.name + ".tmp")
+    tmp = staging_dir(output_dir)
     trained = model if fast else trainer.model
     sharded = getattr(trainer, "is_fsdp_enabled", False) or (fast and world > 1 and cfg.method == "full")
     if getattr(trainer, "is_fsdp_enabled", False):
@@ -411,9 +400,7 @@ def train(cfg: TrainConfig, tokenized_dir: str | Path, output_dir: str | Path, c
         merged = trained.merge_and_unload()
         merged.save_pretrained(tmp / "merged", safe_serialization=True)
         tokenizer.save_pretrained(tmp / "merged")
-    if output_dir.exists():
-        shutil.rmtree(output_dir)
-    os.replace(tmp, output_dir)
+    swap_in(tmp, output_dir)
     metrics = {
         "train_loss_first": losses[0] if losses else float("nan"),
         "train_loss_last": sum(losses[-5:]) / len(losses[-5:]) if losses else float("nan"),

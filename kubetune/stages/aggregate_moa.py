@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 import shutil
 import tempfile
@@ -144,29 +143,24 @@ def aggregator_spec(ref: str, max_new_tokens: int) -> dict:
 def tune_aggregator(cfg: MoAConfig, examples: list[dict], out: Path, workspace: str | Path, ctx) -> dict:
     """LoRA on chat examples, through ``tokenize_data`` and the one training core."""
     from kubetune.core.config import from_dict
-    from kubetune.stages.ingest import fingerprint, write_jsonl
-    from kubetune.stages.tokenize_data import TokenizeConfig, tokenize_data
+    from kubetune.core.tokenization import TokenizeConfig, tokenize_dataset
     from kubetune.core.train import TrainConfig, run_training
+    from kubetune.lib.dataset import fingerprint, write_dataset_dir
 
-    from kubetune.stages.propose import whole_ints
-
-    train_cfg = from_dict(TrainConfig, {"method": "lora", **whole_ints(TrainConfig, cfg.aggregator_train),
-                                        "base_model": cfg.aggregator}, "aggregator_train")
+    # from_dict turns KFP's whole floats (Struct numbers are doubles) back into ints.
+    train_cfg = from_dict(TrainConfig, {"method": "lora", **cfg.aggregator_train, "base_model": cfg.aggregator},
+                          "aggregator_train")
     with tempfile.TemporaryDirectory() as tmp:
-        data = Path(tmp) / "dataset"
-        data.mkdir()
         # An ingested-dataset folder, as ingest writes it; a tenth of the examples (at least
         # one) is the validation split tokenize_data expects.
         n_val = max(1, len(examples) // 10)
         train, val = examples[n_val:] or examples, examples[:n_val]
-        write_jsonl(data / "train.jsonl", train)
-        write_jsonl(data / "validation.jsonl", val)
         meta = {"shape": "chat", "fingerprint": fingerprint(examples),
                 "counts": {"train": len(train), "validation": len(val)}, "source": "aggregate_moa"}
-        (data / "meta.json").write_text(json.dumps(meta))
+        data = write_dataset_dir(Path(tmp) / "dataset", meta, train, val)
         tokenized = Path(tmp) / "tokenized"
-        tokenize_data(TokenizeConfig(base_model=cfg.aggregator, max_length=cfg.max_length, overlong="truncate"),
-                      data, tokenized)
+        tokenize_dataset(TokenizeConfig(base_model=cfg.aggregator, max_length=cfg.max_length, overlong="truncate"),
+                         data, tokenized)
         return run_training("train-aggregator", train_cfg, tokenized, out, workspace, ctx).metrics
 
 
@@ -191,9 +185,9 @@ def aggregate_moa(cfg: MoAConfig, proposer_dirs: list[str | Path], dataset_dir: 
         The fitted weights, the label set, each proposer's accuracy on the fit half and the
         aggregator's training metrics (when tuned).
     """
+    from kubetune.lib.dataset import atomic_dir, load_dataset_dir
     from kubetune.methods import moa
     from kubetune.methods.moa.pyfunc import save_moa_model
-    from kubetune.stages.ingest import load_dataset_dir
 
     meta, train, val = load_dataset_dir(dataset_dir)
     proposers = read_proposers(proposer_dirs)
@@ -216,10 +210,9 @@ def aggregate_moa(cfg: MoAConfig, proposer_dirs: list[str | Path], dataset_dir: 
     fit_accuracy = {n: moa.accuracy(fit_preds[n], fit_refs, labels) for n in names}
 
     model_dir, proposals_path = Path(model_dir), Path(proposals_path)
-    tmp = model_dir.with_name(model_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    work = Path(tempfile.mkdtemp(prefix="aggregate-moa-"))
-    try:
+    # save_moa_model writes into an empty folder, so a tuned aggregator is trained beside it and copied in.
+    with atomic_dir(model_dir) as tmp, tempfile.TemporaryDirectory(prefix="aggregate-moa-") as scratch:
+        work = Path(scratch)
         agg = aggregator_spec(cfg.aggregator, cfg.max_new_tokens) if cfg.aggregator else None
         tuned_metrics = {}
         if cfg.tune_aggregator:
@@ -241,24 +234,19 @@ def aggregate_moa(cfg: MoAConfig, proposer_dirs: list[str | Path], dataset_dir: 
         if cfg.tune_aggregator:
             shutil.copytree(work / "aggregator", tmp / "aggregator")
             agg = dict(agg, path="aggregator")  # relative to the model folder
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    eval_fp = hashlib.sha256(json.dumps([meta["fingerprint"], held, labels]).encode()).hexdigest()[:16]
-    description = {
-        "mode": cfg.mode, "proposers": [p["spec"] for p in proposers], "weights": weights, "labels": labels,
-        "aggregator": agg, "aggregator_tuned": cfg.tune_aggregator, "layers": cfg.layers,
-        "timeout": cfg.timeout, "max_new_tokens": cfg.max_new_tokens, "fit": fit, "eval": held,
-        "data_fingerprint": meta["fingerprint"], "eval_fingerprint": eval_fp,
-    }
-    (tmp / "moa.json").write_text(json.dumps(description, indent=2))
-    manifest = {"method": "moa", "mode": cfg.mode, "proposers": names, "weights": weights,
-                "base_model": cfg.aggregator if cfg.mode == "synthesis" else "",
-                "aggregator_tuned": cfg.tune_aggregator, "data_fingerprint": meta["fingerprint"],
-                "shape": meta["shape"]}
-    (tmp / "kubetune_method.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    if model_dir.exists():
-        shutil.rmtree(model_dir)
-    os.replace(tmp, model_dir)
+        eval_fp = hashlib.sha256(json.dumps([meta["fingerprint"], held, labels]).encode()).hexdigest()[:16]
+        description = {
+            "mode": cfg.mode, "proposers": [p["spec"] for p in proposers], "weights": weights, "labels": labels,
+            "aggregator": agg, "aggregator_tuned": cfg.tune_aggregator, "layers": cfg.layers,
+            "timeout": cfg.timeout, "max_new_tokens": cfg.max_new_tokens, "fit": fit, "eval": held,
+            "data_fingerprint": meta["fingerprint"], "eval_fingerprint": eval_fp,
+        }
+        (tmp / "moa.json").write_text(json.dumps(description, indent=2))
+        manifest = {"method": "moa", "mode": cfg.mode, "proposers": names, "weights": weights,
+                    "base_model": cfg.aggregator if cfg.mode == "synthesis" else "",
+                    "aggregator_tuned": cfg.tune_aggregator, "data_fingerprint": meta["fingerprint"],
+                    "shape": meta["shape"]}
+        (tmp / "kubetune_method.json").write_text(json.dumps(manifest, indent=2) + "\n")
 
     proposals = {
         "names": names, "labels": labels, "references": refs,

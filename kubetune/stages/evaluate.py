@@ -250,7 +250,7 @@ def load_model_artifact(model_dir: str | Path, policy: "models.LoadPolicy | None
 
 
 def score_model(model, tok, val_records, val_rows, shape, cfg: EvaluateConfig, general: list[str]) -> dict:
-    from kubetune.stages.tokenize_data import prompt_messages, reference_answer
+    from kubetune.lib.dataset import prompt_messages, reference_answer
 
     out = {"val_loss": validation_loss(model, val_rows, tok.pad_token_id, cfg.batch_size)}
     out["val_perplexity"] = math.exp(min(out["val_loss"], 50))
@@ -313,10 +313,10 @@ def _base_scores(cfg: EvaluateConfig, tok, val_records, val_rows, shape, general
     scores = score_model(base_model, tok, val_records, val_rows, shape, cfg, general)
     del base_model
     if path.is_dir():
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(cache.name + f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(scores))
-        os.replace(tmp, cache)
+        from kubetune.lib.dataset import atomic_file
+
+        with atomic_file(cache) as tmp:  # concurrent evaluations of one base model write the same cache
+            tmp.write_text(json.dumps(scores))
     return scores
 
 
@@ -359,7 +359,7 @@ def evaluate(cfg: EvaluateConfig, model_dir: str | Path, dataset_dir: str | Path
 
     from kubetune import tracking
     from kubetune.lib.benchmarks import gate as benchmark_gate
-    from kubetune.stages.ingest import load_dataset_dir
+    from kubetune.lib.dataset import load_dataset_dir
 
     meta, _, val_records = load_dataset_dir(dataset_dir)
     val_rows = list(datasets.load_from_disk(str(tokenized_dir))["validation"])

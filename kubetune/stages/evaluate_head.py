@@ -50,9 +50,8 @@ def evaluate_head(cfg: EvaluateHeadConfig, model_dir: str | Path, embeddings_dir
         The report (same keys as ``evaluate``'s).
     """
     from kubetune import tracking
-    from kubetune.methods.features import Head, artifact_dir, classification_metrics, majority_baseline
-    from kubetune.stages.embed import load_features
-    from kubetune.stages.ingest import load_dataset_dir
+    from kubetune.lib.dataset import load_dataset_dir
+    from kubetune.methods.features import Head, artifact_dir, classification_metrics, load_features, majority_baseline
 
     meta, t = load_features(embeddings_dir)
     labels = meta["labels"]

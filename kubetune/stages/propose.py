@@ -21,8 +21,6 @@ Output folder:
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -111,14 +109,14 @@ def serving_spec(cfg: ProposeConfig, trained: bool) -> dict:
 def _finetune(cfg: ProposeConfig, dataset_dir: Path, out: Path, workspace: str | Path, ctx) -> dict:
     """Tokenize for ``cfg.model`` and train it with the one training core into ``out``."""
     from kubetune.core.config import from_dict
-    from kubetune.stages.tokenize_data import TokenizeConfig, tokenize_data
+    from kubetune.core.tokenization import TokenizeConfig, tokenize_dataset
     from kubetune.core.train import TrainConfig, run_training
 
     train_cfg = from_dict(TrainConfig, {**whole_ints(TrainConfig, cfg.train), "base_model": cfg.model},
                           f"proposer '{cfg.name}' train")
     with tempfile.TemporaryDirectory() as tmp:
         tokenized = Path(tmp) / "tokenized"
-        tokenize_data(TokenizeConfig(base_model=cfg.model, max_length=cfg.max_length), dataset_dir, tokenized)
+        tokenize_dataset(TokenizeConfig(base_model=cfg.model, max_length=cfg.max_length), dataset_dir, tokenized)
         stage = "train-full" if train_cfg.method == "full" else "train-peft"
         return run_training(stage, train_cfg, tokenized, out, workspace, ctx).metrics
 
@@ -139,41 +137,36 @@ def propose(cfg: ProposeConfig, dataset_dir: str | Path, output_dir: str | Path,
         when trained) and the output folder.
     """
     from kubetune.methods import moa
-    from kubetune.stages.ingest import load_dataset_dir, write_jsonl
+    from kubetune.lib.dataset import atomic_dir, load_dataset_dir, write_jsonl
 
     dataset_dir, output_dir = Path(dataset_dir), Path(output_dir)
     meta, train, val = load_dataset_dir(dataset_dir)
-    tmp = output_dir.with_name(output_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    metrics: dict = {}
-    if cfg.train:
-        metrics.update(_finetune(cfg, dataset_dir, tmp / "model", workspace, ctx))
-    spec = serving_spec(cfg, trained=bool(cfg.train))
+    with atomic_dir(output_dir) as tmp:
+        metrics: dict = {}
+        if cfg.train:
+            metrics.update(_finetune(cfg, dataset_dir, tmp / "model", workspace, ctx))
+        spec = serving_spec(cfg, trained=bool(cfg.train))
 
-    labels = None
-    if meta["shape"] == "classification":  # the prompt names the options (see prompt_and_reference)
-        labels = sorted({str(r["label"]) for r in train})
-    examples = [("validation", i, r) for i, r in enumerate(val)]
-    examples += [("train", i, r) for i, r in enumerate(train[: cfg.train_answers])]
-    conversations = [moa.prompt_and_reference(r, labels)[0] for _, _, r in examples]
+        labels = None
+        if meta["shape"] == "classification":  # the prompt names the options (see prompt_and_reference)
+            labels = sorted({str(r["label"]) for r in train})
+        examples = [("validation", i, r) for i, r in enumerate(val)]
+        examples += [("train", i, r) for i, r in enumerate(train[: cfg.train_answers])]
+        conversations = [moa.prompt_and_reference(r, labels)[0] for _, _, r in examples]
 
-    with maybe_stage(ctx, "propose", params={**asdict(cfg), "kind": spec["kind"]}) as run:
-        served = dict(spec, path=str(tmp / "model")) if cfg.train else spec
-        proposer = moa.proposer_from_spec(served)
-        completions = moa.answer_all(proposer, conversations, max_new_tokens=cfg.max_new_tokens,
-                                     batch_size=cfg.batch_size)
-        rows = [{"split": split, "index": i, "text": c.text, "tokens": c.tokens, "latency_s": c.latency_s}
-                for (split, i, _), c in zip(examples, completions)]
-        n = max(len(rows), 1)
-        metrics.update(answers=len(rows), tokens_per_answer=sum(r["tokens"] for r in rows) / n,
-                       latency_s=sum(r["latency_s"] for r in rows) / n,
-                       empty_answers=sum(not r["text"] for r in rows))
-        if run is not None:
-            log_metrics(metrics)
-    write_jsonl(tmp / "answers.jsonl", rows)
-    (tmp / "proposer.json").write_text(json.dumps(spec, indent=2))
-    if output_dir.exists():
-        shutil.rmtree(output_dir)
-    os.replace(tmp, output_dir)
+        with maybe_stage(ctx, "propose", params={**asdict(cfg), "kind": spec["kind"]}) as run:
+            served = dict(spec, path=str(tmp / "model")) if cfg.train else spec
+            proposer = moa.proposer_from_spec(served)
+            completions = moa.answer_all(proposer, conversations, max_new_tokens=cfg.max_new_tokens,
+                                         batch_size=cfg.batch_size)
+            rows = [{"split": split, "index": i, "text": c.text, "tokens": c.tokens, "latency_s": c.latency_s}
+                    for (split, i, _), c in zip(examples, completions)]
+            n = max(len(rows), 1)
+            metrics.update(answers=len(rows), tokens_per_answer=sum(r["tokens"] for r in rows) / n,
+                           latency_s=sum(r["latency_s"] for r in rows) / n,
+                           empty_answers=sum(not r["text"] for r in rows))
+            if run is not None:
+                log_metrics(metrics)
+        write_jsonl(tmp / "answers.jsonl", rows)
+        (tmp / "proposer.json").write_text(json.dumps(spec, indent=2))
     return ProposeResult(spec=spec, metrics=metrics, output_dir=str(output_dir))

@@ -144,14 +144,10 @@ def summarize_data(data) -> DataSummary:
         return DataSummary(examples=data)
     if isinstance(data, dict):
         return DataSummary(**data)
-    import tempfile
+    from kubetune.stages.ingest import IngestConfig, check
 
-    from kubetune.stages.ingest import IngestConfig, _ingest, read_jsonl
-
-    with tempfile.TemporaryDirectory() as tmp:
-        result = _ingest(IngestConfig(data_uri=str(data)), Path(tmp) / "out", Path(tmp))
-        records = read_jsonl(Path(result.output_dir) / "train.jsonl") + \
-            read_jsonl(Path(result.output_dir) / "validation.jsonl")
+    result = check(IngestConfig(data_uri=str(data)))
+    records = result.train + result.validation
     tokens = [_record_tokens(r) for r in records]
     return DataSummary(examples=len(records), shape=result.shape, mean_tokens=sum(tokens) / max(1, len(tokens)),
                        source=str(data), estimated_tokens=True)

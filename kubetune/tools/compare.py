@@ -151,21 +151,18 @@ def classification_view(data_uri: str, label_field: str, out_dir: Path) -> str:
     Classification data is used as it is. For instruction data whose answers are JSON objects,
     ``label_field`` names the key that becomes the class (for the bundled tickets, ``issue``).
     """
-    import tempfile
-
     from kubetune.errors import DataError
-    from kubetune.stages.ingest import IngestConfig, _ingest, load_dataset_dir
+    from kubetune.lib.dataset import atomic_file, write_jsonl
+    from kubetune.stages.ingest import IngestConfig, check
 
-    with tempfile.TemporaryDirectory() as tmp:
-        result = _ingest(IngestConfig(data_uri=data_uri), Path(tmp) / "ds", Path(tmp))
-        if result.shape == "classification":
-            return data_uri
-        if not label_field:
-            raise ConfigError(f"feature-extraction on '{data_uri}' (shape '{result.shape}') needs --label-field: "
-                              "the key of the JSON answers that becomes the class")
-        _, train, val = load_dataset_dir(Path(tmp) / "ds")
+    result = check(IngestConfig(data_uri=data_uri))
+    if result.shape == "classification":
+        return data_uri
+    if not label_field:
+        raise ConfigError(f"feature-extraction on '{data_uri}' (shape '{result.shape}') needs --label-field: "
+                          "the key of the JSON answers that becomes the class")
     rows = []
-    for i, r in enumerate(train + val):
+    for i, r in enumerate(result.train + result.validation):
         try:
             label = json.loads(r.get("output", ""))[label_field]
         except (ValueError, KeyError, TypeError):
@@ -173,11 +170,9 @@ def classification_view(data_uri: str, label_field: str, out_dir: Path) -> str:
                             f"'{label_field}' (--label-field)") from None
         text = (r.get("input") or r.get("instruction") or "").strip()
         rows.append({"text": text, "label": str(label)})
-    out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"classification-{label_field}.jsonl"
-    tmp_path = path.with_name(path.name + ".tmp")
-    tmp_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    os.replace(tmp_path, path)
+    with atomic_file(path) as tmp_path:
+        write_jsonl(tmp_path, rows)
     return str(path)
 
 

@@ -71,12 +71,6 @@ class RewardModelResult:
     figure: Any = field(repr=False)
 
 
-def read_jsonl(path: str | Path) -> list[dict]:
-    """Rows of a JSONL file."""
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 def _conversation(tokenizer, prompt: str, response: str) -> list[dict] | str:
     if tokenizer.chat_template:
         return [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
