@@ -79,7 +79,9 @@ class EvalReport:
     eval_key: str | None = None  # validation rows + settings + code: equal keys mean reusable numbers
     validation_examples: int = 0
     benchmark_gate: str | None = None  # lm-eval benchmarks' verdict ("pass: ..." / "fail: ..."), when run
-    base_name: str | None = None  # set when the base is not a model the candidate trained from (MoA)
+    # MoA: the best single proposer serving as base; the mixture trains nothing that could have
+    # failed to learn, so check_gates lets a first version tie it rather than beat it.
+    base_name: str | None = None
     evaluated: bool = True
     details: dict[str, Any] = field(default_factory=dict)  # a method's extras, written beside the fields
 
