@@ -28,8 +28,8 @@ def evaluate_moa(model: dsl.Input[dsl.Model], proposals: dsl.Input[dsl.Artifact]
     cfg = from_dict(EvaluateMoAConfig, whole_ints(EvaluateMoAConfig, {**settings, "model_name": model_name}),
                     "evaluate_moa settings")
     result = stage(cfg, model.path, proposals.path, report.path, ctx=RunContext(model_name, run_id, pipeline))
-    for row in result.report["rows"]:
+    for row in result.report.details["rows"]:
         for k, v in row.items():
             if k != "name" and v is not None:
                 metrics.log_metric(f"{row['name'].replace('/', '_')}_{k}", v)
-    print(result.report["table"], flush=True)  # the comparison, in the task's log
+    print(result.report.details["table"], flush=True)  # the comparison, in the task's log

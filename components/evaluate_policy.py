@@ -36,6 +36,5 @@ def evaluate_policy(model: dsl.Input[dsl.Model], reward_model: dsl.Input[dsl.Mod
     result = stage(cfg, model.path, reference.path if reference is not None else base_model, reward_model.path,
                    dataset.path, report.path, ctx=RunContext(model_name, run_id, pipeline),
                    train_reward_model_dir=train_reward_model.path if train_reward_model is not None else None)
-    for who in ("candidate", "base"):
-        for k, v in result.report[who].items():
-            metrics.log_metric(f"{who}_{k}", v)
+    for k, v in result.report.metrics().items():
+        metrics.log_metric(k, v)

@@ -39,20 +39,6 @@ ALLOWED_STAGE_IMPORTS = {
     "kubetune.tools.compare": "reads data with stages.ingest.check, as a pipeline would",
 }
 
-# Temporary, until the scoring move lands: these scoring functions and report helpers still
-# live in the evaluate stage (and the registry ops); they move to kubetune.core.scoring,
-# kubetune.lib.text_metrics and kubetune.lib.report, and then every entry here goes (the
-# test below fails on an entry whose import is gone).
-# Key: (importing module, imported module) -> names that may be imported.
-PENDING_SCORING_MOVE = {
-    ("kubetune.methods.moa", "kubetune.stages.evaluate"): {"load_model_artifact"},
-    ("kubetune.serving.llm_pyfunc", "kubetune.stages.evaluate"): {"load_model_artifact", "generate"},
-    ("kubetune.stages.evaluate_policy", "kubetune.stages.evaluate"): {"text_perplexity", "GENERAL_TEXT"},
-    ("kubetune.stages.evaluate_moa", "kubetune.stages.evaluate"): {"better"},
-    ("kubetune.methods.rl.rewards", "kubetune.stages.evaluate"): {"exact_match", "field_accuracy"},
-    ("kubetune.lib.eval_card", "kubetune.stages.evaluate"): {"exact_match"},
-    ("kubetune.lib.eval_card", "kubetune.tracking.registry_ops"): {"LOWER_IS_BETTER"},
-}
 
 
 def module_name(path: Path) -> str:
@@ -110,9 +96,6 @@ def violations(files: dict[Path, str | None] | None = None) -> list[str]:
         where = path.relative_to(ROOT)
         for line, target, name in imports(path, text):
             what = f"{where}:{line}: {me} imports {target}" + (f".{name}" if name else "")
-            pending = PENDING_SCORING_MOVE.get((me, target), set())
-            if name is not None and name in pending:
-                continue
             if inside(me, STAGES) and inside(target, STAGES) and target not in (STAGES, me):
                 found.append(f"{what} (a stage imports another stage; move the shared piece into a library)")
             elif inside(target, STAGES) and not any(inside(me, p) for p in RUN_STAGES) \
@@ -134,9 +117,7 @@ def test_the_layers_hold():
 def test_the_allowlists_are_still_needed():
     """An allowlist entry whose import is gone is dropped, so the list stays the truth."""
     seen = {(module_name(p), target, name) for p in sources() for _, target, name in imports(p)}
-    stale = [f"{me} -> {target}.{n}" for (me, target), names in PENDING_SCORING_MOVE.items()
-             for n in sorted(names) if (me, target, n) not in seen]
-    stale += [me for me in ALLOWED_STAGE_IMPORTS
+    stale = [me for me in ALLOWED_STAGE_IMPORTS
               if not any(m == me and inside(t, STAGES) for m, t, _ in seen)]
     assert not stale, f"allowlist entries with no such import left (remove them): {stale}"
 

@@ -54,7 +54,7 @@ def test_peft_pipeline_registers_then_keeps_champion_against_worse_run(tiny_llam
         "kubetune.pipeline_run_id"]
 
     # the registered champion loads back from the registry and generates
-    from kubetune.stages.evaluate import load_model_artifact
+    from kubetune.core.scoring import load_model_artifact
 
     path = tracking.download_version("tiny-peft", "1", tmp_path / "dl")
     model = load_model_artifact(path)

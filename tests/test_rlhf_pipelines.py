@@ -107,9 +107,9 @@ def test_reward_model_stage_reports_for_register_and_compares_with_champion(tiny
     weak = RewardModelConfig(base_model=str(tiny_llama), max_steps=1, model_name="tiny-reward", batch_size=4)
     second = reward_model(weak, prefs, tmp_path / "rm2", tmp_path / "rm2.json",
                           ctx=RunContext("tiny-reward", "run-2", "rlhf"))
-    assert second.report["champion_version"] == "1"
-    assert second.report["champion"]["accuracy"] == pytest.approx(first.metrics["accuracy"])
-    assert not second.report["beats_champion"]
+    assert second.report.champion_version == "1"
+    assert second.report.champion["accuracy"] == pytest.approx(first.metrics["accuracy"])
+    assert not second.report.judge().beats_champion
 
 
 def test_reward_model_halves_are_prompt_disjoint_and_cover_the_training_pairs(prefs):
@@ -137,7 +137,7 @@ def test_policy_is_judged_by_the_judge_not_by_the_reward_model_it_optimised(tiny
                      tmp_path / half, tmp_path / f"{half}.json")
     cfg = EvaluatePolicyConfig(max_new_tokens=6, max_prompts=4, forgetting=False)
     report = evaluate_policy(cfg, tiny_llama, tiny_llama, tmp_path / "judge", prefs, tmp_path / "eval.json",
-                             train_reward_model_dir=tmp_path / "policy").report
+                             train_reward_model_dir=tmp_path / "policy").report.to_dict()
     assert report["primary_metric"] == "reward"
     prompts = unique_prompts(load_pairs(prefs)[2])[:4]
     judged = compare_policies(tiny_llama, tiny_llama, prompts, RewardModelScorer(tmp_path / "judge"),
@@ -151,9 +151,9 @@ def test_policy_is_judged_by_the_judge_not_by_the_reward_model_it_optimised(tiny
 
     # A programmatic check decides where the task has one: ".*" passes every response, and the
     # tied candidate (the reference itself) does not beat its base.
-    report = evaluate_policy(EvaluatePolicyConfig(max_new_tokens=6, max_prompts=4, forgetting=False,
-                                                  judge_pattern=".*"),
-                             tiny_llama, tiny_llama, tmp_path / "judge", prefs, tmp_path / "eval2.json").report
+    cfg = EvaluatePolicyConfig(max_new_tokens=6, max_prompts=4, forgetting=False, judge_pattern=".*")
+    report = evaluate_policy(cfg, tiny_llama, tiny_llama, tmp_path / "judge", prefs,
+                             tmp_path / "eval2.json").report.to_dict()
     assert report["primary_metric"] == "pattern_rate"
     assert report["candidate"]["pattern_rate"] == 1.0 == report["base"]["pattern_rate"]
     assert not report["beats_base"]

@@ -11,7 +11,6 @@ reward model is registered like any other model.
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Literal
 from kubetune.core.config import setting
 from kubetune.errors import ConfigError, DataError
 from kubetune.core.models import DEFAULT_BASE_MODEL
+from kubetune.lib.report import EvalReport
 from kubetune.tracking import RunContext, log_metrics, maybe_stage
 
 PRIMARY_METRIC = "accuracy"
@@ -63,7 +63,7 @@ class RewardModelConfig:
 @dataclass
 class RewardModelResult:
     metrics: dict
-    report: dict
+    report: EvalReport
     output_dir: str
 
 
@@ -104,6 +104,7 @@ def reward_model(cfg: RewardModelConfig, dataset_dir: str | Path, output_dir: st
     Returns:
         Metrics (accuracy, accuracy_before, margins, loss), the evaluation report, the folder.
     """
+    from kubetune import tracking
     from kubetune.core import models
     from kubetune.methods.rl.data import load_pairs, prompt_half, spread
     from kubetune.methods.rl.reward import RewardModelConfig as TrainSettings
@@ -135,36 +136,18 @@ def reward_model(cfg: RewardModelConfig, dataset_dir: str | Path, output_dir: st
         candidate = {PRIMARY_METRIC: result.metrics["accuracy"], "margin_mean": result.metrics["margin_mean"],
                      "margin_median": result.metrics["margin_median"]}
         base = {PRIMARY_METRIC: result.metrics["accuracy_before"]}
-        margin = cfg.min_improvement
-        report = {
-            "evaluated": True,
-            "primary_metric": PRIMARY_METRIC,
-            "higher_is_better": True,
-            "min_improvement": margin,
-            "candidate": candidate,
-            "base": base,
-            "champion": champion,
-            "champion_version": champion_version,
-            "forgetting": None,
-            "beats_base": candidate[PRIMARY_METRIC] > base[PRIMARY_METRIC] + margin,
-            "beats_champion": champion is None or candidate[PRIMARY_METRIC] > champion[PRIMARY_METRIC] + margin,
-            "data_fingerprint": meta["fingerprint"],
-            "validation_examples": len(val),
-        }
+        report = EvalReport(
+            primary_metric=PRIMARY_METRIC, candidate=candidate, base=base, champion=champion,
+            champion_version=champion_version, min_improvement=cfg.min_improvement, forgetting=None,
+            data_fingerprint=meta["fingerprint"], validation_examples=len(val))
         if run is not None:
-            from kubetune.tracking import log_figure
-
             # "val_": TRL's own logs use "accuracy" and "margin" for the training batches.
             log_metrics({f"val_{k}": v for k, v in result.metrics.items()})
-            if champion:
-                log_metrics({f"champion_{k}": v for k, v in champion.items()})
-            log_figure(result.figure, "reward_margins.png")
+            report.log(tracking)
+            tracking.log_figure(result.figure, "reward_margins.png")
         else:
             import matplotlib.pyplot as plt
 
             plt.close(result.figure)
-    report_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = report_path.with_name(report_path.name + ".tmp")
-    tmp.write_text(json.dumps(report, indent=2))
-    os.replace(tmp, report_path)
+    report.save(report_path)
     return RewardModelResult(metrics=result.metrics, report=report, output_dir=str(output_dir))

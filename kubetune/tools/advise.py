@@ -189,10 +189,6 @@ def load_compare(path: str | Path) -> list[dict]:
     return rows
 
 
-def _lower_is_better(metric: str) -> bool:
-    return any(k in metric.lower() for k in ("loss", "perplexity", "ppl", "error"))
-
-
 # --------------------------------------------------------------------------- time
 
 
@@ -476,7 +472,9 @@ def _better_measured(compare: list[dict], chosen: str, fits: set[str], margin: f
     rows = {r["method"]: r for r in compare if r["method"] in fits}
     if chosen not in rows or not rows:
         return None
-    sign = -1 if _lower_is_better(rows[chosen].get("metric_name", "")) else 1
+    from kubetune.lib.report import lower_is_better
+
+    sign = -1 if lower_is_better(rows[chosen].get("metric_name", "")) else 1
     best = max(rows.values(), key=lambda r: sign * r["tuned"])
     if best["method"] != chosen and sign * (best["tuned"] - rows[chosen]["tuned"]) > margin:
         return best["method"]

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from kubetune.errors import ConfigError
+from kubetune.lib.report import EvalReport
 
 # method -> (pipeline, fixed parameters). The PEFT family shares one pipeline.
 METHODS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -207,10 +208,10 @@ def collect(method: str, model_name: str, pipeline_run_id: str | None = None) ->
         return _failed(row, f"the pipeline run logged stages {sorted(stages)}; train, evaluate and register "
                             "are all needed")
     report = _report(evaluation)
-    row.metric_name = report.get("primary_metric", "")
-    row.tuned = _num((report.get("candidate") or {}).get(row.metric_name))
-    row.base = _num((report.get("base") or {}).get(row.metric_name))
-    row.forgetting = _num(report.get("forgetting"))
+    row.metric_name = report.primary_metric
+    row.tuned = _num(report.candidate.get(row.metric_name))
+    row.base = _num((report.base or {}).get(row.metric_name))
+    row.forgetting = _num(report.forgetting)
     em = evaluation.data.metrics
     row.n = _int(em.get("candidate_n"))
     row.tuned_ci = _pair(em.get(f"candidate_{row.metric_name}_ci_low"), em.get(f"candidate_{row.metric_name}_ci_high"))
@@ -231,16 +232,15 @@ def collect(method: str, model_name: str, pipeline_run_id: str | None = None) ->
     return row
 
 
-def _report(evaluation) -> dict:
-    """evaluate's numbers: its metrics (candidate_*, base_*, forgetting) and the primary metric's name."""
+def _report(evaluation) -> EvalReport:
+    """evaluate's numbers, as its run logged them (``EvalReport.log``), with the primary metric's name."""
     m = evaluation.data.metrics
-    params = evaluation.data.params
-    metric = evaluation.data.tags.get("kubetune.primary_metric") or params.get("primary_metric", "auto")
-    candidate = {k[len("candidate_"):]: v for k, v in m.items() if k.startswith("candidate_")}
-    base = {k[len("base_"):]: v for k, v in m.items() if k.startswith("base_")}
-    if metric == "auto" or metric not in candidate:
-        metric = next((k for k in ("exact_match", "macro_f1", "accuracy", "val_loss") if k in candidate), "")
-    return {"primary_metric": metric, "candidate": candidate, "base": base, "forgetting": m.get("forgetting")}
+    metric = evaluation.data.tags.get("kubetune.primary_metric") or evaluation.data.params.get("primary_metric", "auto")
+    report = EvalReport.from_logged(m, metric)
+    if metric == "auto" or metric not in report.candidate:
+        report.primary_metric = next((k for k in ("exact_match", "macro_f1", "accuracy", "val_loss")
+                                      if k in report.candidate), "")
+    return report
 
 
 def _failed(row: Row, why: str) -> Row:

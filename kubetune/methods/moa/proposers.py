@@ -125,7 +125,7 @@ class LocalProposer:
         if not self.gguf_file and not (root / "config.json").exists() and (root / "kubetune_method.json").exists():
             # An adapter written by a kubetune training stage: load it onto its base model
             # the way evaluate does, then fold LoRA weights in (same answers, faster).
-            from kubetune.stages.evaluate import load_model_artifact
+            from kubetune.core.scoring import load_model_artifact
 
             tokenizer = AutoTokenizer.from_pretrained(root)
             model = load_model_artifact(root)
