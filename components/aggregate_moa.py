@@ -27,8 +27,7 @@ def aggregate_moa(answers: dsl.Input[List[dsl.Artifact]], dataset: dsl.Input[dsl
     Returns:
         The fitted weights.
     """
-    import os
-
+    from kubetune.core import defaults
     from kubetune.core.config import from_dict
     from kubetune.stages.propose import whole_ints
     from kubetune.stages.aggregate_moa import MoAConfig
@@ -37,7 +36,7 @@ def aggregate_moa(answers: dsl.Input[List[dsl.Artifact]], dataset: dsl.Input[dsl
 
     cfg = from_dict(MoAConfig, whole_ints(MoAConfig, {**settings, "mode": mode, "aggregator": aggregator,
                                                    "tune_aggregator": tune_aggregator}), "moa settings")
-    workspace = os.environ.get("KUBETUNE_WORKSPACE", ".kubetune/workspace")
+    workspace = defaults.workspace()
     result = stage(cfg, [a.path for a in answers], dataset.path, model.path, proposals.path, workspace,
                    ctx=RunContext(model_name, run_id, pipeline))
     model.metadata.update(method="moa", mode=mode)

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Literal
 
 from kubetune.core.config import setting
+from kubetune.core.defaults import WORKSPACE
 from kubetune.errors import ConfigError, StageError
 from kubetune.core.models import DEFAULT_BASE_MODEL
 from kubetune.tracking import RunContext, log_metrics, maybe_stage
@@ -175,7 +176,7 @@ def tune_aggregator(cfg: MoAConfig, examples: list[dict], out: Path, workspace: 
 
 def aggregate_moa(cfg: MoAConfig, proposer_dirs: list[str | Path], dataset_dir: str | Path,
                   model_dir: str | Path, proposals_path: str | Path,
-                  workspace: str | Path = ".kubetune/workspace", ctx: RunContext | None = None) -> MoAResult:
+                  workspace: str | Path = WORKSPACE, ctx: RunContext | None = None) -> MoAResult:
     """Fit the mixture on the fit half of the validation split and save it as one model.
 
     Args:

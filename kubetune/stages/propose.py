@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from kubetune.core.config import setting
+from kubetune.core.defaults import WORKSPACE
 from kubetune.errors import ConfigError
 from kubetune.tracking import RunContext, log_metrics, maybe_stage
 
@@ -124,7 +125,7 @@ def _finetune(cfg: ProposeConfig, dataset_dir: Path, out: Path, workspace: str |
 
 
 def propose(cfg: ProposeConfig, dataset_dir: str | Path, output_dir: str | Path,
-            workspace: str | Path = ".kubetune/workspace", ctx: RunContext | None = None) -> ProposeResult:
+            workspace: str | Path = WORKSPACE, ctx: RunContext | None = None) -> ProposeResult:
     """Fine-tune (optionally) one proposer and answer the validation split with it.
 
     Args:

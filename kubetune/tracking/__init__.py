@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import kubetune
+from kubetune.core import defaults
 
 TAG_PIPELINE_RUN = "kubetune.pipeline_run_id"
 TAG_STAGE = "kubetune.stage"
@@ -241,7 +242,7 @@ def spool_dir() -> Path:
     import hashlib
 
     root = os.environ.get("KUBETUNE_MLFLOW_SPOOL")
-    root = Path(root) if root else Path(os.environ.get("KUBETUNE_WORKSPACE", ".kubetune/workspace")) / "mlflow-spool"
+    root = Path(root) if root else Path(defaults.workspace()) / "mlflow-spool"
     return root / hashlib.sha256(tracking_uri().encode()).hexdigest()[:12]
 
 
