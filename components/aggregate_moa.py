@@ -29,13 +29,12 @@ def aggregate_moa(answers: dsl.Input[List[dsl.Artifact]], dataset: dsl.Input[dsl
     """
     from kubetune.core import defaults
     from kubetune.core.config import from_dict
-    from kubetune.stages.propose import whole_ints
     from kubetune.stages.aggregate_moa import MoAConfig
     from kubetune.stages.aggregate_moa import aggregate_moa as stage
     from kubetune.tracking import RunContext
 
-    cfg = from_dict(MoAConfig, whole_ints(MoAConfig, {**settings, "mode": mode, "aggregator": aggregator,
-                                                   "tune_aggregator": tune_aggregator}), "moa settings")
+    cfg = from_dict(MoAConfig, {**settings, "mode": mode, "aggregator": aggregator, "tune_aggregator": tune_aggregator},
+                    "moa settings")
     workspace = defaults.workspace()
     result = stage(cfg, [a.path for a in answers], dataset.path, model.path, proposals.path, workspace,
                    ctx=RunContext(model_name, run_id, pipeline))

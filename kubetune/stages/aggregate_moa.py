@@ -149,9 +149,8 @@ def tune_aggregator(cfg: MoAConfig, examples: list[dict], out: Path, workspace: 
     from kubetune.stages.tokenize_data import TokenizeConfig, tokenize_data
     from kubetune.core.train import TrainConfig, run_training
 
-    from kubetune.stages.propose import whole_ints
 
-    train_cfg = from_dict(TrainConfig, {"method": "lora", **whole_ints(TrainConfig, cfg.aggregator_train),
+    train_cfg = from_dict(TrainConfig, {"method": "lora", **cfg.aggregator_train,
                                         "base_model": cfg.aggregator}, "aggregator_train")
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "dataset"

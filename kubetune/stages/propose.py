@@ -68,20 +68,6 @@ class ProposeResult:
     output_dir: str
 
 
-def whole_ints(cls: type, values: dict) -> dict:
-    """``values`` with whole floats turned back into ints where ``cls`` declares an int.
-
-    KFP carries dict parameters (and ``ParallelFor`` items) as protobuf Structs, whose only
-    number type is a double: ``{"max_steps": 30}`` arrives as ``{"max_steps": 30.0}``.
-    """
-    import dataclasses
-    import typing
-
-    hints = typing.get_type_hints(cls)
-    ints = {f.name for f in dataclasses.fields(cls) if hints.get(f.name) is int}
-    return {k: int(v) if k in ints and isinstance(v, float) and v.is_integer() else v for k, v in values.items()}
-
-
 def kind_of(model: str) -> str:
     """``registry`` for ``models:/`` URIs, ``http`` for http(s) URLs, else ``local``."""
     if model.startswith("models:/"):
@@ -115,7 +101,7 @@ def _finetune(cfg: ProposeConfig, dataset_dir: Path, out: Path, workspace: str |
     from kubetune.stages.tokenize_data import TokenizeConfig, tokenize_data
     from kubetune.core.train import TrainConfig, run_training
 
-    train_cfg = from_dict(TrainConfig, {**whole_ints(TrainConfig, cfg.train), "base_model": cfg.model},
+    train_cfg = from_dict(TrainConfig, {**cfg.train, "base_model": cfg.model},
                           f"proposer '{cfg.name}' train")
     with tempfile.TemporaryDirectory() as tmp:
         tokenized = Path(tmp) / "tokenized"
