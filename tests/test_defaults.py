@@ -234,6 +234,9 @@ def test_typo_in_settings_refused_before_ingest(pipeline, param, tmp_path):
     from kubetune.ops.runner import get_pipeline, parameters, run_local
 
     default = parameters(get_pipeline(pipeline))[param].default or {}
+    # Data that is not there: should the check ever miss the typo, ingest fails at once instead of
+    # the whole pipeline training first.
+    params = {param: {**default, "max_stepz": 3}, "data_uri": str(tmp_path / "missing.jsonl")}
     with pytest.raises(ConfigError, match=rf"{param}.*'max_stepz'"):
-        run_local(pipeline, {param: {**default, "max_stepz": 3}}, tmp_path, verbose=False)
+        run_local(pipeline, params, tmp_path, verbose=False)
     assert not (tmp_path / ".kubetune").exists(), "a task ran before the settings were checked"
