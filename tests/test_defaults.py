@@ -43,7 +43,7 @@ def test_peft_lora_yaml_restates_the_main_job():
 def test_compare_runs_the_main_job_sizes():
     """kubetune compare (config, CLI flags, cluster pipeline) gives every method the main job's sizes."""
     from kubetune.cli import build_parser
-    from kubetune.pipelines import full
+    from kubetune.pipelines import full, grpo, moe
     from kubetune.tools.compare import Budget, CompareConfig, peft_learning_rate
 
     cfg = CompareConfig()
@@ -57,11 +57,15 @@ def test_compare_runs_the_main_job_sizes():
         cfg.data_uri, cfg.budget.steps, cfg.batch_size, cfg.max_length, cfg.prefix, cfg.out_dir, cfg.seeds)
     assert Budget.parse(args.budget) == cfg.budget
 
-    # the full pipeline trains on the same data and sizes (at its own learning rate)
+    # the full pipeline trains on the same data and sizes (at its own learning rate); moe and grpo on
+    # the same data and rows
     d = _signature_defaults(full)
     assert (d["data_uri"], d["max_steps"], d["max_length"], d["train_settings"], d["eval_settings"]) == (
         MAIN_JOB.data_uri, MAIN_JOB.max_steps, MAIN_JOB.max_length, MAIN_JOB.train_settings(),
         MAIN_JOB.eval_settings())
+    for module in (grpo, moe):
+        d = _signature_defaults(module)
+        assert (d["data_uri"], d["max_length"]) == (MAIN_JOB.data_uri, MAIN_JOB.max_length), module.NAME
 
 
 def test_compare_pipeline_passes_the_shared_sizes():

@@ -2,9 +2,9 @@
 
 The main job is the run a user gets without choosing anything: LoRA on the bundled support
 tickets, sized for 2 CPU cores in about ten minutes end to end. The peft and full pipelines'
-signatures, ``kubetune compare`` (``CompareConfig``, its command-line flags and the compare
-pipeline) read it from here; ``configs/peft-lora.yaml`` restates it for people to copy, and
-``tests/test_defaults.py`` fails when that copy drifts.
+signatures (and the data and sizes of moe and grpo), ``kubetune compare`` (``CompareConfig``, its
+command-line flags and the compare pipeline) read it from here; ``configs/peft-lora.yaml``
+restates it for people to copy, and ``tests/test_defaults.py`` fails when that copy drifts.
 
 The arithmetic behind the sizes: rows of 256 tokens hold two tickets; 2 rows x 30 steps =
 ~15k tokens, ~130 tickets, about a third of an epoch. LoRA then trains at 1e-3, five times
