@@ -244,3 +244,28 @@ def test_typo_in_settings_refused_before_ingest(pipeline, param, tmp_path):
     with pytest.raises(ConfigError, match=rf"{param}.*'max_stepz'"):
         run_local(pipeline, params, tmp_path, verbose=False)
     assert not (tmp_path / ".kubetune").exists(), "a task ran before the settings were checked"
+
+
+def test_kfp_doubles_become_ints_in_every_stage_config():
+    """KFP carries dict parameters as protobuf Structs, where 8 arrives as 8.0; from_dict turns a whole
+    float back into an int for every int field, so no component converts them itself."""
+    from kubetune.core.config import from_dict
+    from kubetune.ops import preflight
+    from kubetune.stages.propose import ProposeConfig
+    from kubetune.stages.train_moe import MoEConfig
+
+    classes = {ProposeConfig, MoEConfig}
+    for name in ("ppo", "dpo", "reward_model", "grpo", "train_peft", "evaluate_policy", "evaluate_moa",
+                 "aggregate_moa", "embed", "train_head"):
+        classes.add(inspect.getclosurevars(preflight._builders()[name]).nonlocals["cls"])
+    checked = 0
+    for cls in classes:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if hints[f.name] is int and isinstance(f.default, int) and not isinstance(f.default, bool):
+                required = {"name": "p", "model": "m"} if cls is ProposeConfig else {}
+                built = from_dict(cls, {**required, f.name: float(f.default)}, "kfp")
+                value = getattr(built, f.name)
+                assert type(value) is int and value == f.default, (cls.__name__, f.name, value)
+                checked += 1
+    assert checked > 30
