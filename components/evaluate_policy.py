@@ -26,8 +26,6 @@ def evaluate_policy(model: dsl.Input[dsl.Model], reward_model: dsl.Input[dsl.Mod
     """
     from kubetune.core.config import from_dict
 
-    # KFP carries dict parameters as protobuf Structs, where every number is a float: 8 -> 8.0.
-    settings = {k: int(v) if isinstance(v, float) and v.is_integer() else v for k, v in settings.items()}
     from kubetune.stages.evaluate_policy import EvaluatePolicyConfig
     from kubetune.stages.evaluate_policy import evaluate_policy as stage
     from kubetune.tracking import RunContext

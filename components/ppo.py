@@ -21,8 +21,6 @@ def ppo(policy: dsl.Input[dsl.Model], reward_model: dsl.Input[dsl.Model], steps:
     """
     from kubetune.core.config import from_dict
 
-    # KFP carries dict parameters as protobuf Structs, where every number is a float: 8 -> 8.0.
-    settings = {k: int(v) if isinstance(v, float) and v.is_integer() else v for k, v in settings.items()}
     from kubetune.stages.ppo import PPOConfig
     from kubetune.stages.ppo import ppo as stage
     from kubetune.tracking import RunContext

@@ -227,25 +227,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("pipelines", help="list the pipelines").set_defaults(func=cmd_pipelines)
 
-    from kubetune.tools.compare import DEFAULT_METHODS, METHODS
+    from kubetune.tools.compare import DEFAULT_METHODS, METHODS, CompareConfig
 
+    compare_defaults = CompareConfig()  # the main job's data and sizes (kubetune.core.defaults)
+    steps = compare_defaults.budget.steps
     cp = sub.add_parser("compare", help="run several methods on the same data and budget; a report with plots")
-    cp.add_argument("--data", default="bundled://tickets", help="data URI (default: bundled://tickets)")
+    cp.add_argument("--data", default=compare_defaults.data_uri, help=f"data URI (default: {compare_defaults.data_uri})")
     cp.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated, of: {', '.join(METHODS)} "
                                                                   f"(default: {DEFAULT_METHODS})")
     cp.add_argument("--base-model", help="base model for every method (default: the packaged SmolLM2)")
-    cp.add_argument("--budget", default="steps:30", help="'steps:N' (same optimizer steps) or 'time:SECONDS' "
+    cp.add_argument("--budget", default=f"steps:{steps}", help="'steps:N' (same optimizer steps) or 'time:SECONDS' "
                                                         "(same training seconds; --steps is then the schedule's "
                                                         "horizon)")
-    cp.add_argument("--steps", type=int, default=30, help="schedule horizon for a time budget (default: 30)")
-    cp.add_argument("--batch-size", type=int, default=2, help="rows per step, every method (default: 2)")
-    cp.add_argument("--max-length", type=int, default=256, help="tokens per row, every method (default: 256)")
+    cp.add_argument("--steps", type=int, default=steps, help=f"schedule horizon for a time budget (default: {steps})")
+    cp.add_argument("--batch-size", type=int, default=compare_defaults.batch_size,
+                    help=f"rows per step, every method (default: {compare_defaults.batch_size})")
+    cp.add_argument("--max-length", type=int, default=compare_defaults.max_length,
+                    help=f"tokens per row, every method (default: {compare_defaults.max_length})")
     cp.add_argument("--label-field", help="feature-extraction on instruction data: the JSON answer key that "
                                           "becomes the class (bundled tickets: issue)")
-    cp.add_argument("--seeds", type=seeds_arg, default=1, help="training runs per method (seeds 0..N-1, same "
+    cp.add_argument("--seeds", type=seeds_arg, default=compare_defaults.seeds, help="training runs per method (seeds 0..N-1, same "
                                                                  "split); the report shows mean ± spread (default: 1)")
-    cp.add_argument("--prefix", default="compare", help="registered models are named PREFIX-METHOD")
-    cp.add_argument("--out", default="compare-report", help="report folder (default: compare-report)")
+    cp.add_argument("--prefix", default=compare_defaults.prefix, help="registered models are named PREFIX-METHOD")
+    cp.add_argument("--out", default=compare_defaults.out_dir, help=f"report folder (default: {compare_defaults.out_dir})")
     cp.add_argument("--report-only", action="store_true", help="no training: the report from the newest run of "
                                                                    "each PREFIX-METHOD model already in MLflow")
     cp.add_argument("--compile", metavar="YAML", help="write the pipeline-of-pipelines for a cluster instead")

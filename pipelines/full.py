@@ -14,6 +14,7 @@ from kubetune.ops import kube
 from kubetune.ops.lifecycle import run_settings
 from kubetune.components import evaluate, ingest, register, register_skipped, tokenize_data, train_full
 from kubetune.components import deploy as serve
+from kubetune.core.defaults import MAIN_JOB
 from kubetune.core.models import DEFAULT_BASE_MODEL
 
 NAME = "full"
@@ -26,14 +27,15 @@ def build(profile: "kube.Profile | None" = None):
     @dsl.pipeline(name=NAME, description=DESCRIPTION)
     def full(
         base_model: str = DEFAULT_BASE_MODEL,
-        data_uri: str = "bundled://tickets",
-        max_steps: int = 30,
+        # The main job's data and sizes (kubetune.core.defaults), at full tuning's own learning rate.
+        data_uri: str = MAIN_JOB.data_uri,
+        max_steps: int = MAIN_JOB.max_steps,
         learning_rate: float = 0.0,
-        max_length: int = 256,
+        max_length: int = MAIN_JOB.max_length,
         model_name: str = "tickets-full",
         max_forgetting: float = -1.0,
-        train_settings: dict = {"batch_size": 2},
-        eval_settings: dict = {"max_examples": 48, "max_new_tokens": 40, "batch_size": 48},
+        train_settings: dict = MAIN_JOB.train_settings(),
+        eval_settings: dict = MAIN_JOB.eval_settings(),
         register_settings: dict = {},
         force: bool = False,
         nodes: int = 1,

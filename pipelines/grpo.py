@@ -16,6 +16,7 @@ from kubetune.ops import kube
 from kubetune.components import deploy as serve
 from kubetune.components import evaluate, grpo, ingest, register, register_skipped, tokenize_data, train_peft
 from kubetune.ops.lifecycle import run_settings
+from kubetune.core.defaults import MAIN_JOB
 from kubetune.core.models import DEFAULT_BASE_MODEL
 
 NAME = "grpo"
@@ -28,7 +29,7 @@ def build(profile: "kube.Profile | None" = None):
     @dsl.pipeline(name=NAME, description=DESCRIPTION)
     def grpo_pipeline(
         base_model: str = DEFAULT_BASE_MODEL,
-        data_uri: str = "bundled://tickets",
+        data_uri: str = MAIN_JOB.data_uri,
         # The peft main job's SFT (30 steps x 2 rows of 256 tokens at 1e-3); 0 = GRPO from base_model.
         sft_max_steps: int = 30,
         # Sized for 2 CPU cores: a step samples 2 prompts x 4 answers and runs ~1.1k tokens
@@ -38,12 +39,12 @@ def build(profile: "kube.Profile | None" = None):
         steps: int = 8,
         learning_rate: float = 5e-5,
         rewards: str = "json_fields:1.0,format:0.2",
-        max_length: int = 256,
+        max_length: int = MAIN_JOB.max_length,
         model_name: str = "tickets-grpo",
         max_forgetting: float = -1.0,
         sft_settings: dict = {"merge": True, "batch_size": 2, "learning_rate": 1e-3},
         grpo_settings: dict = {"prompts_per_step": 2, "num_generations": 4},
-        eval_settings: dict = {"max_examples": 48, "max_new_tokens": 40, "batch_size": 48},
+        eval_settings: dict = MAIN_JOB.eval_settings(),
         register_settings: dict = {},
         force: bool = False,
         deploy: bool = False,

@@ -14,6 +14,7 @@ from kubetune.ops import kube
 from kubetune.ops.lifecycle import run_settings
 from kubetune.components import evaluate, ingest, register, register_skipped, tokenize_data, train_moe
 from kubetune.components import deploy as serve
+from kubetune.core.defaults import MAIN_JOB
 from kubetune.core.models import DEFAULT_BASE_MODEL
 
 NAME = "moe"
@@ -26,13 +27,13 @@ def build(profile: "kube.Profile | None" = None):
     @dsl.pipeline(name=NAME, description=DESCRIPTION)
     def moe(
         base_model: str = DEFAULT_BASE_MODEL,
-        data_uri: str = "bundled://tickets",
+        data_uri: str = MAIN_JOB.data_uri,
         num_experts: int = 4,
         top_k: int = 2,
         kind: str = "experts",
-        max_steps: int = 30,
+        max_steps: int = MAIN_JOB.max_steps,
         learning_rate: float = 0.0,
-        max_length: int = 256,
+        max_length: int = MAIN_JOB.max_length,
         model_name: str = "tickets-moe",
         max_forgetting: float = -1.0,
         train_settings: dict = {},

@@ -14,6 +14,7 @@ from kubetune.components import evaluate, ingest, register, register_skipped, to
 from kubetune.components import deploy as serve
 from kubetune.ops.image import CPU_IMAGE
 from kubetune.ops.lifecycle import run_settings
+from kubetune.core.defaults import MAIN_JOB
 from kubetune.core.models import DEFAULT_BASE_MODEL
 
 NAME = "peft"
@@ -38,19 +39,17 @@ def build(profile: "kube.Profile | None" = None):
     @dsl.pipeline(name=NAME, description=DESCRIPTION)
     def peft(
         base_model: str = DEFAULT_BASE_MODEL,
-        data_uri: str = "bundled://tickets",
-        method: str = "lora",
-        # The defaults are the main job, sized for 2 CPU cores in ~10 minutes: rows of 256 tokens
-        # hold two tickets; 2 rows x 30 steps = ~15k tokens (~130 tickets, a third of an epoch),
-        # so LoRA runs at 1e-3 (5x the usual 2e-4 for thousands of steps). 0 = method default.
-        max_steps: int = 30,
-        learning_rate: float = 1e-3,
-        lora_rank: int = 16,
-        max_length: int = 256,
+        # The defaults are the main job (kubetune.core.defaults says why these sizes).
+        data_uri: str = MAIN_JOB.data_uri,
+        method: str = MAIN_JOB.method,
+        max_steps: int = MAIN_JOB.max_steps,
+        learning_rate: float = MAIN_JOB.learning_rate,  # 0 = the method's default
+        lora_rank: int = MAIN_JOB.lora_rank,
+        max_length: int = MAIN_JOB.max_length,
         model_name: str = "tickets-peft",
         max_forgetting: float = -1.0,
-        train_settings: dict = {"batch_size": 2},
-        eval_settings: dict = {"max_examples": 48, "max_new_tokens": 40, "batch_size": 48},
+        train_settings: dict = MAIN_JOB.train_settings(),
+        eval_settings: dict = MAIN_JOB.eval_settings(),
         register_settings: dict = {},
         force: bool = False,
         nodes: int = 1,

@@ -34,6 +34,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from kubetune.core.peft_methods import method_spec
+
 ATTN_IMPLEMENTATION = "kubetune_varlen"
 """Name under which the packed attention is registered with transformers."""
 
@@ -896,10 +898,10 @@ def fast_path_blocker(cfg, model, device: str) -> str | None:
         return "no CUDA device (the fast path is the GPU engine)"
     if cfg.eval_steps:
         return f"eval_steps={cfg.eval_steps}: validation during training runs on the Trainer path"
-    if cfg.method in ("prompt", "prefix"):
-        return f"method={cfg.method} adds virtual tokens per row, which packed rows cannot carry"
-    if cfg.method == "qlora":
-        return "method=qlora: its 4-bit matmuls are bitsandbytes' own"
+    spec = method_spec(cfg.method)
+    if not spec.fast_path:
+        return (f"method={cfg.method} adds virtual tokens per row, which packed rows cannot carry"
+                if spec.family == "virtual-tokens" else f"method={cfg.method}: its 4-bit matmuls are bitsandbytes' own")
     if cfg.precision == "fp32":
         return "precision=fp32: the fast path computes in bf16"
     if cfg.optimizer not in OPTIMIZERS:

@@ -25,6 +25,7 @@ from kubetune.core.config import setting
 from kubetune.errors import ConfigError, StageError
 from kubetune.core.models import DEFAULT_BASE_MODEL
 from kubetune.lib.dataset import atomic_file, fsync_path, staging_dir, swap_in
+from kubetune.core.peft_methods import METHODS, method_spec
 
 IGNORE = -100
 COMPLETE_MARKER = "KUBETUNE_COMPLETE"
@@ -33,7 +34,7 @@ COMPLETE_MARKER = "KUBETUNE_COMPLETE"
 @dataclass
 class TrainConfig:
     base_model: str = setting(DEFAULT_BASE_MODEL, "Base model: packaged name, local folder or hub id.")
-    method: Literal["full", "lora", "dora", "qlora", "adapter", "prompt", "prefix", "ia3"] = setting(
+    method: Literal[METHODS] = setting(
         "lora", "Which weights train: all (full) or a PEFT method.")
     max_steps: int = setting(60, "Optimizer steps; 0 = as many as 'epochs' passes over the training rows take.")
     epochs: float = setting(
@@ -75,7 +76,8 @@ class TrainConfig:
         0.0, "Stop after the step that crosses this many seconds of training (0 = no limit): the same-wall-clock "
              "budget of `kubetune compare`. The learning-rate schedule stays laid out over max_steps.")
     seed: int = setting(0, "Seed of initialisation and data order.")
-    merge: bool = setting(False, "Also save the adapter merged into the base weights (LoRA family).")
+    merge: bool = setting(False, "Also save the adapter merged into the base weights "
+                          f"({', '.join(m for m in METHODS if method_spec(m).mergeable)}).")
     fast_path: Literal["auto", "off"] = setting("auto", "auto = use the GPU fast path when on a GPU.")
     trust_remote_code: bool = setting(False, "Run code shipped with the model (off unless you trust it).")
     allow_pickle: bool = setting(False, "Load pickle (.bin) weights (off: they can run code).")
@@ -261,7 +263,7 @@ def load_for_training(cfg: TrainConfig, device: str, tokenizer=None):
 
     validate_method(cfg.method, device)
     bf16 = _use_bf16(cfg, device)
-    if cfg.method == "qlora":
+    if method_spec(cfg.method).needs_cuda:
         model = load_base_model(models.resolve(cfg.base_model), "qlora", trust_remote_code=cfg.trust_remote_code,
                                 allow_pickle=cfg.allow_pickle)
     else:
@@ -375,7 +377,7 @@ def train(cfg: TrainConfig, tokenized_dir: str | Path, output_dir: str | Path, c
     output_dir = Path(output_dir)
     tmp = staging_dir(output_dir)
     trained = model if fast else trainer.model
-    sharded = getattr(trainer, "is_fsdp_enabled", False) or (fast and world > 1 and cfg.method == "full")
+    sharded = getattr(trainer, "is_fsdp_enabled", False) or (fast and world > 1 and method_spec(cfg.method).fsdp)
     if getattr(trainer, "is_fsdp_enabled", False):
         launch.save_full_model(trainer, str(tmp))  # every rank takes part in gathering the shards
     elif sharded:
@@ -396,7 +398,7 @@ def train(cfg: TrainConfig, tokenized_dir: str | Path, output_dir: str | Path, c
     manifest.update(base_model=cfg.base_model, train=asdict(cfg), data_fingerprint=meta.get("fingerprint"),
                     shape=meta.get("shape"))
     manifest_path.write_text(json.dumps(manifest, indent=2))
-    if cfg.merge and cfg.method in ("lora", "dora"):
+    if cfg.merge and method_spec(cfg.method).mergeable:
         merged = trained.merge_and_unload()
         merged.save_pretrained(tmp / "merged", safe_serialization=True)
         tokenizer.save_pretrained(tmp / "merged")
@@ -463,7 +465,7 @@ def _trainer(cfg: TrainConfig, model, data, collator: PackedCollator, tokenizer,
     # small, so PEFT methods replicate the model (DDP) and all-reduce the adapter grads.
     # KUBETUNE_FSDP=off replicates with DDP instead (the escape hatch when a model's FSDP
     # wrapping misbehaves, and the baseline bench/fsdp_2gpu.py compares against).
-    fsdp = (launch.fsdp_training_args() if cfg.method == "full" and device == "cuda"
+    fsdp = (launch.fsdp_training_args() if method_spec(cfg.method).fsdp and device == "cuda"
             and os.environ.get("KUBETUNE_FSDP", "on") != "off" else {})
     args = TrainingArguments(
         output_dir=str(checkpoint_dir),

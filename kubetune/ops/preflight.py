@@ -66,6 +66,7 @@ def _builders() -> dict[str, Callable[[dict, str, dict, str, dict], Any]]:
     from kubetune.stages.evaluate_head import EvaluateHeadConfig
     from kubetune.stages.evaluate_moa import EvaluateMoAConfig
     from kubetune.stages.evaluate_policy import EvaluatePolicyConfig
+    from kubetune.stages.grpo import GRPOConfig
     from kubetune.stages.ingest import IngestConfig
     from kubetune.stages.ppo import PPOConfig
     from kubetune.stages.register import RegisterConfig
@@ -78,7 +79,7 @@ def _builders() -> dict[str, Callable[[dict, str, dict, str, dict], Any]]:
              "register": RegisterConfig, "tokenize_data": TokenizeConfig, "ingest": IngestConfig, "dpo": DPOConfig,
              "reward_model": RewardModelConfig, "ppo": PPOConfig, "embed": EmbedConfig, "train_head": TrainHeadConfig,
              "evaluate_head": EvaluateHeadConfig, "evaluate_policy": EvaluatePolicyConfig,
-             "evaluate_moa": EvaluateMoAConfig, "aggregate_moa": MoAConfig}
+             "evaluate_moa": EvaluateMoAConfig, "aggregate_moa": MoAConfig, "grpo": GRPOConfig}
     return {**{k: _from_settings(cls) for k, cls in plain.items()}, "train_moe": _moe}
 
 

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Literal
 
 from kubetune.core.config import setting
+from kubetune.core.defaults import WORKSPACE
 from kubetune.errors import ConfigError, StageError
 from kubetune.core.models import DEFAULT_BASE_MODEL
 from kubetune.tracking import RunContext, log_metrics, maybe_stage
@@ -147,9 +148,9 @@ def tune_aggregator(cfg: MoAConfig, examples: list[dict], out: Path, workspace: 
     from kubetune.core.train import TrainConfig, run_training
     from kubetune.lib.dataset import fingerprint, write_dataset_dir
 
-    # from_dict turns KFP's whole floats (Struct numbers are doubles) back into ints.
-    train_cfg = from_dict(TrainConfig, {"method": "lora", **cfg.aggregator_train, "base_model": cfg.aggregator},
-                          "aggregator_train")
+
+    train_cfg = from_dict(TrainConfig, {"method": "lora", **cfg.aggregator_train,
+                                        "base_model": cfg.aggregator}, "aggregator_train")
     with tempfile.TemporaryDirectory() as tmp:
         # An ingested-dataset folder, as ingest writes it; a tenth of the examples (at least
         # one) is the validation split tokenize_data expects.
@@ -169,7 +170,7 @@ def tune_aggregator(cfg: MoAConfig, examples: list[dict], out: Path, workspace: 
 
 def aggregate_moa(cfg: MoAConfig, proposer_dirs: list[str | Path], dataset_dir: str | Path,
                   model_dir: str | Path, proposals_path: str | Path,
-                  workspace: str | Path = ".kubetune/workspace", ctx: RunContext | None = None) -> MoAResult:
+                  workspace: str | Path = WORKSPACE, ctx: RunContext | None = None) -> MoAResult:
     """Fit the mixture on the fit half of the validation split and save it as one model.
 
     Args:

@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from kubetune.core.config import setting
+from kubetune.core.defaults import WORKSPACE
 from kubetune.errors import ConfigError
 from kubetune.tracking import RunContext, log_metrics, maybe_stage
 
@@ -65,20 +66,6 @@ class ProposeResult:
     output_dir: str
 
 
-def whole_ints(cls: type, values: dict) -> dict:
-    """``values`` with whole floats turned back into ints where ``cls`` declares an int.
-
-    KFP carries dict parameters (and ``ParallelFor`` items) as protobuf Structs, whose only
-    number type is a double: ``{"max_steps": 30}`` arrives as ``{"max_steps": 30.0}``.
-    """
-    import dataclasses
-    import typing
-
-    hints = typing.get_type_hints(cls)
-    ints = {f.name for f in dataclasses.fields(cls) if hints.get(f.name) is int}
-    return {k: int(v) if k in ints and isinstance(v, float) and v.is_integer() else v for k, v in values.items()}
-
-
 def kind_of(model: str) -> str:
     """``registry`` for ``models:/`` URIs, ``http`` for http(s) URLs, else ``local``."""
     if model.startswith("models:/"):
@@ -112,7 +99,7 @@ def _finetune(cfg: ProposeConfig, dataset_dir: Path, out: Path, workspace: str |
     from kubetune.core.tokenization import TokenizeConfig, tokenize_dataset
     from kubetune.core.train import TrainConfig, run_training
 
-    train_cfg = from_dict(TrainConfig, {**whole_ints(TrainConfig, cfg.train), "base_model": cfg.model},
+    train_cfg = from_dict(TrainConfig, {**cfg.train, "base_model": cfg.model},
                           f"proposer '{cfg.name}' train")
     with tempfile.TemporaryDirectory() as tmp:
         tokenized = Path(tmp) / "tokenized"
@@ -122,7 +109,7 @@ def _finetune(cfg: ProposeConfig, dataset_dir: Path, out: Path, workspace: str |
 
 
 def propose(cfg: ProposeConfig, dataset_dir: str | Path, output_dir: str | Path,
-            workspace: str | Path = ".kubetune/workspace", ctx: RunContext | None = None) -> ProposeResult:
+            workspace: str | Path = WORKSPACE, ctx: RunContext | None = None) -> ProposeResult:
     """Fine-tune (optionally) one proposer and answer the validation split with it.
 
     Args:

@@ -22,13 +22,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kubetune.core.defaults import MAIN_JOB
+from kubetune.core.peft_methods import METHODS as TRAIN_METHODS
 from kubetune.errors import ConfigError
 from kubetune.lib.report import EvalReport
 
 # method -> (pipeline, fixed parameters). The PEFT family shares one pipeline.
 METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "full": ("full", {}),
-    **{m: ("peft", {"method": m}) for m in ("lora", "dora", "qlora", "adapter", "prompt", "prefix", "ia3")},
+    **{m: ("peft", {"method": m}) for m in TRAIN_METHODS if m != "full"},
     "moe": ("moe", {}),
     "moe-lora": ("moe", {"kind": "lora"}),
     "feature-extraction": ("feature-extraction", {}),
@@ -41,11 +43,11 @@ DEFAULT_METHODS = "full,lora,dora,ia3,adapter,prompt,feature-extraction"
 class Budget:
     """The same budget for every method: optimizer steps, optionally capped by training seconds."""
 
-    steps: int = 30
+    steps: int = MAIN_JOB.max_steps
     seconds: float = 0.0  # 0 = no wall-clock cap
 
     @classmethod
-    def parse(cls, text: str, steps: int = 30) -> "Budget":
+    def parse(cls, text: str, steps: int = MAIN_JOB.max_steps) -> "Budget":
         """``steps:30`` or ``time:300`` (seconds of training per method; ``steps`` stays the schedule's
         horizon, so set it to what the fastest method would reach)."""
         kind, _, value = text.partition(":")
@@ -115,15 +117,14 @@ def parse_methods(text: str) -> list[str]:
 def peft_learning_rate(method: str) -> float:
     """The learning rate a PEFT method gets in a comparison.
 
-    The peft pipeline's default (1e-3, a short-run rate for the LoRA family) for LoRA, DoRA and
+    The main job's rate (``MAIN_JOB.learning_rate``, 1e-3, a short-run rate for the LoRA family) for LoRA, DoRA and
     adapters; IA3 and the virtual-token methods keep their own, higher defaults
     (``kubetune.core.peft_methods``: 3e-3, 3e-2, 3e-2). A shared 1e-3 left prompt tuning at 0% exact
     match in the first comparison: too low by an order of magnitude for it, not a weak method.
     """
     from kubetune.core.peft_methods import default_learning_rate
-    from kubetune.pipelines import peft
 
-    return max(peft.pipeline.component_spec.inputs["learning_rate"].default, default_learning_rate(method))
+    return max(MAIN_JOB.learning_rate, default_learning_rate(method))
 
 
 def method_params(method: str, *, data_uri: str, base_model: str, budget: Budget, prefix: str,
@@ -470,13 +471,13 @@ def log_report(paths: dict[str, Path], rows: list[Row], context: dict) -> str:
 
 @dataclass
 class CompareConfig:
-    data_uri: str = "bundled://tickets"
+    data_uri: str = MAIN_JOB.data_uri
     methods: list[str] = field(default_factory=lambda: parse_methods(DEFAULT_METHODS))
     base_model: str = ""
     budget: Budget = field(default_factory=Budget)
-    batch_size: int = 2
-    max_length: int = 256
-    eval_settings: dict = field(default_factory=lambda: {"max_examples": 48, "max_new_tokens": 40, "batch_size": 48})
+    batch_size: int = MAIN_JOB.batch_size
+    max_length: int = MAIN_JOB.max_length
+    eval_settings: dict = field(default_factory=MAIN_JOB.eval_settings)
     label_field: str = ""
     prefix: str = "compare"
     out_dir: str = "compare-report"

@@ -15,6 +15,7 @@ import threading
 import time
 from pathlib import Path
 
+from kubetune.core import defaults
 from kubetune.tracking.server import _is_server, _tell, server_up, tracking_uri
 
 
@@ -27,7 +28,7 @@ def spool_dir() -> Path:
     import hashlib
 
     root = os.environ.get("KUBETUNE_MLFLOW_SPOOL")
-    root = Path(root) if root else Path(os.environ.get("KUBETUNE_WORKSPACE", ".kubetune/workspace")) / "mlflow-spool"
+    root = Path(root) if root else Path(defaults.workspace()) / "mlflow-spool"
     return root / hashlib.sha256(tracking_uri().encode()).hexdigest()[:12]
 
 
