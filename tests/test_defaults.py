@@ -99,7 +99,7 @@ def test_workspace_default_is_stated_once():
 
 
 def test_workspace_follows_the_environment(monkeypatch, tmp_path):
-    from kubetune import tracking
+    from kubetune.tracking import spool
     from kubetune.core import defaults
     from kubetune.ops.runner import local_env
 
@@ -109,7 +109,7 @@ def test_workspace_follows_the_environment(monkeypatch, tmp_path):
     monkeypatch.setenv(defaults.WORKSPACE_ENV, str(tmp_path / "ws"))
     assert defaults.workspace() == str(tmp_path / "ws")
     monkeypatch.delenv("KUBETUNE_MLFLOW_SPOOL", raising=False)
-    assert tracking.spool_dir().parent == tmp_path / "ws" / "mlflow-spool"
+    assert spool.spool_dir().parent == tmp_path / "ws" / "mlflow-spool"
 
 
 # ---------------------------------------------------------------- the methods
