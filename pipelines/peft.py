@@ -10,10 +10,11 @@ Compile it:       kubetune compile --out build/ [--profile profiles/h200x2.yaml]
 from kfp import dsl
 
 from kubetune.ops import kube
-from kubetune.components import evaluate, ingest, register, register_skipped, tokenize_data, train_peft
+from kubetune.components import evaluate, ingest, register, tokenize_data, train_peft
 from kubetune.components import deploy as serve
 from kubetune.ops.image import CPU_IMAGE
 from kubetune.ops.lifecycle import run_settings
+from kubetune.ops.wiring import place, unless_unchanged
 from kubetune.core.models import DEFAULT_BASE_MODEL
 
 NAME = "peft"
@@ -62,7 +63,7 @@ def build(profile: "kube.Profile | None" = None):
         data = ingest(data_uri=data_uri, force=force, training=run_settings(
             base_model=base_model, method=method, max_steps=max_steps, learning_rate=learning_rate, lora_rank=lora_rank,
             max_length=max_length, train_settings=train_settings), **lineage).set_display_name("ingest")
-        with dsl.If(data.outputs["unchanged"] == False, name="data-changed"):  # noqa: E712 - a KFP condition
+        with unless_unchanged(data, **lineage) as run:
             packing = packing_for(method=method)
             tokens = tokenize_data(dataset=data.outputs["dataset"], base_model=base_model, max_length=max_length,
                                    packing=packing.output, model_policy=train_settings)
@@ -76,16 +77,9 @@ def build(profile: "kube.Profile | None" = None):
                                   max_forgetting=max_forgetting, settings=register_settings, **lineage)
             with dsl.If(deploy == True, name="deploy"):  # noqa: E712 - a KFP condition
                 served = serve(registered=registered.output, **lineage)
-        with dsl.Else(name="data-unchanged"):
-            skipped = register_skipped(fingerprint=data.outputs["Output"], **lineage)
 
-        kube.on_cluster(profile, cpu=[data, packing, tokens, skipped, served], gpu=[trained], eval=[scored],
-                        once=[registered])
-        # No step is a pure function of its inputs: the data behind a URI changes (retraining on
-        # fresh data), evaluate reads the current champion, register writes the registry.
-        for task in (data, packing, tokens, trained, scored, registered, served, skipped):
-            kube.no_cache(task)
-        return dsl.OneOf(registered.output, skipped.output)
+        place(profile, cpu=[data, packing, tokens, run.skipped, served], gpu=[trained], eval=[scored], once=[registered])
+        return dsl.OneOf(registered.output, run.skipped.output)
 
     return peft
 
