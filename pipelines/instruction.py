@@ -17,7 +17,6 @@ from kubetune.ops.wiring import place, skip_if_unchanged
 from kubetune.components import evaluate, ingest, register, tokenize_data, train_full, train_peft
 from kubetune.components import deploy as serve
 from kubetune.core.models import DEFAULT_BASE_MODEL
-from kubetune.pipelines.peft import packing_for
 
 NAME = "instruction"
 DESCRIPTION = "Instruction tuning on chat or instruction data (responses-only loss), full or any PEFT method."
@@ -69,15 +68,14 @@ def build(profile: "kube.Profile | None" = None):
                               max_steps=max_steps, learning_rate=learning_rate, settings=train_settings, **lineage)
             scored_full, registered_full, served_full = judge(full, tokens_full)
         with dsl.Else(name="peft-method"):
-            packing = packing_for(method=method)
             tokens_peft = tokenize_data(dataset=data.outputs["dataset"], base_model=base_model,
-                                        max_length=max_length, packing=packing.output, model_policy=train_settings)
+                                        max_length=max_length, method=method, model_policy=train_settings)
             peft = train_peft(tokenized=tokens_peft.outputs["tokenized"], base_model=base_model, method=method,
                               max_steps=max_steps, learning_rate=learning_rate, lora_rank=lora_rank,
                               settings=train_settings, **lineage)
             scored_peft, registered_peft, served_peft = judge(peft, tokens_peft)
 
-        place(profile, cpu=[data, skipped, tokens_full, packing, tokens_peft, served_full, served_peft],
+        place(profile, cpu=[data, skipped, tokens_full, tokens_peft, served_full, served_peft],
               gpu=[full, peft], eval=[scored_full, scored_peft], once=[registered_full, registered_peft])
         return dsl.OneOf(skipped.output, registered_full.output, registered_peft.output)
 
