@@ -14,9 +14,10 @@ from kfp import dsl
 
 from kubetune.ops import kube
 from kubetune.components import deploy as serve
-from kubetune.components import evaluate, grpo, ingest, register, register_skipped, tokenize_data, train_peft
+from kubetune.components import evaluate, grpo, ingest, register, tokenize_data, train_peft
 from kubetune.ops.lifecycle import run_settings
 from kubetune.core.defaults import MAIN_JOB
+from kubetune.ops.wiring import place, skip_if_unchanged
 from kubetune.core.models import DEFAULT_BASE_MODEL
 
 NAME = "grpo"
@@ -73,8 +74,7 @@ def build(profile: "kube.Profile | None" = None):
                 served = serve(registered=registered.output, **lineage)
             return tuned, scored, registered, served
 
-        with dsl.If(data.outputs["unchanged"] == True, name="data-unchanged"):  # noqa: E712 - a KFP condition
-            skipped = register_skipped(fingerprint=data.outputs["Output"], **lineage)
+        skipped = skip_if_unchanged(data, **lineage)
         with dsl.Elif(sft_max_steps > 0, name="from-sft"):
             tokens_sft = tokenize_data(dataset=data.outputs["dataset"], base_model=base_model, max_length=max_length)
             # merge=True (in sft_settings) writes merged/: GRPO starts from the SFT policy as a whole model.
@@ -87,13 +87,8 @@ def build(profile: "kube.Profile | None" = None):
                                         max_length=max_length)
             tuned_base, scored_base, registered_base, served_base = tune(tokens_base)
 
-        kube.on_cluster(profile, cpu=[data, skipped, tokens_sft, tokens_base, served_sft, served_base],
-                        gpu=[sft, tuned_sft, tuned_base], eval=[scored_sft, scored_base],
-                        once=[registered_sft, registered_base])
-        # No step is a pure function of its inputs (see pipelines/peft.py).
-        for task in (data, skipped, tokens_sft, sft, tuned_sft, scored_sft, registered_sft, served_sft, tokens_base,
-                     tuned_base, scored_base, registered_base, served_base):
-            kube.no_cache(task)
+        place(profile, cpu=[data, skipped, tokens_sft, tokens_base, served_sft, served_base],
+              gpu=[sft, tuned_sft, tuned_base], eval=[scored_sft, scored_base], once=[registered_sft, registered_base])
         return dsl.OneOf(skipped.output, registered_sft.output, registered_base.output)
 
     return grpo_pipeline

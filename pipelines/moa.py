@@ -11,6 +11,7 @@ Compile it:       kubetune compile --out build/ [--profile profiles/h200x2.yaml]
 from kfp import dsl
 
 from kubetune.ops import kube
+from kubetune.ops.wiring import place
 from kubetune.components import aggregate_moa, evaluate_moa, ingest, propose, register
 from kubetune.components import deploy as serve
 from kubetune.core.models import DEFAULT_BASE_MODEL
@@ -69,11 +70,7 @@ def build(profile: "kube.Profile | None" = None):
         with dsl.If(deploy == True, name="deploy"):  # noqa: E712 - a KFP condition
             served = serve(registered=registered.output, **lineage)
 
-        kube.on_cluster(profile, cpu=[data, served], gpu=[answered, mixture], eval=[scored], once=[registered])
-        # No step is a pure function of its inputs: the data behind a URI changes, a proposer
-        # may be a live endpoint or a moving alias, evaluate reads the champion, register writes.
-        for task in (data, answered, mixture, scored, registered, served):
-            kube.no_cache(task)
+        place(profile, cpu=[data, served], gpu=[answered, mixture], eval=[scored], once=[registered])
         return registered.output
 
     return moa

@@ -12,7 +12,8 @@ from kfp import dsl
 
 from kubetune.ops import kube
 from kubetune.ops.lifecycle import run_settings
-from kubetune.components import evaluate, ingest, register, register_skipped, tokenize_data, train_moe
+from kubetune.ops.wiring import place, unless_unchanged
+from kubetune.components import evaluate, ingest, register, tokenize_data, train_moe
 from kubetune.components import deploy as serve
 from kubetune.core.defaults import MAIN_JOB
 from kubetune.core.models import DEFAULT_BASE_MODEL
@@ -49,7 +50,7 @@ def build(profile: "kube.Profile | None" = None):
             base_model=base_model, num_experts=num_experts, top_k=top_k, kind=kind, max_steps=max_steps,
             learning_rate=learning_rate, max_length=max_length, train_settings=train_settings),
             **lineage).set_display_name("ingest")
-        with dsl.If(data.outputs["unchanged"] == False, name="data-changed"):  # noqa: E712 - a KFP condition
+        with unless_unchanged(data, **lineage) as run:
             tokens = tokenize_data(dataset=data.outputs["dataset"], base_model=base_model, max_length=max_length,
                                    model_policy=train_settings)
             trained = train_moe(tokenized=tokens.outputs["tokenized"], base_model=base_model,
@@ -62,15 +63,9 @@ def build(profile: "kube.Profile | None" = None):
                                   max_forgetting=max_forgetting, settings=register_settings, **lineage)
             with dsl.If(deploy == True, name="deploy"):  # noqa: E712 - a KFP condition
                 served = serve(registered=registered.output, **lineage)
-        with dsl.Else(name="data-unchanged"):
-            skipped = register_skipped(fingerprint=data.outputs["Output"], **lineage)
 
-        kube.on_cluster(profile, cpu=[data, tokens, skipped, served], gpu=[trained], eval=[scored], once=[registered])
-        # No step is a pure function of its inputs: the data behind a URI changes (retraining on
-        # fresh data), evaluate reads the current champion, register writes the registry.
-        for task in (data, tokens, trained, scored, registered, served, skipped):
-            kube.no_cache(task)
-        return dsl.OneOf(registered.output, skipped.output)
+        place(profile, cpu=[data, tokens, run.skipped, served], gpu=[trained], eval=[scored], once=[registered])
+        return dsl.OneOf(registered.output, run.skipped.output)
 
     return moe
 

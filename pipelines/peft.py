@@ -10,27 +10,15 @@ Compile it:       kubetune compile --out build/ [--profile profiles/h200x2.yaml]
 from kfp import dsl
 
 from kubetune.ops import kube
-from kubetune.components import evaluate, ingest, register, register_skipped, tokenize_data, train_peft
+from kubetune.components import evaluate, ingest, register, tokenize_data, train_peft
 from kubetune.components import deploy as serve
-from kubetune.ops.image import CPU_IMAGE
 from kubetune.ops.lifecycle import run_settings
 from kubetune.core.defaults import MAIN_JOB
+from kubetune.ops.wiring import place, unless_unchanged
 from kubetune.core.models import DEFAULT_BASE_MODEL
 
 NAME = "peft"
 DESCRIPTION = "Parameter-efficient fine-tuning (LoRA by default; DoRA, QLoRA, adapters, prompt, prefix, IA3)."
-
-
-@dsl.component(base_image=CPU_IMAGE)
-def packing_for(method: str) -> bool:
-    """Whether ``method`` can train on packed rows (prompt and prefix tuning cannot).
-
-    Args:
-        method: The training method.
-    """
-    from kubetune.core.peft_methods import training_flags_for
-
-    return training_flags_for(method, gradient_checkpointing=False, packing=True)["packing"]
 
 
 def build(profile: "kube.Profile | None" = None):
@@ -61,10 +49,9 @@ def build(profile: "kube.Profile | None" = None):
         data = ingest(data_uri=data_uri, force=force, training=run_settings(
             base_model=base_model, method=method, max_steps=max_steps, learning_rate=learning_rate, lora_rank=lora_rank,
             max_length=max_length, train_settings=train_settings), **lineage).set_display_name("ingest")
-        with dsl.If(data.outputs["unchanged"] == False, name="data-changed"):  # noqa: E712 - a KFP condition
-            packing = packing_for(method=method)
+        with unless_unchanged(data, **lineage) as run:
             tokens = tokenize_data(dataset=data.outputs["dataset"], base_model=base_model, max_length=max_length,
-                                   packing=packing.output, model_policy=train_settings)
+                                   method=method, model_policy=train_settings)
             trained = train_peft(tokenized=tokens.outputs["tokenized"], base_model=base_model, method=method,
                                  max_steps=max_steps, learning_rate=learning_rate, lora_rank=lora_rank,
                                  settings=train_settings, nodes=nodes, **lineage)
@@ -75,16 +62,9 @@ def build(profile: "kube.Profile | None" = None):
                                   max_forgetting=max_forgetting, settings=register_settings, **lineage)
             with dsl.If(deploy == True, name="deploy"):  # noqa: E712 - a KFP condition
                 served = serve(registered=registered.output, **lineage)
-        with dsl.Else(name="data-unchanged"):
-            skipped = register_skipped(fingerprint=data.outputs["Output"], **lineage)
 
-        kube.on_cluster(profile, cpu=[data, packing, tokens, skipped, served], gpu=[trained], eval=[scored],
-                        once=[registered])
-        # No step is a pure function of its inputs: the data behind a URI changes (retraining on
-        # fresh data), evaluate reads the current champion, register writes the registry.
-        for task in (data, packing, tokens, trained, scored, registered, served, skipped):
-            kube.no_cache(task)
-        return dsl.OneOf(registered.output, skipped.output)
+        place(profile, cpu=[data, tokens, run.skipped, served], gpu=[trained], eval=[scored], once=[registered])
+        return dsl.OneOf(registered.output, run.skipped.output)
 
     return peft
 

@@ -47,17 +47,18 @@ def test_ingest_group_by_keeps_each_prompt_on_one_side(tmp_path):
 
 
 def test_stage_loaders_repair_a_row_by_row_split(tmp_path):
-    from kubetune.methods.rl.data import chosen_as_instruction, load_pairs
+    from kubetune.methods.rl.data import load_pairs
     from kubetune.stages.ingest import IngestConfig, ingest
+    from kubetune.stages.preference_sft_data import preference_sft_data
 
     ingest(IngestConfig(data_uri="bundled://preferences", group_by=""), tmp_path / "r")
     _, train, val = load_pairs(tmp_path / "r")
     assert not {r["prompt"] for r in train} & {r["prompt"] for r in val}
     assert len(train) + len(val) == 360 and len(val) > 36  # validation prompts took their siblings
-    meta = chosen_as_instruction(tmp_path / "r", tmp_path / "sft")
+    sft = preference_sft_data(tmp_path / "r", tmp_path / "sft")
     first = json.loads((tmp_path / "sft" / "train.jsonl").read_text().splitlines()[0])
-    assert meta["shape"] == "instruction" and first["output"].startswith("- ")
-    assert meta["counts"] == {"train": len(train), "validation": len(val)}
+    assert sft.shape == "instruction" and first["output"].startswith("- ")
+    assert sft.counts == {"train": len(train), "validation": len(val)}
 
 
 def test_configs_name_the_bad_key():

@@ -44,13 +44,23 @@ class TokenizeConfig:
     packing: bool = setting(True, "Pack short examples into rows of max_length tokens (no cross-attention).")
     chat_template: str = setting("auto", "'auto' = the model's own, else a named default ('chatml') when it has none.")
     trust_remote_code: bool = setting(False, "Run code shipped with the tokenizer (off unless you trust it).")
+    method: str = setting("", "Training method the rows are for ('' = any); one that cannot train on packed "
+                              "rows (prompt, prefix tuning) turns packing off.")
 
     def __post_init__(self):
+        from kubetune.core.peft_methods import METHODS, training_flags_for
+
         if self.max_length < 8:
             raise ConfigError(f"'max_length' must be at least 8, got {self.max_length}")
         if self.chat_template not in ("auto", *DEFAULT_TEMPLATES):
             raise ConfigError(f"'chat_template' must be 'auto' or one of {list(DEFAULT_TEMPLATES)}, "
                               f"got {self.chat_template!r}")
+        if self.method:
+            if self.method not in METHODS:
+                raise ConfigError(f"'method' must be one of {list(METHODS)} (or empty), got {self.method!r}")
+            # Decided here, where the rows are made: the trainer refuses packed rows for such a method.
+            self.packing = training_flags_for(self.method, gradient_checkpointing=False,
+                                              packing=self.packing)["packing"]
 
 
 def setup_tokenizer(cfg: TokenizeConfig):
