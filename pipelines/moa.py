@@ -28,7 +28,7 @@ DESCRIPTION = "Mixture of Agents: proposers answer in parallel, an aggregator co
 # (rows of 128, so one example per row) costs ~0.15 TFLOP (~2.5 s), and the bundled answers are one
 # word, so 8 new tokens suffice. 10 and 20 steps left both LoRA proposers at chance (17%, 23% on
 # 5 classes: one answer for everything), too weak for a vote to combine; 30 and 60 steps reached
-# 77% and 100% (measured 2026-11-28, 447 s for the whole pipeline).
+# 77% and 100% (docs/compare.md, the moa row).
 SHORT = {"max_new_tokens": 8}
 LORA = {"batch_size": 2, "learning_rate": 2e-3}
 DEFAULT_PROPOSERS = [

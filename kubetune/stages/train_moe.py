@@ -1,6 +1,6 @@
 """Stage `train_moe`: upcycle a dense model into a Mixture of Experts and train experts + router.
 
-Experimental (STYLE.md 14). The model work is ``kubetune.experimental.moe`` (sparse upcycling, freezing,
+Experimental: its interface may still change. The model work is ``kubetune.experimental.moe`` (sparse upcycling, freezing,
 router z-loss, utilisation); the loop is the one training core (``kubetune.core.train``), given the
 prepared model. What this stage adds is the wiring:
 

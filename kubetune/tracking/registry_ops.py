@@ -3,7 +3,7 @@
 The promotion gates are one pure function (``check_gates``) used by the ``register`` stage and
 by ``kubetune promote``, so a version promoted by hand passes the same tests as one promoted by
 a pipeline (unless ``--force``, which is recorded on the version). Every MLflow call goes
-through ``kubetune.tracking`` (STYLE 13); this module only decides and formats.
+through ``kubetune.tracking`` (the one place kubetune's MLflow code lives); this module only decides and formats.
 
 Version tags written by ``register`` (the numbers behind every decision):
 
