@@ -41,8 +41,8 @@ def paired_bootstrap(a: list[int], b: list[int], n_boot: int = 10000, seed: int 
 
 def answers(model_dir: str, records: list[dict]) -> list[str]:
     from kubetune.core import models
-    from kubetune.stages.evaluate import generate
-    from kubetune.stages.tokenize_data import prompt_messages
+    from kubetune.core.scoring import generate
+    from kubetune.lib.dataset import prompt_messages
 
     tok = models.load_tokenizer(model_dir)
     model = models.load_causal_lm(model_dir, device=models.pick_device()).eval()
@@ -53,9 +53,10 @@ def main(argv: list[str]) -> None:
     import torch
 
     from kubetune.core.config import from_dict
-    from kubetune.stages.evaluate import exact_match
+    from kubetune.lib.text_metrics import exact_match
     from kubetune.stages.grpo import GRPOConfig, grpo
-    from kubetune.stages.ingest import IngestConfig, ingest, load_dataset_dir
+    from kubetune.lib.dataset import load_dataset_dir
+    from kubetune.stages.ingest import IngestConfig, ingest
     from kubetune.stages.tokenize_data import TokenizeConfig, tokenize_data
     from kubetune.stages.train_peft import train_peft
     from kubetune.core.train import TrainConfig

@@ -17,7 +17,8 @@ from kubetune.components.evaluate_head import evaluate_head
 from kubetune.components.finalize import finalize
 from kubetune.components.grpo import grpo
 from kubetune.components.ingest import ingest
-from kubetune.components.ppo import ppo, preference_sft_data
+from kubetune.components.ppo import ppo
+from kubetune.components.preference_sft_data import preference_sft_data
 from kubetune.components.propose import propose
 from kubetune.components.register import register, register_skipped
 from kubetune.components.reward_model import reward_model

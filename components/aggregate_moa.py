@@ -27,17 +27,15 @@ def aggregate_moa(answers: dsl.Input[List[dsl.Artifact]], dataset: dsl.Input[dsl
     Returns:
         The fitted weights.
     """
-    import os
-
+    from kubetune.core import defaults
     from kubetune.core.config import from_dict
-    from kubetune.stages.propose import whole_ints
     from kubetune.stages.aggregate_moa import MoAConfig
     from kubetune.stages.aggregate_moa import aggregate_moa as stage
     from kubetune.tracking import RunContext
 
-    cfg = from_dict(MoAConfig, whole_ints(MoAConfig, {**settings, "mode": mode, "aggregator": aggregator,
-                                                   "tune_aggregator": tune_aggregator}), "moa settings")
-    workspace = os.environ.get("KUBETUNE_WORKSPACE", ".kubetune/workspace")
+    cfg = from_dict(MoAConfig, {**settings, "mode": mode, "aggregator": aggregator, "tune_aggregator": tune_aggregator},
+                    "moa settings")
+    workspace = defaults.workspace()
     result = stage(cfg, [a.path for a in answers], dataset.path, model.path, proposals.path, workspace,
                    ctx=RunContext(model_name, run_id, pipeline))
     model.metadata.update(method="moa", mode=mode)

@@ -23,11 +23,12 @@ def compare_report(methods: list, prefix: str, data_uri: str, base_model: str, b
     import os
     from pathlib import Path
 
-    from kubetune.tools.compare import collect, log_report, render
+    from kubetune.tools.compare import CompareConfig, collect, log_report, render
 
     rows = [collect(m, f"{prefix}-{m}") for m in methods]
-    context = {"data_uri": data_uri, "base_model": base_model, "budget": budget, "batch_size": 2,
-               "max_length": 256, "eval_settings": {}, "label_field": "", "prefix": prefix,
+    shared = CompareConfig()  # the sizes pipelines/compare.py gave every method
+    context = {"data_uri": data_uri, "base_model": base_model, "budget": budget, "batch_size": shared.batch_size,
+               "max_length": shared.max_length, "eval_settings": shared.eval_settings, "label_field": "", "prefix": prefix,
                "machine": f"cluster ({os.environ.get('KUBETUNE_PROFILE', 'profile')})"}
     paths = render(rows, context, Path(report.path))
     log_report(paths, rows, context)

@@ -22,8 +22,6 @@ def dpo(dataset: dsl.Input[dsl.Dataset], base_model: str, max_steps: int, learni
     """
     from kubetune.core.config import from_dict
 
-    # KFP carries dict parameters as protobuf Structs, where every number is a float: 8 -> 8.0.
-    settings = {k: int(v) if isinstance(v, float) and v.is_integer() else v for k, v in settings.items()}
     from kubetune.stages.dpo import DPOConfig
     from kubetune.stages.dpo import dpo as stage
     from kubetune.tracking import RunContext

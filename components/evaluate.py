@@ -45,7 +45,5 @@ def evaluate(model: dsl.Input[dsl.Model], dataset: dsl.Input[dsl.Dataset], token
     result = stage(cfg, model.path, dataset.path, tokenized.path, report.path,
                    ctx=RunContext(model_name, run_id, pipeline))
     Path(card.path).write_text(render(result.report))
-    for who in ("candidate", "base"):
-        for k, v in result.report[who].items():
-            if isinstance(v, (int, float)):
-                metrics.log_metric(f"{who}_{k}", v)
+    for k, v in result.report.metrics().items():
+        metrics.log_metric(k, v)

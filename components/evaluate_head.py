@@ -28,6 +28,5 @@ def evaluate_head(model: dsl.Input[dsl.Model], embeddings: dsl.Input[dsl.Dataset
     cfg = from_dict(EvaluateHeadConfig, {**settings, "model_name": model_name}, "evaluate_head settings")
     result = stage(cfg, model.path, embeddings.path, dataset.path, report.path,
                    ctx=RunContext(model_name, run_id, pipeline))
-    for who in ("candidate", "base"):
-        for k, v in result.report[who].items():
-            metrics.log_metric(f"{who}_{k}", v)
+    for k, v in result.report.metrics().items():
+        metrics.log_metric(k, v)

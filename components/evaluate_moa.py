@@ -20,16 +20,15 @@ def evaluate_moa(model: dsl.Input[dsl.Model], proposals: dsl.Input[dsl.Artifact]
         settings: Further EvaluateMoAConfig settings by name (validated).
     """
     from kubetune.core.config import from_dict
-    from kubetune.stages.propose import whole_ints
     from kubetune.stages.evaluate_moa import EvaluateMoAConfig
     from kubetune.stages.evaluate_moa import evaluate_moa as stage
     from kubetune.tracking import RunContext
 
-    cfg = from_dict(EvaluateMoAConfig, whole_ints(EvaluateMoAConfig, {**settings, "model_name": model_name}),
+    cfg = from_dict(EvaluateMoAConfig, {**settings, "model_name": model_name},
                     "evaluate_moa settings")
     result = stage(cfg, model.path, proposals.path, report.path, ctx=RunContext(model_name, run_id, pipeline))
-    for row in result.report["rows"]:
+    for row in result.report.details["rows"]:
         for k, v in row.items():
             if k != "name" and v is not None:
                 metrics.log_metric(f"{row['name'].replace('/', '_')}_{k}", v)
-    print(result.report["table"], flush=True)  # the comparison, in the task's log
+    print(result.report.details["table"], flush=True)  # the comparison, in the task's log

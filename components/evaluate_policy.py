@@ -26,8 +26,6 @@ def evaluate_policy(model: dsl.Input[dsl.Model], reward_model: dsl.Input[dsl.Mod
     """
     from kubetune.core.config import from_dict
 
-    # KFP carries dict parameters as protobuf Structs, where every number is a float: 8 -> 8.0.
-    settings = {k: int(v) if isinstance(v, float) and v.is_integer() else v for k, v in settings.items()}
     from kubetune.stages.evaluate_policy import EvaluatePolicyConfig
     from kubetune.stages.evaluate_policy import evaluate_policy as stage
     from kubetune.tracking import RunContext
@@ -36,6 +34,5 @@ def evaluate_policy(model: dsl.Input[dsl.Model], reward_model: dsl.Input[dsl.Mod
     result = stage(cfg, model.path, reference.path if reference is not None else base_model, reward_model.path,
                    dataset.path, report.path, ctx=RunContext(model_name, run_id, pipeline),
                    train_reward_model_dir=train_reward_model.path if train_reward_model is not None else None)
-    for who in ("candidate", "base"):
-        for k, v in result.report[who].items():
-            metrics.log_metric(f"{who}_{k}", v)
+    for k, v in result.report.metrics().items():
+        metrics.log_metric(k, v)

@@ -1,6 +1,6 @@
 from kfp import dsl
 
-from kubetune.ops.image import CPU_IMAGE, TRAIN_IMAGE
+from kubetune.ops.image import TRAIN_IMAGE
 
 
 @dsl.component(base_image=TRAIN_IMAGE)
@@ -21,8 +21,6 @@ def ppo(policy: dsl.Input[dsl.Model], reward_model: dsl.Input[dsl.Model], steps:
     """
     from kubetune.core.config import from_dict
 
-    # KFP carries dict parameters as protobuf Structs, where every number is a float: 8 -> 8.0.
-    settings = {k: int(v) if isinstance(v, float) and v.is_integer() else v for k, v in settings.items()}
     from kubetune.stages.ppo import PPOConfig
     from kubetune.stages.ppo import ppo as stage
     from kubetune.tracking import RunContext
@@ -32,22 +30,3 @@ def ppo(policy: dsl.Input[dsl.Model], reward_model: dsl.Input[dsl.Model], steps:
     model.metadata.update(method="ppo", **result.metrics)
     return result.metrics
 
-
-# The SFT view of the preference data lives here, next to its only consumer's pipeline step:
-# it is a data reshaping step of RLHF, not a stage of its own.
-@dsl.component(base_image=CPU_IMAGE)
-def preference_sft_data(preferences: dsl.Input[dsl.Dataset], dataset: dsl.Output[dsl.Dataset]) -> str:
-    """The SFT view of ingested preference data: prompt -> chosen instruction records.
-
-    Args:
-        preferences: Output of ingest on preference data.
-        dataset: An ingested instruction dataset (train/validation JSONL, meta.json).
-
-    Returns:
-        Its content fingerprint.
-    """
-    from kubetune.methods.rl.data import chosen_as_instruction
-
-    meta = chosen_as_instruction(preferences.path, dataset.path)
-    dataset.metadata.update(shape=meta["shape"], fingerprint=meta["fingerprint"], **meta["counts"])
-    return meta["fingerprint"]

@@ -20,17 +20,15 @@ def propose(dataset: dsl.Input[dsl.Dataset], spec: dict, base_model: str, model_
     Returns:
         Answer metrics (tokens and latency per answer) and training metrics when trained.
     """
-    import os
-
+    from kubetune.core import defaults
     from kubetune.core.config import from_dict
-    from kubetune.stages.propose import whole_ints
     from kubetune.stages.propose import ProposeConfig
     from kubetune.stages.propose import propose as stage
     from kubetune.tracking import RunContext
 
-    cfg = from_dict(ProposeConfig, whole_ints(ProposeConfig, {**spec, "model": spec.get("model") or base_model}),
+    cfg = from_dict(ProposeConfig, {**spec, "model": spec.get("model") or base_model},
                     "proposer spec")
-    workspace = os.environ.get("KUBETUNE_WORKSPACE", ".kubetune/workspace")
+    workspace = defaults.workspace()
     result = stage(cfg, dataset.path, answers.path, workspace, ctx=RunContext(model_name, run_id, pipeline))
     answers.metadata.update(name=cfg.name, kind=result.spec["kind"])
     return result.metrics

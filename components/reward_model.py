@@ -24,8 +24,6 @@ def reward_model(dataset: dsl.Input[dsl.Dataset], base_model: str, max_steps: in
     """
     from kubetune.core.config import from_dict
 
-    # KFP carries dict parameters as protobuf Structs, where every number is a float: 8 -> 8.0.
-    settings = {k: int(v) if isinstance(v, float) and v.is_integer() else v for k, v in settings.items()}
     from kubetune.stages.reward_model import RewardModelConfig
     from kubetune.stages.reward_model import reward_model as stage
     from kubetune.tracking import RunContext

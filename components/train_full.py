@@ -23,6 +23,7 @@ def train_full(tokenized: dsl.Input[dsl.Dataset], base_model: str, max_steps: in
     """
     import os
 
+    from kubetune.core import defaults
     from kubetune.core.config import from_dict
     from kubetune.stages.train_full import train_full as stage
     from kubetune.tracking import RunContext
@@ -30,7 +31,7 @@ def train_full(tokenized: dsl.Input[dsl.Dataset], base_model: str, max_steps: in
 
     cfg = from_dict(TrainConfig, {**settings, "base_model": base_model, "max_steps": max_steps,
                                   "learning_rate": learning_rate}, "train_full settings")
-    workspace = os.environ.get("KUBETUNE_WORKSPACE", ".kubetune/workspace")
+    workspace = defaults.workspace()
     os.environ["KUBETUNE_NODES"] = str(nodes)
     result = stage(cfg, tokenized.path, model.path, workspace, ctx=RunContext(model_name, run_id, pipeline))
     model.metadata.update(method="full", base_model=base_model, **result.metrics)

@@ -23,15 +23,14 @@ def train_moe(tokenized: dsl.Input[dsl.Dataset], base_model: str, num_experts: i
         model: Output folder: the whole MoE model (safetensors), tokenizer, manifest, utilisation.
         settings: Further MoEConfig and TrainConfig settings by name (validated).
     """
-    import os
-
+    from kubetune.core import defaults
     from kubetune.stages.train_moe import moe_config_from_dict
     from kubetune.stages.train_moe import train_moe as stage
     from kubetune.tracking import RunContext
 
     cfg = moe_config_from_dict({**settings, "base_model": base_model, "num_experts": num_experts, "top_k": top_k,
                                 "kind": kind, "max_steps": max_steps, "learning_rate": learning_rate})
-    workspace = os.environ.get("KUBETUNE_WORKSPACE", ".kubetune/workspace")
+    workspace = defaults.workspace()
     result = stage(cfg, tokenized.path, model.path, workspace, ctx=RunContext(model_name, run_id, pipeline))
     model.metadata.update(method="moe", kind=kind, base_model=base_model, **result.metrics)
     return result.metrics

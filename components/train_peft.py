@@ -25,6 +25,7 @@ def train_peft(tokenized: dsl.Input[dsl.Dataset], base_model: str, method: str, 
     """
     import os
 
+    from kubetune.core import defaults
     from kubetune.core.config import from_dict
     from kubetune.stages.train_peft import train_peft as stage
     from kubetune.tracking import RunContext
@@ -32,7 +33,7 @@ def train_peft(tokenized: dsl.Input[dsl.Dataset], base_model: str, method: str, 
 
     cfg = from_dict(TrainConfig, {**settings, "base_model": base_model, "method": method, "max_steps": max_steps,
                                   "learning_rate": learning_rate, "lora_rank": lora_rank}, "train_peft settings")
-    workspace = os.environ.get("KUBETUNE_WORKSPACE", ".kubetune/workspace")
+    workspace = defaults.workspace()
     os.environ["KUBETUNE_NODES"] = str(nodes)
     result = stage(cfg, tokenized.path, model.path, workspace, ctx=RunContext(model_name, run_id, pipeline))
     model.metadata.update(method=method, base_model=base_model, **result.metrics)

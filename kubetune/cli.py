@@ -68,17 +68,13 @@ def cmd_pipelines(args) -> int:
 
 
 def cmd_validate(args) -> int:
-    import tempfile
-    from pathlib import Path
-
     from kubetune.core.config import from_dict
     from kubetune.errors import DataError
-    from kubetune.stages.ingest import IngestConfig, _ingest
+    from kubetune.stages.ingest import IngestConfig, check
 
     cfg = from_dict(IngestConfig, {"data_uri": args.data_uri, "shape": args.shape}, "kubetune validate")
     try:
-        with tempfile.TemporaryDirectory() as tmp:
-            result = _ingest(cfg, Path(tmp) / "out", Path(tmp))
+        result = check(cfg)
     except DataError as e:
         print(str(e) if str(e).startswith(args.data_uri) else f"{args.data_uri}: {e}", file=sys.stderr)
         return 1
@@ -111,9 +107,27 @@ def cmd_models(args) -> int:
 
 
 def cmd_deploy(args) -> int:
-    from kubetune.serving.deploy import deploy_command
+    """Run the deploy stage; print the outcome in a few lines."""
+    import yaml
 
-    return deploy_command(args)
+    from kubetune.serving.deploy import describe, render
+    from kubetune.stages.deploy import DeployConfig, deploy
+
+    name, _, alias = args.model.partition("@")
+    cfg = DeployConfig(model_name=name, alias=alias or "champion", target=args.target, namespace=args.namespace,
+                       endpoint=args.endpoint, keep_serving=args.keep, port=args.port, rollback=not args.no_rollback,
+                       **({"smoke_prompts": args.prompt} if args.prompt else {}))
+    if args.render:
+        target = describe(cfg.model_name, cfg.alias)
+        print(yaml.safe_dump(render(target, namespace=cfg.namespace or "default", gpus=cfg.gpus), sort_keys=False))
+        return 0
+    result = deploy(cfg)
+    print(f"deployed {name} v{result.version} ({result.runtime}) at {result.url}")
+    for prompt, answer in zip(cfg.smoke_prompts, result.answers):
+        print(f"  {prompt!r} -> {answer[:80]!r}")
+    if result.pid:
+        print(f"  serving (pid {result.pid}); stop it with: kill {result.pid}")
+    return 0
 
 
 def cmd_schedule(args) -> int:
@@ -213,25 +227,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("pipelines", help="list the pipelines").set_defaults(func=cmd_pipelines)
 
-    from kubetune.tools.compare import DEFAULT_METHODS, METHODS
+    from kubetune.tools.compare import DEFAULT_METHODS, METHODS, CompareConfig
 
+    compare_defaults = CompareConfig()  # the main job's data and sizes (kubetune.core.defaults)
+    steps = compare_defaults.budget.steps
     cp = sub.add_parser("compare", help="run several methods on the same data and budget; a report with plots")
-    cp.add_argument("--data", default="bundled://tickets", help="data URI (default: bundled://tickets)")
+    cp.add_argument("--data", default=compare_defaults.data_uri, help=f"data URI (default: {compare_defaults.data_uri})")
     cp.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated, of: {', '.join(METHODS)} "
                                                                   f"(default: {DEFAULT_METHODS})")
     cp.add_argument("--base-model", help="base model for every method (default: the packaged SmolLM2)")
-    cp.add_argument("--budget", default="steps:30", help="'steps:N' (same optimizer steps) or 'time:SECONDS' "
+    cp.add_argument("--budget", default=f"steps:{steps}", help="'steps:N' (same optimizer steps) or 'time:SECONDS' "
                                                         "(same training seconds; --steps is then the schedule's "
                                                         "horizon)")
-    cp.add_argument("--steps", type=int, default=30, help="schedule horizon for a time budget (default: 30)")
-    cp.add_argument("--batch-size", type=int, default=2, help="rows per step, every method (default: 2)")
-    cp.add_argument("--max-length", type=int, default=256, help="tokens per row, every method (default: 256)")
+    cp.add_argument("--steps", type=int, default=steps, help=f"schedule horizon for a time budget (default: {steps})")
+    cp.add_argument("--batch-size", type=int, default=compare_defaults.batch_size,
+                    help=f"rows per step, every method (default: {compare_defaults.batch_size})")
+    cp.add_argument("--max-length", type=int, default=compare_defaults.max_length,
+                    help=f"tokens per row, every method (default: {compare_defaults.max_length})")
     cp.add_argument("--label-field", help="feature-extraction on instruction data: the JSON answer key that "
                                           "becomes the class (bundled tickets: issue)")
-    cp.add_argument("--seeds", type=seeds_arg, default=1, help="training runs per method (seeds 0..N-1, same "
+    cp.add_argument("--seeds", type=seeds_arg, default=compare_defaults.seeds, help="training runs per method (seeds 0..N-1, same "
                                                                  "split); the report shows mean ± spread (default: 1)")
-    cp.add_argument("--prefix", default="compare", help="registered models are named PREFIX-METHOD")
-    cp.add_argument("--out", default="compare-report", help="report folder (default: compare-report)")
+    cp.add_argument("--prefix", default=compare_defaults.prefix, help="registered models are named PREFIX-METHOD")
+    cp.add_argument("--out", default=compare_defaults.out_dir, help=f"report folder (default: {compare_defaults.out_dir})")
     cp.add_argument("--report-only", action="store_true", help="no training: the report from the newest run of "
                                                                    "each PREFIX-METHOD model already in MLflow")
     cp.add_argument("--compile", metavar="YAML", help="write the pipeline-of-pipelines for a cluster instead")

@@ -16,14 +16,15 @@ from kubetune.ops.runner import get_pipeline
 
 
 
-def build(methods: list[str], profile=None, budget: Budget | None = None, data_uri: str = "bundled://tickets",
-          classification_uri: str = "", prefix: str = "compare"):
+def build(methods: list[str], profile=None, budget: Budget | None = None, data_uri: str = CompareConfig.data_uri,
+          classification_uri: str = "", prefix: str = CompareConfig.prefix):
     """The comparison as one KFP pipeline: each method pipeline as a sub-DAG, then the report.
 
     The method pipelines are the same ones ``kubetune run`` uses (with the profile's GPUs and
     volumes); the report step runs after all of them and collects from the MLflow server.
     """
     budget = budget or Budget()
+    shared = CompareConfig()  # the sizes every method gets (the main job's, kubetune.core.defaults)
     # Built out here: a pipeline may call another pipeline, but not define one inside it.
     subs = {METHODS[m][0]: get_pipeline(METHODS[m][0]).build(profile) for m in methods}
 
@@ -32,7 +33,8 @@ def build(methods: list[str], profile=None, budget: Budget | None = None, data_u
         tasks = []
         for method in methods:
             params = method_params(method, data_uri=data_uri, base_model=base_model, budget=budget, prefix=prefix,
-                                   eval_settings=CompareConfig().eval_settings, batch_size=2, max_length=256,
+                                   eval_settings=shared.eval_settings, batch_size=shared.batch_size,
+                                   max_length=shared.max_length,
                                    classification_uri=classification_uri)
             params.pop("base_model")
             task = subs[METHODS[method][0]](base_model=base_model, **params)

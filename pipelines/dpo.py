@@ -13,7 +13,8 @@ from kfp import dsl
 
 from kubetune.ops import kube
 from kubetune.ops.lifecycle import run_settings
-from kubetune.components import dpo, evaluate_policy, ingest, register, register_skipped, reward_model
+from kubetune.ops.wiring import place, unless_unchanged
+from kubetune.components import dpo, evaluate_policy, ingest, register, reward_model
 from kubetune.components import deploy as serve
 from kubetune.core.models import DEFAULT_BASE_MODEL
 
@@ -48,7 +49,7 @@ def build(profile: "kube.Profile | None" = None):
             base_model=base_model, max_steps=max_steps, learning_rate=learning_rate, beta=beta,
             judge_max_steps=judge_max_steps, train_settings=train_settings, judge_settings=judge_settings),
             **lineage).set_display_name("ingest")
-        with dsl.If(prefs.outputs["unchanged"] == False, name="data-changed"):  # noqa: E712 - a KFP condition
+        with unless_unchanged(prefs, **lineage) as run:
             trained = dpo(dataset=prefs.outputs["dataset"], base_model=base_model, max_steps=max_steps,
                           learning_rate=learning_rate, beta=beta, settings=train_settings, **lineage)
             # The judge is not registered: it exists to score this run's evaluation.
@@ -62,14 +63,9 @@ def build(profile: "kube.Profile | None" = None):
                                   max_forgetting=max_forgetting, settings=register_settings, **lineage)
             with dsl.If(deploy == True, name="deploy"):  # noqa: E712 - a KFP condition
                 served = serve(registered=registered.output, **lineage)
-        with dsl.Else(name="data-unchanged"):
-            skipped = register_skipped(fingerprint=prefs.outputs["Output"], **lineage)
 
-        kube.on_cluster(profile, cpu=[prefs, skipped, served], gpu=[trained, judge], eval=[scored], once=[registered])
-        # No step is a pure function of its inputs (see pipelines/peft.py).
-        for task in (prefs, trained, judge, scored, registered, served, skipped):
-            kube.no_cache(task)
-        return dsl.OneOf(registered.output, skipped.output)
+        place(profile, cpu=[prefs, run.skipped, served], gpu=[trained, judge], eval=[scored], once=[registered])
+        return dsl.OneOf(registered.output, run.skipped.output)
 
     return dpo_pipeline
 

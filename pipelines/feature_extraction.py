@@ -15,7 +15,8 @@ from kfp import dsl
 
 from kubetune.ops import kube
 from kubetune.ops.lifecycle import run_settings
-from kubetune.components import embed, evaluate_head, ingest, register, register_skipped, train_head
+from kubetune.ops.wiring import place, unless_unchanged
+from kubetune.components import embed, evaluate_head, ingest, register, train_head
 from kubetune.components import deploy as serve
 
 NAME = "feature-extraction"
@@ -45,7 +46,7 @@ def build(profile: "kube.Profile | None" = None):
         data = ingest(data_uri=data_uri, force=force, training=run_settings(
             base_model=base_model, pooling=pooling, head=head, embed_settings=embed_settings,
             train_settings=train_settings), **lineage).set_display_name("ingest")
-        with dsl.If(data.outputs["unchanged"] == False, name="data-changed"):  # noqa: E712 - a KFP condition
+        with unless_unchanged(data, **lineage) as run:
             features = embed(dataset=data.outputs["dataset"], base_model=base_model, pooling=pooling,
                              settings=embed_settings, **lineage)
             trained = train_head(embeddings=features.outputs["embeddings"], head=head, settings=train_settings,
@@ -56,16 +57,10 @@ def build(profile: "kube.Profile | None" = None):
                                   settings=register_settings, **lineage)
             with dsl.If(deploy == True, name="deploy"):  # noqa: E712 - a KFP condition
                 served = serve(registered=registered.output, **lineage)
-        with dsl.Else(name="data-unchanged"):
-            skipped = register_skipped(fingerprint=data.outputs["Output"], **lineage)
 
         # The head trains in seconds on the CPU; only the backbone pass wants an accelerator.
-        kube.on_cluster(profile, cpu=[data, trained, scored, skipped, served], eval=[features], once=[registered])
-        # No step is a pure function of its inputs: the data behind a URI changes (retraining on
-        # fresh data), evaluate reads the current champion, register writes the registry.
-        for task in (data, features, trained, scored, registered, served, skipped):
-            kube.no_cache(task)
-        return dsl.OneOf(registered.output, skipped.output)
+        place(profile, cpu=[data, trained, scored, run.skipped, served], eval=[features], once=[registered])
+        return dsl.OneOf(registered.output, run.skipped.output)
 
     return feature_extraction
 

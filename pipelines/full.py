@@ -12,8 +12,10 @@ from kfp import dsl
 
 from kubetune.ops import kube
 from kubetune.ops.lifecycle import run_settings
-from kubetune.components import evaluate, ingest, register, register_skipped, tokenize_data, train_full
+from kubetune.ops.wiring import place, unless_unchanged
+from kubetune.components import evaluate, ingest, register, tokenize_data, train_full
 from kubetune.components import deploy as serve
+from kubetune.core.defaults import MAIN_JOB
 from kubetune.core.models import DEFAULT_BASE_MODEL
 
 NAME = "full"
@@ -26,14 +28,15 @@ def build(profile: "kube.Profile | None" = None):
     @dsl.pipeline(name=NAME, description=DESCRIPTION)
     def full(
         base_model: str = DEFAULT_BASE_MODEL,
-        data_uri: str = "bundled://tickets",
-        max_steps: int = 30,
+        # The main job's data and sizes (kubetune.core.defaults), at full tuning's own learning rate.
+        data_uri: str = MAIN_JOB.data_uri,
+        max_steps: int = MAIN_JOB.max_steps,
         learning_rate: float = 0.0,
-        max_length: int = 256,
+        max_length: int = MAIN_JOB.max_length,
         model_name: str = "tickets-full",
         max_forgetting: float = -1.0,
-        train_settings: dict = {"batch_size": 2},
-        eval_settings: dict = {"max_examples": 48, "max_new_tokens": 40, "batch_size": 48},
+        train_settings: dict = MAIN_JOB.train_settings(),
+        eval_settings: dict = MAIN_JOB.eval_settings(),
         register_settings: dict = {},
         force: bool = False,
         nodes: int = 1,
@@ -45,7 +48,7 @@ def build(profile: "kube.Profile | None" = None):
         data = ingest(data_uri=data_uri, force=force, training=run_settings(
             base_model=base_model, max_steps=max_steps, learning_rate=learning_rate, max_length=max_length,
             train_settings=train_settings), **lineage).set_display_name("ingest")
-        with dsl.If(data.outputs["unchanged"] == False, name="data-changed"):  # noqa: E712 - a KFP condition
+        with unless_unchanged(data, **lineage) as run:
             tokens = tokenize_data(dataset=data.outputs["dataset"], base_model=base_model, max_length=max_length,
                                    model_policy=train_settings)
             trained = train_full(tokenized=tokens.outputs["tokenized"], base_model=base_model, max_steps=max_steps,
@@ -57,15 +60,9 @@ def build(profile: "kube.Profile | None" = None):
                                   max_forgetting=max_forgetting, settings=register_settings, **lineage)
             with dsl.If(deploy == True, name="deploy"):  # noqa: E712 - a KFP condition
                 served = serve(registered=registered.output, **lineage)
-        with dsl.Else(name="data-unchanged"):
-            skipped = register_skipped(fingerprint=data.outputs["Output"], **lineage)
 
-        kube.on_cluster(profile, cpu=[data, tokens, skipped, served], gpu=[trained], eval=[scored], once=[registered])
-        # No step is a pure function of its inputs: the data behind a URI changes (retraining on
-        # fresh data), evaluate reads the current champion, register writes the registry.
-        for task in (data, tokens, trained, scored, registered, served, skipped):
-            kube.no_cache(task)
-        return dsl.OneOf(registered.output, skipped.output)
+        place(profile, cpu=[data, tokens, run.skipped, served], gpu=[trained], eval=[scored], once=[registered])
+        return dsl.OneOf(registered.output, run.skipped.output)
 
     return full
 

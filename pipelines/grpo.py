@@ -14,8 +14,10 @@ from kfp import dsl
 
 from kubetune.ops import kube
 from kubetune.components import deploy as serve
-from kubetune.components import evaluate, grpo, ingest, register, register_skipped, tokenize_data, train_peft
+from kubetune.components import evaluate, grpo, ingest, register, tokenize_data, train_peft
 from kubetune.ops.lifecycle import run_settings
+from kubetune.core.defaults import MAIN_JOB
+from kubetune.ops.wiring import place, skip_if_unchanged
 from kubetune.core.models import DEFAULT_BASE_MODEL
 
 NAME = "grpo"
@@ -28,7 +30,7 @@ def build(profile: "kube.Profile | None" = None):
     @dsl.pipeline(name=NAME, description=DESCRIPTION)
     def grpo_pipeline(
         base_model: str = DEFAULT_BASE_MODEL,
-        data_uri: str = "bundled://tickets",
+        data_uri: str = MAIN_JOB.data_uri,
         # The peft main job's SFT (30 steps x 2 rows of 256 tokens at 1e-3); 0 = GRPO from base_model.
         sft_max_steps: int = 30,
         # Sized for 2 CPU cores: a step samples 2 prompts x 4 answers and runs ~1.1k tokens
@@ -38,12 +40,12 @@ def build(profile: "kube.Profile | None" = None):
         steps: int = 8,
         learning_rate: float = 5e-5,
         rewards: str = "json_fields:1.0,format:0.2",
-        max_length: int = 256,
+        max_length: int = MAIN_JOB.max_length,
         model_name: str = "tickets-grpo",
         max_forgetting: float = -1.0,
         sft_settings: dict = {"merge": True, "batch_size": 2, "learning_rate": 1e-3},
         grpo_settings: dict = {"prompts_per_step": 2, "num_generations": 4},
-        eval_settings: dict = {"max_examples": 48, "max_new_tokens": 40, "batch_size": 48},
+        eval_settings: dict = MAIN_JOB.eval_settings(),
         register_settings: dict = {},
         force: bool = False,
         deploy: bool = False,
@@ -72,8 +74,7 @@ def build(profile: "kube.Profile | None" = None):
                 served = serve(registered=registered.output, **lineage)
             return tuned, scored, registered, served
 
-        with dsl.If(data.outputs["unchanged"] == True, name="data-unchanged"):  # noqa: E712 - a KFP condition
-            skipped = register_skipped(fingerprint=data.outputs["Output"], **lineage)
+        skipped = skip_if_unchanged(data, **lineage)
         with dsl.Elif(sft_max_steps > 0, name="from-sft"):
             tokens_sft = tokenize_data(dataset=data.outputs["dataset"], base_model=base_model, max_length=max_length)
             # merge=True (in sft_settings) writes merged/: GRPO starts from the SFT policy as a whole model.
@@ -86,13 +87,8 @@ def build(profile: "kube.Profile | None" = None):
                                         max_length=max_length)
             tuned_base, scored_base, registered_base, served_base = tune(tokens_base)
 
-        kube.on_cluster(profile, cpu=[data, skipped, tokens_sft, tokens_base, served_sft, served_base],
-                        gpu=[sft, tuned_sft, tuned_base], eval=[scored_sft, scored_base],
-                        once=[registered_sft, registered_base])
-        # No step is a pure function of its inputs (see pipelines/peft.py).
-        for task in (data, skipped, tokens_sft, sft, tuned_sft, scored_sft, registered_sft, served_sft, tokens_base,
-                     tuned_base, scored_base, registered_base, served_base):
-            kube.no_cache(task)
+        place(profile, cpu=[data, skipped, tokens_sft, tokens_base, served_sft, served_base],
+              gpu=[sft, tuned_sft, tuned_base], eval=[scored_sft, scored_base], once=[registered_sft, registered_base])
         return dsl.OneOf(skipped.output, registered_sft.output, registered_base.output)
 
     return grpo_pipeline

@@ -13,10 +13,10 @@ from kfp import dsl
 
 from kubetune.ops import kube
 from kubetune.ops.lifecycle import run_settings
-from kubetune.components import evaluate, ingest, register, register_skipped, tokenize_data, train_full, train_peft
+from kubetune.ops.wiring import place, skip_if_unchanged
+from kubetune.components import evaluate, ingest, register, tokenize_data, train_full, train_peft
 from kubetune.components import deploy as serve
 from kubetune.core.models import DEFAULT_BASE_MODEL
-from kubetune.pipelines.peft import packing_for
 
 NAME = "instruction"
 DESCRIPTION = "Instruction tuning on chat or instruction data (responses-only loss), full or any PEFT method."
@@ -60,8 +60,7 @@ def build(profile: "kube.Profile | None" = None):
                 served = serve(registered=registered.output, **lineage)
             return scored, registered, served
 
-        with dsl.If(data.outputs["unchanged"] == True, name="data-unchanged"):  # noqa: E712 - a KFP condition
-            skipped = register_skipped(fingerprint=data.outputs["Output"], **lineage)
+        skipped = skip_if_unchanged(data, **lineage)
         with dsl.Elif(method == "full", name="all-weights"):
             tokens_full = tokenize_data(dataset=data.outputs["dataset"], base_model=base_model,
                                         max_length=max_length, model_policy=train_settings)
@@ -69,21 +68,15 @@ def build(profile: "kube.Profile | None" = None):
                               max_steps=max_steps, learning_rate=learning_rate, settings=train_settings, **lineage)
             scored_full, registered_full, served_full = judge(full, tokens_full)
         with dsl.Else(name="peft-method"):
-            packing = packing_for(method=method)
             tokens_peft = tokenize_data(dataset=data.outputs["dataset"], base_model=base_model,
-                                        max_length=max_length, packing=packing.output, model_policy=train_settings)
+                                        max_length=max_length, method=method, model_policy=train_settings)
             peft = train_peft(tokenized=tokens_peft.outputs["tokenized"], base_model=base_model, method=method,
                               max_steps=max_steps, learning_rate=learning_rate, lora_rank=lora_rank,
                               settings=train_settings, **lineage)
             scored_peft, registered_peft, served_peft = judge(peft, tokens_peft)
 
-        kube.on_cluster(profile, cpu=[data, skipped, tokens_full, packing, tokens_peft, served_full, served_peft],
-                        gpu=[full, peft], eval=[scored_full, scored_peft], once=[registered_full, registered_peft])
-        # No step is a pure function of its inputs: the data behind a URI changes (retraining on
-        # fresh data), evaluate reads the current champion, register writes the registry.
-        for task in (data, skipped, tokens_full, full, scored_full, registered_full, served_full, packing,
-                     tokens_peft, peft, scored_peft, registered_peft, served_peft):
-            kube.no_cache(task)
+        place(profile, cpu=[data, skipped, tokens_full, tokens_peft, served_full, served_peft],
+              gpu=[full, peft], eval=[scored_full, scored_peft], once=[registered_full, registered_peft])
         return dsl.OneOf(skipped.output, registered_full.output, registered_peft.output)
 
     return instruction

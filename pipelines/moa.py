@@ -11,6 +11,7 @@ Compile it:       kubetune compile --out build/ [--profile profiles/h200x2.yaml]
 from kfp import dsl
 
 from kubetune.ops import kube
+from kubetune.ops.wiring import place
 from kubetune.components import aggregate_moa, evaluate_moa, ingest, propose, register
 from kubetune.components import deploy as serve
 from kubetune.core.models import DEFAULT_BASE_MODEL
@@ -27,7 +28,7 @@ DESCRIPTION = "Mixture of Agents: proposers answer in parallel, an aggregator co
 # (rows of 128, so one example per row) costs ~0.15 TFLOP (~2.5 s), and the bundled answers are one
 # word, so 8 new tokens suffice. 10 and 20 steps left both LoRA proposers at chance (17%, 23% on
 # 5 classes: one answer for everything), too weak for a vote to combine; 30 and 60 steps reached
-# 77% and 100% (measured 2026-11-28, 447 s for the whole pipeline).
+# 77% and 100% (docs/compare.md, the moa row).
 SHORT = {"max_new_tokens": 8}
 LORA = {"batch_size": 2, "learning_rate": 2e-3}
 DEFAULT_PROPOSERS = [
@@ -69,11 +70,7 @@ def build(profile: "kube.Profile | None" = None):
         with dsl.If(deploy == True, name="deploy"):  # noqa: E712 - a KFP condition
             served = serve(registered=registered.output, **lineage)
 
-        kube.on_cluster(profile, cpu=[data, served], gpu=[answered, mixture], eval=[scored], once=[registered])
-        # No step is a pure function of its inputs: the data behind a URI changes, a proposer
-        # may be a live endpoint or a moving alias, evaluate reads the champion, register writes.
-        for task in (data, answered, mixture, scored, registered, served):
-            kube.no_cache(task)
+        place(profile, cpu=[data, served], gpu=[answered, mixture], eval=[scored], once=[registered])
         return registered.output
 
     return moa

@@ -12,8 +12,10 @@ from kfp import dsl
 
 from kubetune.ops import kube
 from kubetune.ops.lifecycle import run_settings
-from kubetune.components import evaluate, ingest, register, register_skipped, tokenize_data, train_moe
+from kubetune.ops.wiring import place, unless_unchanged
+from kubetune.components import evaluate, ingest, register, tokenize_data, train_moe
 from kubetune.components import deploy as serve
+from kubetune.core.defaults import MAIN_JOB
 from kubetune.core.models import DEFAULT_BASE_MODEL
 
 NAME = "moe"
@@ -26,13 +28,15 @@ def build(profile: "kube.Profile | None" = None):
     @dsl.pipeline(name=NAME, description=DESCRIPTION)
     def moe(
         base_model: str = DEFAULT_BASE_MODEL,
-        data_uri: str = "bundled://tickets",
+        data_uri: str = MAIN_JOB.data_uri,
         num_experts: int = 4,
         top_k: int = 2,
         kind: str = "experts",
+        # 30 fixed steps, not the main job's data-sized default: the upcycled model's step and its
+        # 2 GB checkpoints cost more on 2 CPU cores, and its length was not re-measured.
         max_steps: int = 30,
         learning_rate: float = 0.0,
-        max_length: int = 256,
+        max_length: int = MAIN_JOB.max_length,
         model_name: str = "tickets-moe",
         max_forgetting: float = -1.0,
         train_settings: dict = {},
@@ -48,7 +52,7 @@ def build(profile: "kube.Profile | None" = None):
             base_model=base_model, num_experts=num_experts, top_k=top_k, kind=kind, max_steps=max_steps,
             learning_rate=learning_rate, max_length=max_length, train_settings=train_settings),
             **lineage).set_display_name("ingest")
-        with dsl.If(data.outputs["unchanged"] == False, name="data-changed"):  # noqa: E712 - a KFP condition
+        with unless_unchanged(data, **lineage) as run:
             tokens = tokenize_data(dataset=data.outputs["dataset"], base_model=base_model, max_length=max_length,
                                    model_policy=train_settings)
             trained = train_moe(tokenized=tokens.outputs["tokenized"], base_model=base_model,
@@ -61,15 +65,9 @@ def build(profile: "kube.Profile | None" = None):
                                   max_forgetting=max_forgetting, settings=register_settings, **lineage)
             with dsl.If(deploy == True, name="deploy"):  # noqa: E712 - a KFP condition
                 served = serve(registered=registered.output, **lineage)
-        with dsl.Else(name="data-unchanged"):
-            skipped = register_skipped(fingerprint=data.outputs["Output"], **lineage)
 
-        kube.on_cluster(profile, cpu=[data, tokens, skipped, served], gpu=[trained], eval=[scored], once=[registered])
-        # No step is a pure function of its inputs: the data behind a URI changes (retraining on
-        # fresh data), evaluate reads the current champion, register writes the registry.
-        for task in (data, tokens, trained, scored, registered, served, skipped):
-            kube.no_cache(task)
-        return dsl.OneOf(registered.output, skipped.output)
+        place(profile, cpu=[data, tokens, run.skipped, served], gpu=[trained], eval=[scored], once=[registered])
+        return dsl.OneOf(registered.output, run.skipped.output)
 
     return moe
 

@@ -10,26 +10,15 @@ Compile it:       kubetune compile --out build/ [--profile profiles/h200x2.yaml]
 from kfp import dsl
 
 from kubetune.ops import kube
-from kubetune.components import evaluate, ingest, register, register_skipped, tokenize_data, train_peft
+from kubetune.components import evaluate, ingest, register, tokenize_data, train_peft
 from kubetune.components import deploy as serve
-from kubetune.ops.image import CPU_IMAGE
 from kubetune.ops.lifecycle import run_settings
+from kubetune.core.defaults import MAIN_JOB
+from kubetune.ops.wiring import place, unless_unchanged
 from kubetune.core.models import DEFAULT_BASE_MODEL
 
 NAME = "peft"
 DESCRIPTION = "Parameter-efficient fine-tuning (LoRA by default; DoRA, QLoRA, adapters, prompt, prefix, IA3)."
-
-
-@dsl.component(base_image=CPU_IMAGE)
-def packing_for(method: str) -> bool:
-    """Whether ``method`` can train on packed rows (prompt and prefix tuning cannot).
-
-    Args:
-        method: The training method.
-    """
-    from kubetune.core.peft_methods import training_flags_for
-
-    return training_flags_for(method, gradient_checkpointing=False, packing=True)["packing"]
 
 
 def build(profile: "kube.Profile | None" = None):
@@ -38,20 +27,17 @@ def build(profile: "kube.Profile | None" = None):
     @dsl.pipeline(name=NAME, description=DESCRIPTION)
     def peft(
         base_model: str = DEFAULT_BASE_MODEL,
-        data_uri: str = "bundled://tickets",
-        method: str = "lora",
-        # The defaults are the main job, sized for 2 CPU cores in ~10 minutes. max_steps 0 = from
-        # the data (TrainConfig.steps_for: one epoch, 20 to 60 steps): rows of 256 tokens hold two
-        # tickets, 216 rows / 2 per step = 108 steps an epoch, capped to 60 (~240 tickets), so LoRA
-        # runs at 1e-3 (5x the usual 2e-4 for thousands of steps). learning_rate 0 = method default.
-        max_steps: int = 0,
-        learning_rate: float = 1e-3,
-        lora_rank: int = 16,
-        max_length: int = 256,
+        # The defaults are the main job (kubetune.core.defaults says why these sizes).
+        data_uri: str = MAIN_JOB.data_uri,
+        method: str = MAIN_JOB.method,
+        max_steps: int = MAIN_JOB.max_steps,
+        learning_rate: float = MAIN_JOB.learning_rate,  # 0 = the method's default
+        lora_rank: int = MAIN_JOB.lora_rank,
+        max_length: int = MAIN_JOB.max_length,
         model_name: str = "tickets-peft",
         max_forgetting: float = -1.0,
-        train_settings: dict = {"batch_size": 2},
-        eval_settings: dict = {"max_examples": 48, "max_new_tokens": 40, "batch_size": 48},
+        train_settings: dict = MAIN_JOB.train_settings(),
+        eval_settings: dict = MAIN_JOB.eval_settings(),
         register_settings: dict = {},
         force: bool = False,
         nodes: int = 1,
@@ -63,10 +49,9 @@ def build(profile: "kube.Profile | None" = None):
         data = ingest(data_uri=data_uri, force=force, training=run_settings(
             base_model=base_model, method=method, max_steps=max_steps, learning_rate=learning_rate, lora_rank=lora_rank,
             max_length=max_length, train_settings=train_settings), **lineage).set_display_name("ingest")
-        with dsl.If(data.outputs["unchanged"] == False, name="data-changed"):  # noqa: E712 - a KFP condition
-            packing = packing_for(method=method)
+        with unless_unchanged(data, **lineage) as run:
             tokens = tokenize_data(dataset=data.outputs["dataset"], base_model=base_model, max_length=max_length,
-                                   packing=packing.output, model_policy=train_settings)
+                                   method=method, model_policy=train_settings)
             trained = train_peft(tokenized=tokens.outputs["tokenized"], base_model=base_model, method=method,
                                  max_steps=max_steps, learning_rate=learning_rate, lora_rank=lora_rank,
                                  settings=train_settings, nodes=nodes, **lineage)
@@ -77,16 +62,9 @@ def build(profile: "kube.Profile | None" = None):
                                   max_forgetting=max_forgetting, settings=register_settings, **lineage)
             with dsl.If(deploy == True, name="deploy"):  # noqa: E712 - a KFP condition
                 served = serve(registered=registered.output, **lineage)
-        with dsl.Else(name="data-unchanged"):
-            skipped = register_skipped(fingerprint=data.outputs["Output"], **lineage)
 
-        kube.on_cluster(profile, cpu=[data, packing, tokens, skipped, served], gpu=[trained], eval=[scored],
-                        once=[registered])
-        # No step is a pure function of its inputs: the data behind a URI changes (retraining on
-        # fresh data), evaluate reads the current champion, register writes the registry.
-        for task in (data, packing, tokens, trained, scored, registered, served, skipped):
-            kube.no_cache(task)
-        return dsl.OneOf(registered.output, skipped.output)
+        place(profile, cpu=[data, tokens, run.skipped, served], gpu=[trained], eval=[scored], once=[registered])
+        return dsl.OneOf(registered.output, run.skipped.output)
 
     return peft
 

@@ -21,7 +21,8 @@ from kfp import dsl
 
 from kubetune.ops import kube
 from kubetune.ops.lifecycle import run_settings
-from kubetune.components import (evaluate_policy, ingest, ppo, preference_sft_data, register, register_skipped,
+from kubetune.ops.wiring import place, unless_unchanged
+from kubetune.components import (evaluate_policy, ingest, ppo, preference_sft_data, register,
                                  reward_model, tokenize_data, train_peft)
 from kubetune.components import deploy as serve
 from kubetune.core.models import DEFAULT_BASE_MODEL
@@ -42,9 +43,7 @@ def build(profile: "kube.Profile | None" = None):
                                model_name=model_name, pipeline=pipeline, run_id=run_id)
         registered = register(model=trained.outputs["model"], report=trained.outputs["report"],
                               model_name=reward_model_name, pipeline=pipeline, run_id=run_id)
-        kube.on_cluster(profile, gpu=[trained], once=[registered])
-        for task in (trained, registered):
-            kube.no_cache(task)
+        place(profile, gpu=[trained], once=[registered])
         return trained.outputs["model"]
 
     Tuned = NamedTuple("Tuned", model=dsl.Model, report=dsl.Artifact)
@@ -62,9 +61,7 @@ def build(profile: "kube.Profile | None" = None):
         scored = evaluate_policy(model=tuned.outputs["model"], reference=policy, reward_model=judge.outputs["model"],
                                  train_reward_model=rewards, dataset=preferences, base_model=base_model,
                                  settings=eval_settings, model_name=model_name, pipeline=pipeline, run_id=run_id)
-        kube.on_cluster(profile, gpu=[tuned, judge], eval=[scored])
-        for task in (tuned, judge, scored):
-            kube.no_cache(task)
+        place(profile, gpu=[tuned, judge], eval=[scored])
         return Tuned(model=tuned.outputs["model"], report=scored.outputs["report"])
 
     @dsl.pipeline(name=NAME, description=DESCRIPTION)
@@ -94,7 +91,7 @@ def build(profile: "kube.Profile | None" = None):
             base_model=base_model, sft_max_steps=sft_max_steps, reward_max_steps=reward_max_steps, ppo_steps=ppo_steps,
             learning_rate=learning_rate, max_length=max_length, sft_settings=sft_settings,
             reward_settings=reward_settings, ppo_settings=ppo_settings), **lineage).set_display_name("ingest")
-        with dsl.If(prefs.outputs["unchanged"] == False, name="data-changed"):  # noqa: E712 - a KFP condition
+        with unless_unchanged(prefs, **lineage) as run:
             sft_data = preference_sft_data(preferences=prefs.outputs["dataset"])
             tokens = tokenize_data(dataset=sft_data.outputs["dataset"], base_model=base_model, max_length=max_length,
                                    model_policy=sft_settings)
@@ -113,14 +110,9 @@ def build(profile: "kube.Profile | None" = None):
                                   max_forgetting=max_forgetting, settings=register_settings, **lineage)
             with dsl.If(deploy == True, name="deploy"):  # noqa: E712 - a KFP condition
                 served = serve(registered=registered.output, **lineage)
-        with dsl.Else(name="data-unchanged"):
-            skipped = register_skipped(fingerprint=prefs.outputs["Output"], **lineage)
 
-        kube.on_cluster(profile, cpu=[prefs, sft_data, tokens, skipped, served], gpu=[sft], once=[registered])
-        # No step is a pure function of its inputs (see pipelines/peft.py).
-        for task in (prefs, sft_data, tokens, sft, registered, served, skipped):
-            kube.no_cache(task)
-        return dsl.OneOf(registered.output, skipped.output)
+        place(profile, cpu=[prefs, sft_data, tokens, run.skipped, served], gpu=[sft], once=[registered])
+        return dsl.OneOf(registered.output, run.skipped.output)
 
     return rlhf
 

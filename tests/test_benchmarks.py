@@ -44,12 +44,12 @@ def test_benchmark_gate_names_the_drop():
 
 
 def test_a_failed_benchmark_gate_keeps_the_champion(tmp_path):
+    from kubetune.lib.report import EvalReport
     from kubetune.stages.register import RegisterConfig, decide
 
-    report = {"evaluated": True, "primary_metric": "exact_match", "candidate": {"exact_match": 0.9},
-              "base": {"exact_match": 0.1}, "champion": None, "champion_version": None, "forgetting": None}
+    report = EvalReport("exact_match", {"exact_match": 0.9}, base={"exact_match": 0.1})
     assert decide(report, RegisterConfig(model_name="m"))[0]
-    report["benchmark_gate"] = "fail: kubetune_arithmetic 0.3000 is 0.2000 below the base's 0.5000 (allowed drop 0.02)"
+    report.benchmark_gate = "fail: kubetune_arithmetic 0.3000 is 0.2000 below the base's 0.5000 (allowed drop 0.02)"
     promote, reason = decide(report, RegisterConfig(model_name="m"))
     assert not promote and reason.startswith("kubetune_arithmetic 0.3000 is 0.2000 below")
 
@@ -71,15 +71,15 @@ def test_evaluate_scores_benchmarks_for_candidate_and_base_and_writes_the_card(t
     ctx = RunContext("tiny-bench", "run-1", "peft")
     report = evaluate(cfg, folder, ds, tok, tmp_path / "eval.json", ctx=ctx).report
     for who in ("candidate", "base"):
-        assert 0.0 <= report[who]["bench_kubetune_arithmetic"] <= 1.0
-    assert report["benchmark_gate"] == benchmarks.gate(report["candidate"], report["base"], None, 0.02)
+        assert 0.0 <= getattr(report, who)["bench_kubetune_arithmetic"] <= 1.0
+    assert report.benchmark_gate == benchmarks.gate(report.candidate, report.base, None, 0.02)
     from kubetune.tracking import experiment_name
 
     (run,) = mlflow.search_runs(experiment_names=[experiment_name("tiny-bench")],
                                 filter_string="tags.mlflow.runName = 'evaluate'", output_format="list")
-    assert run.data.metrics["candidate_bench_kubetune_arithmetic"] == report["candidate"]["bench_kubetune_arithmetic"]
+    assert run.data.metrics["candidate_bench_kubetune_arithmetic"] == report.candidate["bench_kubetune_arithmetic"]
     card = render(report)
-    assert "| bench_kubetune_arithmetic |" in card and "- benchmarks: " + report["benchmark_gate"] in card
+    assert "| bench_kubetune_arithmetic |" in card and "- benchmarks: " + report.benchmark_gate in card
     assert "## Samples (candidate)" in card and "champion (none yet)" in card
     logged = mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/evaluation_card.md")
     assert logged == card

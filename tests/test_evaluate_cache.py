@@ -5,7 +5,7 @@ import os
 import datasets
 
 from kubetune.stages import evaluate as ev
-from kubetune.stages.ingest import load_dataset_dir
+from kubetune.lib.dataset import load_dataset_dir
 
 
 def test_base_scores_are_reused_only_for_an_identical_evaluation(tiny_llama, tiny_tickets, tmp_path, monkeypatch):
@@ -84,7 +84,7 @@ def test_champion_scores_are_reused_only_for_the_same_validation_settings_and_co
         before = len(downloads)
         report = ev.evaluate(ev.EvaluateConfig(**{**settings, **changes}), tmp_path / "model", ds, tok_dir,
                              tmp_path / "again.json").report
-        assert str(report["champion_version"]) == "1" and report["champion"]
+        assert report.champion_version == "1" and report.champion
         return len(downloads) > before
 
     assert not champion_scored_again()  # everything equal: the recorded numbers

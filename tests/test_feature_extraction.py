@@ -11,14 +11,15 @@ import torch
 
 from kubetune.errors import ConfigError, StageError
 from kubetune.methods.features import artifact_dir, classification_metrics
-from kubetune.stages.embed import EmbedConfig, embed, load_features
+from kubetune.methods.features import load_features
+from kubetune.stages.embed import EmbedConfig, embed
 from kubetune.stages.evaluate_head import EvaluateHeadConfig, evaluate_head
 from kubetune.stages.ingest import IngestConfig, ingest
 from kubetune.stages.register import RegisterConfig, register
 from kubetune.stages.train_head import TrainHeadConfig, train_head
 from kubetune.tracking import RunContext
 
-# the keys register and the CLI read from evaluate's eval.json
+# keys of eval.json that readers without EvalReport (jq, the KFP UI) rely on
 REPORT_KEYS = {"evaluated", "primary_metric", "higher_is_better", "min_improvement", "candidate", "base",
                "champion", "champion_version", "forgetting", "beats_base", "beats_champion", "data_fingerprint"}
 TEXTS = ["I love this blender, the design is excellent.", "Returned the tent because the material was awful.",
@@ -58,7 +59,7 @@ def test_minilm_head_beats_baseline_and_registry_model_predicts_text(reviews, tm
     assert artifact_dir(tmp_path / "model", "backbone") is None  # packaged: referenced, not copied
 
     report = evaluate_head(EvaluateHeadConfig(model_name="reviews"), tmp_path / "model", tmp_path / "emb", reviews,
-                           tmp_path / "eval.json", ctx=ctx).report
+                           tmp_path / "eval.json", ctx=ctx).report.to_dict()
     assert REPORT_KEYS <= set(report) and report["evaluated"] and report["champion"] is None
     assert report["candidate"]["macro_f1"] == pytest.approx(m["val_macro_f1"])
     majority = t["train_y"].bincount().argmax().item()
@@ -79,7 +80,7 @@ def test_minilm_head_beats_baseline_and_registry_model_predicts_text(reviews, tm
     # A head no better than the champion: evaluated against v1 (its recorded numbers), not promoted.
     train_head(TrainHeadConfig(head="linear", epochs=1, learning_rate=1e-4), tmp_path / "emb", tmp_path / "weak")
     weak = evaluate_head(EvaluateHeadConfig(model_name="reviews"), tmp_path / "weak", tmp_path / "emb", reviews,
-                         tmp_path / "eval2.json").report
+                         tmp_path / "eval2.json").report.to_dict()
     assert str(weak["champion_version"]) == "1" and weak["champion"]["macro_f1"] == pytest.approx(m["val_macro_f1"])
     assert not weak["beats_champion"]
     second = register(RegisterConfig(model_name="reviews"), tmp_path / "weak", tmp_path / "eval2.json")
@@ -90,7 +91,7 @@ def test_minilm_head_beats_baseline_and_registry_model_predicts_text(reviews, tm
     ingest(IngestConfig(data_uri="bundled://reviews", max_rows=200, seed=3), other)
     embed(EmbedConfig(base_model="minilm-l6-v2"), other, tmp_path / "emb2")
     again = evaluate_head(EvaluateHeadConfig(model_name="reviews"), tmp_path / "weak", tmp_path / "emb2", other,
-                          tmp_path / "eval3.json").report
+                          tmp_path / "eval3.json").report.to_dict()
     assert str(again["champion_version"]) == "1" and again["champion"]["macro_f1"] > 0.9
     assert again["data_fingerprint"] != report["data_fingerprint"] and not again["beats_champion"]
 

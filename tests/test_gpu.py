@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kubetune.stages.evaluate import load_model_artifact
+from kubetune.core.scoring import load_model_artifact
 from kubetune.stages.train_full import train_full
 from kubetune.stages.train_peft import train_peft
 from kubetune.core.train import TrainConfig

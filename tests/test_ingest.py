@@ -9,7 +9,8 @@ import sys
 import pytest
 
 from kubetune.errors import DataError
-from kubetune.stages.ingest import IngestConfig, fingerprint, ingest, load_dataset_dir
+from kubetune.lib.dataset import fingerprint, load_dataset_dir
+from kubetune.stages.ingest import IngestConfig, ingest
 
 KUBETUNE = [sys.executable, "-m", "kubetune.cli"]
 

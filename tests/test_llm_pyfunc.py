@@ -80,7 +80,7 @@ def _register(name: str, folder: Path) -> str:
 def _expected(folder: Path) -> list[str]:
     """What evaluate's own load + generate answer: the served model must answer the same."""
     from kubetune.serving.llm_pyfunc import _tokenizer
-    from kubetune.stages.evaluate import generate, load_model_artifact
+    from kubetune.core.scoring import generate, load_model_artifact
 
     return generate(load_model_artifact(folder), _tokenizer(folder), [[{"role": "user", "content": PROMPT}]],
                     NEW_TOKENS, 1)
@@ -100,7 +100,7 @@ def test_champion_loads_as_pyfunc_and_answers(kind, talking_llama, mlflow_uri, t
     assert answers == _expected(folder)
     assert isinstance(answers[0], str) and answers[0].strip()
     if kind not in ("full", "moe", "dpo"):  # the adapter is applied, not just its base
-        from kubetune.stages.evaluate import generate
+        from kubetune.core.scoring import generate
         from kubetune.core.models import load_causal_lm
 
         assert answers != generate(load_causal_lm(str(tiny_llama)), model.unwrap_python_model().tokenizer,

@@ -15,7 +15,7 @@ import torch
 
 import kubetune.core.train
 from kubetune.errors import StageError
-from kubetune.stages.evaluate import load_model_artifact
+from kubetune.core.scoring import load_model_artifact
 from kubetune.stages.train_full import train_full
 from kubetune.stages.train_peft import train_peft
 from kubetune.tracking import RunContext

@@ -352,7 +352,7 @@ def test_registry_proposer_and_registered_mixture_load_by_alias_and_answer(mlflo
     import pandas as pd
     from mlflow import MlflowClient
 
-    from kubetune.methods.moa_pyfunc import log_moa_model
+    from kubetune.methods.moa.pyfunc import log_moa_model
 
     # With a SQLite store, artifacts default to ./mlruns in the working directory; keep
     # them in this test's folder instead.

@@ -143,7 +143,7 @@ def test_second_evaluation_reuses_the_champions_numbers_and_does_not_promote(pip
     model_dir = _output(root, "aggregate-moa", "model")
     result = evaluate_moa(EvaluateMoAConfig(model_name=MODEL_NAME, served_examples=0), model_dir,
                           _output(root, "aggregate-moa", "proposals"), root / "eval-again.json")
-    report = result.report
+    report = result.report.to_dict()
     assert report["champion_version"] == "1"
     assert report["champion"]["accuracy"] == report["candidate"]["accuracy"]
     # Reused, not recomputed: the served-latency numbers only exist in the recorded tags.

@@ -308,7 +308,7 @@ def test_prompt_tuning_evaluation_generates_what_the_model_computes():
     from transformers import AutoTokenizer
 
     from kubetune.core import models
-    from kubetune.stages.evaluate import generate
+    from kubetune.core.scoring import generate
 
     path = models.resolve("smollm2-135m-instruct")
     model = apply_method(load_base_model(path, "prompt"), "prompt", PeftSettings(num_virtual_tokens=20)).eval()
@@ -333,7 +333,7 @@ def test_prefix_tuning_evaluation_generates_what_the_model_computes():
     from transformers import AutoTokenizer
 
     from kubetune.core import models
-    from kubetune.stages.evaluate import generate
+    from kubetune.core.scoring import generate
 
     path = models.resolve("smollm2-135m-instruct")
     tok = AutoTokenizer.from_pretrained(path)

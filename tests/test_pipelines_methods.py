@@ -68,8 +68,13 @@ def test_method_pipelines_compile_with_a_gpu_profile(tmp_path):
     paths = compile_all(tmp_path, "profiles/h200x2.yaml", names=["full", "instruction", "feature-extraction", "peft"])
     specs = {p.stem: next(yaml.safe_load_all(p.read_text())) for p in paths}  # pipeline spec, then platform
     comps = {name: set(spec["components"]) for name, spec in specs.items()}
-    assert {"comp-train-full", "comp-train-peft", "comp-packing-for"} <= comps["instruction"]
-    assert "comp-packing-for" in comps["peft"]
+    assert {"comp-train-full", "comp-train-peft"} <= comps["instruction"]
+    # tokenize_data decides packing from the method (prompt/prefix tuning cannot train on packed rows)
+    for name in ("instruction", "peft"):
+        tokenizers = [t for c in specs[name]["components"].values() for t in c.get("dag", {}).get("tasks", {}).values()
+                      if t["componentRef"]["name"].startswith("comp-tokenize-data")]
+        methods = [t["inputs"]["parameters"].get("method", {}).get("componentInputParameter") for t in tokenizers]
+        assert "pipelinechannel--method" in methods, (name, methods)
     assert {"comp-embed", "comp-train-head", "comp-evaluate-head", "comp-register"} <= comps["feature-extraction"]
     # the embed pass (the backbone) asks for the GPU; the head trains on the CPU
     executors = specs["feature-extraction"]["deploymentSpec"]["executors"]

@@ -21,6 +21,7 @@ import pytest
 
 from kubetune import tracking
 from kubetune.cli import main
+from kubetune.lib.report import EvalReport
 from kubetune.tracking.registry_ops import Gates, check_gates, unchanged
 from kubetune.stages.register import RegisterConfig, register
 from kubetune.tracking import RunContext
@@ -77,42 +78,47 @@ def versions_of(name: str) -> list[str]:
 # ---------------------------------------------------------------- gates
 
 
+def gate(metric, candidate, base, champion, champion_version, forgetting, gates, base_name=None):
+    """check_gates on a report with these numbers."""
+    return check_gates(EvalReport(metric, candidate, base=base, champion=champion, champion_version=champion_version,
+                                  forgetting=forgetting, base_name=base_name), gates)
+
+
 def test_check_gates_pure():
     g = Gates(min_improvement=0.05, max_forgetting=0.1)
-    ok = check_gates("exact_match", {"exact_match": 0.6}, BASE, {"exact_match": 0.5}, "3", 0.05, g)
+    ok = gate("exact_match", {"exact_match": 0.6}, BASE, {"exact_match": 0.5}, "3", 0.05, g)
     assert ok.promote and ok.checks["champion"].startswith("pass")
-    close = check_gates("exact_match", {"exact_match": 0.54}, BASE, {"exact_match": 0.5}, "3", 0.05, g)
+    close = gate("exact_match", {"exact_match": 0.54}, BASE, {"exact_match": 0.5}, "3", 0.05, g)
     assert not close.promote and "does not beat champion v3" in close.reason
-    forgot = check_gates("exact_match", {"exact_match": 0.9}, BASE, {"exact_match": 0.5}, "3", 0.25, g)
+    forgot = gate("exact_match", {"exact_match": 0.9}, BASE, {"exact_match": 0.5}, "3", 0.25, g)
     assert not forgot.promote and forgot.reason.startswith("forgetting +25.0% exceeds")
-    incomplete = check_gates("exact_match", {"exact_match": 0.9}, BASE, None, None, None, g)
+    incomplete = gate("exact_match", {"exact_match": 0.9}, BASE, None, None, None, g)
     assert not incomplete.promote and "not measured" in incomplete.reason
-    lenient = check_gates("exact_match", {"exact_match": 0.9}, BASE, None, None, None,
-                          Gates(max_forgetting=-1, require_complete=False))
+    lenient = gate("exact_match", {"exact_match": 0.9}, BASE, None, None, None,
+                   Gates(max_forgetting=-1, require_complete=False))
     assert lenient.promote
-    lower = check_gates("val_loss", {"val_loss": 1.0}, BASE, {"val_loss": 1.2}, "1", None, Gates(0.1))
+    lower = gate("val_loss", {"val_loss": 1.0}, BASE, {"val_loss": 1.2}, "1", None, Gates(0.1))
     assert lower.promote and "beats champion v1" in lower.reason
 
 
 def test_a_first_run_worse_than_the_base_model_does_not_become_champion():
     base = {"accuracy": 0.2333, "val_loss": 1.0}
-    worse = check_gates("accuracy", {"accuracy": 0.1667}, base, None, None, None, Gates())
+    worse = gate("accuracy", {"accuracy": 0.1667}, base, None, None, None, Gates())
     assert not worse.promote and "worse than the base model's (0.2333)" in worse.reason
     assert worse.checks["champion"] == "pass: no champion yet" and worse.checks["base"].startswith("fail")
     # A first version must beat the base, not tie it (one step spent in warm-up changes nothing) ...
-    tie = check_gates("accuracy", {"accuracy": 0.2333}, base, None, None, None, Gates())
+    tie = gate("accuracy", {"accuracy": 0.2333}, base, None, None, None, Gates())
     assert not tie.promote and tie.reason == "accuracy 0.2333 does not beat the base model's (0.2333); a first " \
                                              "version must"
-    assert not check_gates("val_loss", {"val_loss": 1.0}, base, None, None, None, Gates()).promote
-    assert check_gates("val_loss", {"val_loss": 0.99}, base, None, None, None, Gates()).promote
+    assert not gate("val_loss", {"val_loss": 1.0}, base, None, None, None, Gates()).promote
+    assert gate("val_loss", {"val_loss": 0.99}, base, None, None, None, Gates()).promote
     # A Mixture-of-Agents trains nothing: tying its best single proposer (its "base") is enough.
-    assert check_gates("accuracy", {"accuracy": 0.2333}, base, None, None, None, Gates(),
-                       first_beats_base=False).promote
+    assert gate("accuracy", {"accuracy": 0.2333}, base, None, None, None, Gates(), base_name="proposer-a").promote
     # ... a later one must beat the champion (strictly) and not be worse than the base.
-    later = check_gates("accuracy", {"accuracy": 0.2333}, base, {"accuracy": 0.2}, "1", None, Gates())
+    later = gate("accuracy", {"accuracy": 0.2333}, base, {"accuracy": 0.2}, "1", None, Gates())
     assert later.promote and later.checks["base"].startswith("pass")
-    assert not check_gates("val_loss", {"val_loss": 1.1}, base, None, None, None, Gates()).promote
-    off = check_gates("accuracy", {"accuracy": 0.1667}, base, None, None, None, Gates(not_worse_than_base=False))
+    assert not gate("val_loss", {"val_loss": 1.1}, base, None, None, None, Gates()).promote
+    off = gate("accuracy", {"accuracy": 0.1667}, base, None, None, None, Gates(not_worse_than_base=False))
     assert off.promote and off.checks["base"] == "pass: gate off"
 
 
@@ -460,13 +466,14 @@ def test_other_settings_train_and_the_same_run_skips(mlflow_uri, tmp_path, tiny_
     import mlflow
 
     from kubetune.ops.runner import format_summary, run_local
-    from kubetune.stages.ingest import IngestConfig, _ingest
+    from kubetune.stages.ingest import IngestConfig, check
 
     data = tmp_path / "tickets.jsonl"
     rows = [{"instruction": f"Classify ticket {i}", "input": f"my router {i} is broken",
              "output": json.dumps({"team": "network", "n": i})} for i in range(24)]
     data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    fp = _ingest(IngestConfig(data_uri=str(data)), tmp_path / "ing", tmp_path / "cache").fingerprint
+    checked = check(IngestConfig(data_uri=str(data)))
+    fp = checked.fingerprint
     name = f"skip-{uuid.uuid4().hex[:6]}"
     make_version(tmp_path, name, 0.4, fingerprint=fp)  # the champion: this data, other settings
     params = {"data_uri": str(data), "base_model": str(tiny_llama), "model_name": name, "max_steps": 1,
@@ -479,7 +486,7 @@ def test_other_settings_train_and_the_same_run_skips(mlflow_uri, tmp_path, tiny_
     from kubetune.stages.evaluate import EvaluateConfig
 
     settings = asdict(EvaluateConfig(base_model=str(tiny_llama), **params["eval_settings"]))
-    validation = json.loads((tmp_path / "ing" / "meta.json").read_text())["validation_fingerprint"]
+    validation = checked.meta["validation_fingerprint"]
     tracking.set_version_tags(name, "1", {"kubetune.eval_key": eval_key(validation, {
         k: v for k, v in settings.items() if k not in ("model_name", "reuse_base_scores")})})
 

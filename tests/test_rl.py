@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kubetune.methods.rl.reward import read_jsonl
+from kubetune.lib.dataset import read_jsonl
 
 DATA = Path(__file__).resolve().parents[1] / "kubetune" / "data"
 
@@ -161,7 +161,8 @@ def test_dpo_raises_the_implicit_reward_margin(tiny_llama, pairs, tmp_path):
     from kubetune.methods.rl.dpo import DPOConfig, train_dpo
 
     train, val = pairs
-    metrics = train_dpo(tiny_llama, train[:64], val[:24], DPOConfig(learning_rate=5e-3, max_steps=6, batch_size=8),
+    metrics = train_dpo(tiny_llama, train[:64], val[:24],
+                        DPOConfig(learning_rate=5e-3, max_steps=6, batch_size=8, sft_weight=0.0),
                         tmp_path / "dpo")
     assert metrics["margin_before"] == pytest.approx(0.0, abs=1e-4)  # π = π_ref before training
     assert metrics["margin_after"] > 0.5, metrics

@@ -31,7 +31,8 @@ def prefs(tmp_path):
 
 
 def test_ingest_group_by_keeps_each_prompt_on_one_side(tmp_path):
-    from kubetune.stages.ingest import IngestConfig, ingest, load_dataset_dir
+    from kubetune.lib.dataset import load_dataset_dir
+    from kubetune.stages.ingest import IngestConfig, ingest
 
     result = ingest(IngestConfig(data_uri="bundled://preferences", group_by="prompt"), tmp_path / "g")
     _, train, val = load_dataset_dir(tmp_path / "g")
@@ -46,17 +47,18 @@ def test_ingest_group_by_keeps_each_prompt_on_one_side(tmp_path):
 
 
 def test_stage_loaders_repair_a_row_by_row_split(tmp_path):
-    from kubetune.methods.rl.data import chosen_as_instruction, load_pairs
+    from kubetune.methods.rl.data import load_pairs
     from kubetune.stages.ingest import IngestConfig, ingest
+    from kubetune.stages.preference_sft_data import preference_sft_data
 
     ingest(IngestConfig(data_uri="bundled://preferences", group_by=""), tmp_path / "r")
     _, train, val = load_pairs(tmp_path / "r")
     assert not {r["prompt"] for r in train} & {r["prompt"] for r in val}
     assert len(train) + len(val) == 360 and len(val) > 36  # validation prompts took their siblings
-    meta = chosen_as_instruction(tmp_path / "r", tmp_path / "sft")
+    sft = preference_sft_data(tmp_path / "r", tmp_path / "sft")
     first = json.loads((tmp_path / "sft" / "train.jsonl").read_text().splitlines()[0])
-    assert meta["shape"] == "instruction" and first["output"].startswith("- ")
-    assert meta["counts"] == {"train": len(train), "validation": len(val)}
+    assert sft.shape == "instruction" and first["output"].startswith("- ")
+    assert sft.counts == {"train": len(train), "validation": len(val)}
 
 
 def test_configs_name_the_bad_key():
@@ -106,9 +108,9 @@ def test_reward_model_stage_reports_for_register_and_compares_with_champion(tiny
     weak = RewardModelConfig(base_model=str(tiny_llama), max_steps=1, model_name="tiny-reward", batch_size=4)
     second = reward_model(weak, prefs, tmp_path / "rm2", tmp_path / "rm2.json",
                           ctx=RunContext("tiny-reward", "run-2", "rlhf"))
-    assert second.report["champion_version"] == "1"
-    assert second.report["champion"]["accuracy"] == pytest.approx(first.metrics["accuracy"])
-    assert not second.report["beats_champion"]
+    assert second.report.champion_version == "1"
+    assert second.report.champion["accuracy"] == pytest.approx(first.metrics["accuracy"])
+    assert not second.report.judge().beats_champion
 
 
 def test_reward_model_halves_are_prompt_disjoint_and_cover_the_training_pairs(prefs):
@@ -136,7 +138,7 @@ def test_policy_is_judged_by_the_judge_not_by_the_reward_model_it_optimised(tiny
                      tmp_path / half, tmp_path / f"{half}.json")
     cfg = EvaluatePolicyConfig(max_new_tokens=6, max_prompts=4, forgetting=False)
     report = evaluate_policy(cfg, tiny_llama, tiny_llama, tmp_path / "judge", prefs, tmp_path / "eval.json",
-                             train_reward_model_dir=tmp_path / "policy").report
+                             train_reward_model_dir=tmp_path / "policy").report.to_dict()
     assert report["primary_metric"] == "reward"
     prompts = unique_prompts(load_pairs(prefs)[2])[:4]
     judged = compare_policies(tiny_llama, tiny_llama, prompts, RewardModelScorer(tmp_path / "judge"),
@@ -150,9 +152,9 @@ def test_policy_is_judged_by_the_judge_not_by_the_reward_model_it_optimised(tiny
 
     # A programmatic check decides where the task has one: ".*" passes every response, and the
     # tied candidate (the reference itself) does not beat its base.
-    report = evaluate_policy(EvaluatePolicyConfig(max_new_tokens=6, max_prompts=4, forgetting=False,
-                                                  judge_pattern=".*"),
-                             tiny_llama, tiny_llama, tmp_path / "judge", prefs, tmp_path / "eval2.json").report
+    cfg = EvaluatePolicyConfig(max_new_tokens=6, max_prompts=4, forgetting=False, judge_pattern=".*")
+    report = evaluate_policy(cfg, tiny_llama, tiny_llama, tmp_path / "judge", prefs,
+                             tmp_path / "eval2.json").report.to_dict()
     assert report["primary_metric"] == "pattern_rate"
     assert report["candidate"]["pattern_rate"] == 1.0 == report["base"]["pattern_rate"]
     assert not report["beats_base"]

@@ -8,9 +8,11 @@ import math
 
 import pytest
 
-from kubetune.tracking.registry_ops import Gates, check_gates
-from kubetune.stages import evaluate as ev
+from kubetune.core import scoring
+from kubetune.lib.report import EvalReport
 from kubetune.lib.stats import relative_change_interval, wilson
+from kubetune.lib.text_metrics import task_metrics
+from kubetune.tracking.registry_ops import Gates, check_gates
 
 
 def _wilson_by_hand(k: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
@@ -29,7 +31,7 @@ def test_task_metrics_carry_n_and_an_interval_around_each_metric():
     ref = json.dumps({"product": "phone", "issue": "billing", "priority": "low"})
     wrong = json.dumps({"product": "phone", "issue": "billing", "priority": "high"})
     preds = [ref] * 34 + [wrong] * 14
-    m = ev.task_metrics(preds, [ref] * 48)
+    m = task_metrics(preds, [ref] * 48)
     assert m["n"] == 48 and m["exact_match"] == pytest.approx(34 / 48)
     assert (m["exact_match_ci_low"], m["exact_match_ci_high"]) == pytest.approx(_wilson_by_hand(34, 48))
     # field accuracy: 34 rows at 1, 14 at 2/3 -> a t interval around the mean, strictly inside [2/3, 1]
@@ -47,13 +49,13 @@ def test_forgetting_interval_pairs_lines_and_brackets_the_pooled_change(tiny_lla
     with torch.no_grad():
         for p in changed.parameters():
             p.add_(torch.randn_like(p) * 0.02, alpha=1.0)
-    texts = [line for line in ev.GENERAL_TEXT.read_text().splitlines() if line.strip()][:24]
-    b_sums, counts = ev.line_losses(base, tok, texts, batch_size=5)
-    c_sums, c_counts = ev.line_losses(changed, tok, texts, batch_size=7)
+    texts = [line for line in scoring.GENERAL_TEXT.read_text().splitlines() if line.strip()][:24]
+    b_sums, counts = scoring.line_losses(base, tok, texts, batch_size=5)
+    c_sums, c_counts = scoring.line_losses(changed, tok, texts, batch_size=7)
     assert counts == c_counts and len(counts) == 24
     # the per-line sums pool to the loss the model itself computes (an independent computation)
     assert math.exp(sum(b_sums) / sum(counts)) == pytest.approx(
-        math.exp(ev.validation_loss(base, [{"input_ids": ids, "labels": ids, "position_ids": list(range(len(ids)))}
+        math.exp(scoring.validation_loss(base, [{"input_ids": ids, "labels": ids, "position_ids": list(range(len(ids)))}
                                            for ids in (tok(t, add_special_tokens=False)["input_ids"] for t in texts)],
                                     tok.pad_token_id, 24)), rel=1e-4)
     change = math.exp((sum(c_sums) - sum(b_sums)) / sum(counts)) - 1
@@ -69,19 +71,21 @@ def _report(cand: float, champ: float, n: int = 48):
     return scores(cand), scores(champ)
 
 
+def _eval(cand: dict, champ: dict) -> EvalReport:
+    return EvalReport("exact_match", cand, champion=champ, champion_version="1")
+
+
 def test_gate_beyond_noise_refuses_a_win_inside_the_noise_and_is_off_by_default():
     cand, champ = _report(0.5, 0.42)  # +0.08 on 48 examples each: well inside the noise (~±0.14 each)
-    plain = check_gates("exact_match", cand, None, champ, "1", None, Gates(require_complete=False))
+    plain = check_gates(_eval(cand, champ), Gates(require_complete=False))
     assert plain.promote
-    strict = check_gates("exact_match", cand, None, champ, "1", None, Gates(require_complete=False, beyond_noise=True))
+    strict = check_gates(_eval(cand, champ), Gates(require_complete=False, beyond_noise=True))
     assert not strict.promote and "noise" in strict.checks["champion"]
     cand, champ = _report(0.9, 0.4)
-    assert check_gates("exact_match", cand, None, champ, "1", None,
-                       Gates(require_complete=False, beyond_noise=True)).promote
+    assert check_gates(_eval(cand, champ), Gates(require_complete=False, beyond_noise=True)).promote
     # no interval recorded for the champion (an older version): the gate cannot judge, and says so
     del champ["exact_match_ci_low"]
-    decision = check_gates("exact_match", cand, None, champ, "1", None,
-                           Gates(require_complete=False, beyond_noise=True))
+    decision = check_gates(_eval(cand, champ), Gates(require_complete=False, beyond_noise=True))
     assert not decision.promote and "interval" in decision.checks["champion"]
 
 

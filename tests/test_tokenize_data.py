@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 
-from kubetune.errors import StageError
+from kubetune.errors import ConfigError, StageError
 from kubetune.stages.ingest import IngestConfig, ingest
-from kubetune.stages.tokenize_data import (IGNORE, TokenizeConfig, encode_chat, pack, setup_tokenizer,
-                                           tokenize_data)
+from kubetune.core.tokenization import IGNORE, TokenizeConfig, encode_chat, pack, setup_tokenizer
+from kubetune.stages.tokenize_data import tokenize_data
 from kubetune.core.train import PackedCollator
 
 
@@ -118,3 +118,17 @@ def test_non_lm_shapes_are_refused_with_a_pointer(tiny_llama, tmp_path):
     ds = _ingested(tmp_path, [{"text": f"t{i}", "label": "a"} for i in range(6)])
     with pytest.raises(StageError, match="not for language-model training"):
         tokenize_data(TokenizeConfig(base_model=str(tiny_llama)), ds, tmp_path / "tok")
+
+
+def test_the_method_decides_packing_where_the_rows_are_made(tiny_llama, tmp_path):
+    """Prompt and prefix tuning prepend virtual tokens once per row: their rows stay one example each."""
+    ds = _ingested(tmp_path, [{"instruction": f"q{i}", "output": f"a{i}"} for i in range(20)])
+    lora = tokenize_data(TokenizeConfig(base_model=str(tiny_llama), max_length=256, method="lora"), ds,
+                         tmp_path / "lora").counts["train"]
+    with pytest.warns(UserWarning, match="without packing"):
+        cfg = TokenizeConfig(base_model=str(tiny_llama), max_length=256, method="prefix")
+    prefix = tokenize_data(cfg, ds, tmp_path / "prefix").counts["train"]
+    assert lora["rows"] < prefix["rows"] == prefix["examples"] == lora["examples"]
+    assert json.loads((tmp_path / "prefix" / "meta.json").read_text())["tokenize"]["packing"] is False
+    with pytest.raises(ConfigError, match="'method' must be one of"):
+        TokenizeConfig(method="lorra")

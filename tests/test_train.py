@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from kubetune.errors import ConfigError
-from kubetune.stages.evaluate import load_model_artifact
+from kubetune.core.scoring import load_model_artifact
 from kubetune.stages.train_full import train_full
 from kubetune.stages.train_peft import train_peft
 from kubetune.tracking import RunContext
@@ -142,7 +142,7 @@ def test_epochs_set_the_steps_and_early_stopping_keeps_the_best_evaluation(tiny_
     best_checkpoint + early stopping ends with the weights of the lowest validation loss seen."""
     import datasets
 
-    from kubetune.stages.evaluate import validation_loss
+    from kubetune.core.scoring import validation_loss
 
     _, tok_dir = tiny_tickets
     data = datasets.load_from_disk(str(tok_dir))

@@ -34,6 +34,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from kubetune.core.peft_methods import method_spec
+
 ATTN_IMPLEMENTATION = "kubetune_varlen"
 """Name under which the packed attention is registered with transformers."""
 
@@ -510,7 +512,6 @@ def _save_checkpoint(root, step: int, wrapped, opt, extra: dict, keep: int = 2) 
     through torch.distributed.checkpoint, sharded as trained; RNG and data position per rank),
     then rank 0 fsyncs, marks and renames it into place. A crash before the rename leaves only a
     `.tmp` folder, which `last_checkpoint` never picks."""
-    import os
     import shutil
     from pathlib import Path
 
@@ -519,10 +520,12 @@ def _save_checkpoint(root, step: int, wrapped, opt, extra: dict, keep: int = 2) 
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     from kubetune.core.train import commit_checkpoint
+    from kubetune.lib.dataset import staging_dir, swap_in
 
     world, rank = _dist()
     root = Path(root)
-    final, tmp = root / f"{CHECKPOINT_PREFIX}{step}", root / f"{CHECKPOINT_PREFIX}{step}.tmp"
+    final = root / f"{CHECKPOINT_PREFIX}{step}"
+    tmp = staging_dir(final)
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -535,7 +538,7 @@ def _save_checkpoint(root, step: int, wrapped, opt, extra: dict, keep: int = 2) 
         dist.barrier()
     if rank == 0:
         commit_checkpoint(tmp, step)
-        os.replace(tmp, final)
+        swap_in(tmp, final)
         older = sorted((p for p in root.glob(CHECKPOINT_PREFIX + "*") if p.name[len(CHECKPOINT_PREFIX):].isdigit()),
                        key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
         for p in older[:-keep]:
@@ -899,10 +902,10 @@ def fast_path_blocker(cfg, model, device: str) -> str | None:
         return "no CUDA device (the fast path is the GPU engine)"
     if cfg.eval_steps:
         return f"eval_steps={cfg.eval_steps}: validation during training runs on the Trainer path"
-    if cfg.method in ("prompt", "prefix"):
-        return f"method={cfg.method} adds virtual tokens per row, which packed rows cannot carry"
-    if cfg.method == "qlora":
-        return "method=qlora: its 4-bit matmuls are bitsandbytes' own"
+    spec = method_spec(cfg.method)
+    if not spec.fast_path:
+        return (f"method={cfg.method} adds virtual tokens per row, which packed rows cannot carry"
+                if spec.family == "virtual-tokens" else f"method={cfg.method}: its 4-bit matmuls are bitsandbytes' own")
     if cfg.precision == "fp32":
         return "precision=fp32: the fast path computes in bf16"
     if cfg.optimizer not in OPTIMIZERS:

@@ -20,12 +20,12 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import shutil
 from pathlib import Path
 
 from dataclasses import asdict, dataclass
 
 from kubetune.errors import StageError
+from kubetune.lib.dataset import atomic_dir
 
 DEFAULT_BASE_MODEL = "smollm2-135m-instruct"
 PACKAGED = {
@@ -81,13 +81,10 @@ def _convert_gguf(package: str, filename: str, target: Path) -> Path:
     model.hf_quantizer = None
     if getattr(model, "is_quantized", False):
         model.is_quantized = False
-    tmp = target.with_name(target.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    (tmp / "kubetune_source.json").write_text(json.dumps({"package": package, "file": filename}))
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(tmp, target)
+    with atomic_dir(target) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "kubetune_source.json").write_text(json.dumps({"package": package, "file": filename}))
     return target
 
 

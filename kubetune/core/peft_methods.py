@@ -20,10 +20,11 @@ import json
 import warnings
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch loads inside the functions that need it, so the method records import cheaply
+    import torch
 
-METHODS = ("full", "lora", "dora", "qlora", "adapter", "prompt", "prefix", "ia3")
 MANIFEST_NAME = "kubetune_method.json"
 
 PREFIX_INITS = ("text", "random")
@@ -32,20 +33,76 @@ PREFIX_INITS = ("text", "random")
 PREFIX_INIT_TEXT = ("You are a careful assistant. Read the request, then answer exactly as it asks, "
                     "in the format it asks for, and nothing else.")
 
-# Learning rates each method is known to train well at. They differ by three orders of
-# magnitude, so one shared default would leave prompt tuning flat or blow up full tuning.
-_DEFAULT_LEARNING_RATES = {
-    "full": 2e-5,  # TRL SFTConfig's default for full-weight SFT
-    "lora": 2e-4,  # QLoRA paper (Dettmers et al., 2023), TRL's LoRA guide
-    "dora": 2e-4,  # DoRA (Liu et al., 2024) reuses the LoRA recipe
-    "qlora": 2e-4,  # QLoRA paper
-    "adapter": 1e-4,  # AdapterHub's recommendation; Houlsby et al. swept 3e-5..3e-3
-    "ia3": 3e-3,  # T-Few (Liu et al., 2022), the (IA)^3 paper
-    "prompt": 3e-2,  # PEFT's prompt-tuning examples; Lester et al. used 0.3 with Adafactor
-    # From the text-initialised prefix (prefix_init="text"), measured on SmolLM2, bundled tickets,
-    # 30 steps x 2 rows: 1e-2 -> exact match 0.06, 3e-2 -> 0.23, 1e-1 -> 0.13 (docs/compare.md).
-    "prefix": 3e-2,
-}
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """What one training method is and can do: the one place the package asks.
+
+    Attributes:
+        name: The method's name (``TrainConfig.method``, the peft pipeline's ``method``).
+        learning_rate: The rate the method is known to train well at. The methods differ by
+            three orders of magnitude, so one shared default would leave prompt tuning flat or
+            blow up full tuning.
+        family: How it trains: ``"full"`` (every weight), ``"lora"`` (low-rank updates of the
+            linear layers), ``"adapter"`` (bottleneck adapters, ``kubetune.core.adapters``),
+            ``"ia3"`` (learned rescaling vectors) or ``"virtual-tokens"`` (a learned prompt or
+            key/value prefix).
+        packing: Can train on packed rows. Virtual tokens are prepended once per row, not per
+            packed example, and PEFT drops ``position_ids`` for prompt tuning, so packed examples
+            would attend across each other.
+        gradient_checkpointing: Can train with gradient checkpointing. A prefix reaches every
+            layer as its KV cache, which a checkpointed layer drops (``training_flags_for``).
+        fast_path: The GPU fast path (``kubetune.core.fastpath``) trains it: the fast path packs
+            rows, so not the virtual-token methods, and its matmuls are not bitsandbytes' 4-bit ones.
+        mergeable: Its update folds into the base weights (the ``merge`` setting writes a plain
+            model); a 4-bit base cannot take a full-precision update back.
+        fsdp: Shards the weights with FSDP on several GPUs. Only full tuning: adapters are small,
+            so the other methods replicate the model (DDP) and all-reduce the adapter gradients.
+        needs_cuda: Needs a CUDA GPU (4-bit base weights from bitsandbytes).
+    """
+
+    name: str
+    learning_rate: float
+    family: str
+    packing: bool = True
+    gradient_checkpointing: bool = True
+    fast_path: bool = True
+    mergeable: bool = False
+    fsdp: bool = False
+    needs_cuda: bool = False
+
+
+METHOD_SPECS: dict[str, MethodSpec] = {m.name: m for m in (
+    # learning rate: TRL SFTConfig's default for full-weight SFT
+    MethodSpec("full", 2e-5, "full", fsdp=True),
+    # QLoRA paper (Dettmers et al., 2023), TRL's LoRA guide
+    MethodSpec("lora", 2e-4, "lora", mergeable=True),
+    # DoRA (Liu et al., 2024) reuses the LoRA recipe
+    MethodSpec("dora", 2e-4, "lora", mergeable=True),
+    # QLoRA paper
+    MethodSpec("qlora", 2e-4, "lora", fast_path=False, needs_cuda=True),
+    # AdapterHub's recommendation; Houlsby et al. swept 3e-5..3e-3
+    MethodSpec("adapter", 1e-4, "adapter"),
+    # PEFT's prompt-tuning examples; Lester et al. used 0.3 with Adafactor
+    MethodSpec("prompt", 3e-2, "virtual-tokens", packing=False, fast_path=False),
+    # From the text-initialised prefix (prefix_init="text") on SmolLM2, bundled tickets, 30 steps
+    # x 2 rows: 1e-2 -> exact match 0.06, 3e-2 -> 0.23, 1e-1 -> 0.13 (docs/compare.md).
+    MethodSpec("prefix", 3e-2, "virtual-tokens", packing=False, gradient_checkpointing=False, fast_path=False),
+    # T-Few (Liu et al., 2022), the (IA)^3 paper
+    MethodSpec("ia3", 3e-3, "ia3"),
+)}
+METHODS = tuple(METHOD_SPECS)
+
+
+def method_spec(method: str) -> MethodSpec:
+    """The record of ``method``.
+
+    Raises:
+        ValueError: naming the known methods, for any other name.
+    """
+    if method not in METHOD_SPECS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
+    return METHOD_SPECS[method]
 
 
 # adapter placements by name -> the blocks whose output gets an adapter (kubetune.core.adapters)
@@ -128,10 +185,10 @@ def validate_method(method: str, device: str | None = None) -> None:
         ValueError: Unknown method, or ``qlora`` without a CUDA GPU.
         ImportError: ``qlora`` on a GPU machine without ``bitsandbytes`` installed.
     """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
-    if method != "qlora":
+    if not method_spec(method).needs_cuda:
         return
+    import torch
+
     wants_cuda = device is None or str(device).startswith("cuda")
     if not (wants_cuda and torch.cuda.is_available()):
         where = f"device {device!r}" if device else "this machine, which has no CUDA GPU"
@@ -149,10 +206,8 @@ def validate_method(method: str, device: str | None = None) -> None:
 
 
 def default_learning_rate(method: str) -> float:
-    """The learning rate ``method`` trains well at (see the sources next to each value)."""
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
-    return _DEFAULT_LEARNING_RATES[method]
+    """The learning rate ``method`` trains well at (see the sources next to each record)."""
+    return method_spec(method).learning_rate
 
 
 def training_flags_for(method: str, *, gradient_checkpointing: bool, packing: bool) -> dict[str, bool]:
@@ -176,9 +231,8 @@ def training_flags_for(method: str, *, gradient_checkpointing: bool, packing: bo
     Returns:
         ``{"gradient_checkpointing": bool, "packing": bool}`` to train with.
     """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
-    if gradient_checkpointing and method == "prefix":
+    spec = method_spec(method)
+    if gradient_checkpointing and not spec.gradient_checkpointing:
         warnings.warn(
             "prefix tuning does not work with gradient checkpointing (checkpointed layers drop the "
             "KV cache that carries the prefix); training without gradient checkpointing",
@@ -186,7 +240,7 @@ def training_flags_for(method: str, *, gradient_checkpointing: bool, packing: bo
             stacklevel=2,
         )
         gradient_checkpointing = False
-    if packing and method in ("prompt", "prefix"):
+    if packing and not spec.packing:
         warnings.warn(
             f"{method} tuning prepends virtual tokens once per row, so packed examples would attend "
             f"across each other; training without packing",
@@ -211,6 +265,7 @@ def load_base_model(model_path: str | Path, method: str = "full", *, dtype: torc
     Returns:
         A ``transformers`` causal LM, not yet adapted (call ``apply_method``).
     """
+    import torch
     from transformers import AutoModelForCausalLM
 
     from kubetune.core import models
@@ -219,7 +274,7 @@ def load_base_model(model_path: str | Path, method: str = "full", *, dtype: torc
     models.check_remote_code(str(model_path), trust_remote_code)
     models.check_weights(str(model_path), allow_pickle)
     policy = dict(trust_remote_code=trust_remote_code, use_safetensors=None if allow_pickle else True)
-    if method != "qlora":
+    if not method_spec(method).needs_cuda:
         return AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype or torch.float32, **policy)
 
     from accelerate import PartialState
@@ -282,9 +337,9 @@ def apply_method(model, method: str, settings: PeftSettings | None = None, token
 
         if method == "qlora" and not getattr(model, "is_loaded_in_4bit", False):
             raise ValueError("method 'qlora' needs a base loaded in 4-bit: load it with load_base_model(path, 'qlora')")
-        if method == "prefix" and getattr(model, "is_activation_checkpointing", False):
+        if not method_spec(method).gradient_checkpointing and getattr(model, "is_activation_checkpointing", False):
             # PEFT raises here; we turn it off instead (see training_flags_for).
-            training_flags_for("prefix", gradient_checkpointing=True, packing=False)
+            training_flags_for(method, gradient_checkpointing=True, packing=False)
             model.activation_checkpointing_disable()
         text_init = method == "prefix" and settings.prefix_init == "text"
         if text_init and tokenizer is None:
@@ -317,7 +372,7 @@ def init_prefix_from_text(model, tokenizer, num_virtual_tokens: int, text: str =
 def _peft_config(method: str, settings: PeftSettings, model):
     from peft import IA3Config, LoraConfig, PrefixTuningConfig, PromptTuningConfig, PromptTuningInit, TaskType
 
-    if method in ("lora", "dora", "qlora"):
+    if method_spec(method).family == "lora":
         return LoraConfig(
             task_type=TaskType.CAUSAL_LM,
             r=settings.rank,

@@ -24,6 +24,8 @@ from typing import Literal
 from kubetune.core.config import setting
 from kubetune.errors import ConfigError, StageError
 from kubetune.core.models import DEFAULT_BASE_MODEL
+from kubetune.lib.dataset import atomic_file, fsync_path, staging_dir, swap_in
+from kubetune.core.peft_methods import METHODS, method_spec
 
 IGNORE = -100
 COMPLETE_MARKER = "KUBETUNE_COMPLETE"
@@ -32,7 +34,7 @@ COMPLETE_MARKER = "KUBETUNE_COMPLETE"
 @dataclass
 class TrainConfig:
     base_model: str = setting(DEFAULT_BASE_MODEL, "Base model: packaged name, local folder or hub id.")
-    method: Literal["full", "lora", "dora", "qlora", "adapter", "prompt", "prefix", "ia3"] = setting(
+    method: Literal[METHODS] = setting(
         "lora", "Which weights train: all (full) or a PEFT method.")
     max_steps: int = setting(
         0, "Optimizer steps; 0 = worked out from the data: 'epochs' passes over the training rows, at least "
@@ -85,7 +87,8 @@ class TrainConfig:
         0.0, "Stop after the step that crosses this many seconds of training (0 = no limit): the same-wall-clock "
              "budget of `kubetune compare`. The learning-rate schedule stays laid out over max_steps.")
     seed: int = setting(0, "Seed of initialisation and data order.")
-    merge: bool = setting(False, "Also save the adapter merged into the base weights (LoRA family).")
+    merge: bool = setting(False, "Also save the adapter merged into the base weights "
+                          f"({', '.join(m for m in METHODS if method_spec(m).mergeable)}).")
     fast_path: Literal["auto", "off"] = setting("auto", "auto = use the GPU fast path when on a GPU.")
     trust_remote_code: bool = setting(False, "Run code shipped with the model (off unless you trust it).")
     allow_pickle: bool = setting(False, "Load pickle (.bin) weights (off: they can run code).")
@@ -208,14 +211,6 @@ def last_complete_checkpoint(checkpoint_dir: Path) -> Path | None:
     return max(done, key=lambda p: int(p.name.split("-")[-1]), default=None)
 
 
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def commit_checkpoint(ckpt: Path, step: int) -> None:
     """Make a written checkpoint durable, then mark it complete atomically.
 
@@ -225,15 +220,10 @@ def commit_checkpoint(ckpt: Path, step: int) -> None:
     """
     for path in sorted(ckpt.rglob("*")):
         if path.is_file():
-            _fsync_path(path)
-    tmp = ckpt / (COMPLETE_MARKER + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(str(step))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, ckpt / COMPLETE_MARKER)
-    _fsync_path(ckpt)
-    _fsync_path(ckpt.parent)
+            fsync_path(path)
+    with atomic_file(ckpt / COMPLETE_MARKER, durable=True) as tmp:
+        tmp.write_text(str(step))
+    fsync_path(ckpt.parent)
 
 
 def _disk_full(e: BaseException) -> bool:
@@ -309,7 +299,7 @@ def load_for_training(cfg: TrainConfig, device: str, tokenizer=None):
 
     validate_method(cfg.method, device)
     bf16 = _use_bf16(cfg, device)
-    if cfg.method == "qlora":
+    if method_spec(cfg.method).needs_cuda:
         model = load_base_model(models.resolve(cfg.base_model), "qlora", trust_remote_code=cfg.trust_remote_code,
                                 allow_pickle=cfg.allow_pickle)
     else:
@@ -377,7 +367,7 @@ def train(cfg: TrainConfig, tokenized_dir: str | Path, output_dir: str | Path, c
                          "row, so packed examples would see each other); tokenize with packing=false")
     if model is None:
         if world == 1:  # the estimate is per device; sharded runs are sized by the cluster profile
-            from kubetune.ops.preflight import check_memory
+            from kubetune.core.memory_check import check_memory
 
             check_memory(cfg, meta.get("tokenize", {}).get("max_length") or 512, device)
         model = load_for_training(cfg, device, tokenizer)
@@ -422,10 +412,11 @@ def train(cfg: TrainConfig, tokenized_dir: str | Path, output_dir: str | Path, c
         raise
     wall = time.perf_counter() - t0
 
+    # Not atomic_dir: with sharded weights every rank writes into the folder, rank 0 swaps it in.
     output_dir = Path(output_dir)
-    tmp = output_dir.with_name(output_dir.name + ".tmp")
+    tmp = staging_dir(output_dir)
     trained = model if fast else trainer.model
-    sharded = getattr(trainer, "is_fsdp_enabled", False) or (fast and world > 1 and cfg.method == "full")
+    sharded = getattr(trainer, "is_fsdp_enabled", False) or (fast and world > 1 and method_spec(cfg.method).fsdp)
     if getattr(trainer, "is_fsdp_enabled", False):
         launch.save_full_model(trainer, str(tmp))  # every rank takes part in gathering the shards
     elif sharded:
@@ -446,13 +437,11 @@ def train(cfg: TrainConfig, tokenized_dir: str | Path, output_dir: str | Path, c
     manifest.update(base_model=cfg.base_model, train=asdict(cfg), data_fingerprint=meta.get("fingerprint"),
                     shape=meta.get("shape"))
     manifest_path.write_text(json.dumps(manifest, indent=2))
-    if cfg.merge and cfg.method in ("lora", "dora"):
+    if cfg.merge and method_spec(cfg.method).mergeable:
         merged = trained.merge_and_unload()
         merged.save_pretrained(tmp / "merged", safe_serialization=True)
         tokenizer.save_pretrained(tmp / "merged")
-    if output_dir.exists():
-        shutil.rmtree(output_dir)
-    os.replace(tmp, output_dir)
+    swap_in(tmp, output_dir)
     metrics = {
         "train_loss_first": losses[0] if losses else float("nan"),
         "train_loss_last": sum(losses[-5:]) / len(losses[-5:]) if losses else float("nan"),
@@ -515,7 +504,7 @@ def _trainer(cfg: TrainConfig, model, data, collator: PackedCollator, tokenizer,
     # small, so PEFT methods replicate the model (DDP) and all-reduce the adapter grads.
     # KUBETUNE_FSDP=off replicates with DDP instead (the escape hatch when a model's FSDP
     # wrapping misbehaves, and the baseline bench/fsdp_2gpu.py compares against).
-    fsdp = (launch.fsdp_training_args() if cfg.method == "full" and device == "cuda"
+    fsdp = (launch.fsdp_training_args() if method_spec(cfg.method).fsdp and device == "cuda"
             and os.environ.get("KUBETUNE_FSDP", "on") != "off" else {})
     args = TrainingArguments(
         output_dir=str(checkpoint_dir),

@@ -1,6 +1,6 @@
 """Mixture of Experts by sparse upcycling: turn a dense decoder into a transformers MoE model.
 
-Experimental (STYLE.md 14): the library code of the ``train_moe`` stage. Everything here
+Experimental (its interface may still change): the library code of the ``train_moe`` stage. Everything here
 works on a model object; the stage loads, trains through the shared core and saves.
 
 Sparse upcycling (Komatsuzaki et al., 2022, https://arxiv.org/abs/2212.05055) copies each

@@ -1,1 +1,1 @@
-"""The library under the stages: data URIs, datasets, scoring, statistics, run keys. Imports no stage."""
+"""The bottom layer under the stages: datasets (read, write, fingerprint, atomic outputs), the evaluation report, text metrics, statistics, data URIs, run keys. Imports nothing of kubetune but kubetune.errors and itself."""

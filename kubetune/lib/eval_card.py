@@ -6,7 +6,8 @@ run's artifact view; the same text is logged to the evaluate run in MLflow.
 
 from __future__ import annotations
 
-from kubetune.tracking.registry_ops import LOWER_IS_BETTER
+from kubetune.lib.report import EvalReport, lower_is_better
+from kubetune.lib.text_metrics import exact_match
 
 ORDER = ("exact_match", "field_accuracy", "rouge_l", "val_loss", "val_perplexity", "general_perplexity")
 
@@ -24,34 +25,35 @@ def _num(v) -> str:
     return "n/a" if v is None else f"{v:.4f}"
 
 
-def render(report: dict) -> str:
-    """The card of one ``eval.json`` report."""
-    metric = report["primary_metric"]
-    cand, base, champ = report["candidate"], report.get("base") or {}, report.get("champion")
-    version = report.get("champion_version")
+def render(report: EvalReport) -> str:
+    """The card of one evaluation report."""
+    metric = report.primary_metric
+    cand, base, champ = report.candidate, report.base or {}, report.champion
+    version = report.champion_version
+    judged = report.judge()
     keys = [k for k in ORDER if k in cand] + sorted(k for k in cand if k.startswith("bench_"))
     champ_head = f"champion v{version}" if version is not None else "champion (none yet)"
     rows = []
     for k in keys:
-        better = "lower" if k in LOWER_IS_BETTER or k == "general_perplexity" else "higher"
+        better = "lower" if lower_is_better(k) else "higher"
         rows.append(f"| {k}{' **(primary)**' if k == metric else ''} | {_num(cand.get(k))} | {_num(base.get(k))} | "
                     f"{_num((champ or {}).get(k))} | {better} |")
-    forgetting = report.get("forgetting")
+    forgetting = report.forgetting
     verdict = [
-        f"- beats the base model on `{metric}`: **{'yes' if report.get('beats_base') else 'no'}**",
-        f"- beats the champion on `{metric}` (margin {report.get('min_improvement', 0)}): "
-        f"**{'yes' if report.get('beats_champion') else 'no'}**"
+        f"- beats the base model on `{metric}`: **{'yes' if judged.beats_base else 'no'}**",
+        f"- beats the champion on `{metric}` (margin {report.min_improvement}): "
+        f"**{'yes' if judged.beats_champion else 'no'}**"
         + ("" if version is not None else " (no champion yet)"),
         f"- forgetting (general-text perplexity vs base): {'n/a' if forgetting is None else f'{forgetting:+.1%}'}",
     ]
-    if report.get("benchmark_gate"):
-        verdict.append(f"- benchmarks: {report['benchmark_gate']}")
+    if report.benchmark_gate:
+        verdict.append(f"- benchmarks: {report.benchmark_gate}")
     samples = cand.get("samples") or []
     sample_rows = "\n".join(f"| {_cell(s['prompt'], tail=True)} | {_cell(s['reference'])} | {_cell(s['prediction'])} | "
                             f"{'yes' if s.get('correct', _same(s)) else 'no'} |" for s in samples)
     out = [f"# Evaluation: candidate vs base vs {champ_head}", "",
-           f"Primary metric `{metric}`; {report.get('validation_examples', 'n/a')} validation examples, "
-           f"data `{report.get('data_fingerprint', '?')}`.", "",
+           f"Primary metric `{metric}`; {report.validation_examples} validation examples, "
+           f"data `{report.data_fingerprint or '?'}`.", "",
            "## Verdict", "", *verdict, "",
            "## Metrics", "", f"| metric | candidate | base | {champ_head} | better |", "|---|---|---|---|---|", *rows]
     if samples:
@@ -61,6 +63,4 @@ def render(report: dict) -> str:
 
 
 def _same(sample: dict) -> bool:
-    from kubetune.stages.evaluate import exact_match
-
     return exact_match(sample["prediction"], sample["reference"])

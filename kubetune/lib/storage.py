@@ -31,6 +31,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from kubetune.errors import DataError
+from kubetune.lib.dataset import atomic_file
 
 
 def is_s3(uri: str) -> bool:
@@ -277,11 +278,10 @@ def _download_verified(client, bucket: str, key: str, dest: Path) -> None:
     the ETag where it is an MD5 (see ``_etag_is_md5``). An object with none of them is checked
     by size only. A mismatch is downloaded again; a persistent one is an error.
     """
-    tmp = dest.with_name(dest.name + ".part")
     where = f"s3://{bucket}/{key}"
     sse_c = sse_c_args()
 
-    def attempt():
+    def attempt(tmp: Path):
         tmp.unlink(missing_ok=True)
         client.download_file(bucket, key, str(tmp), ExtraArgs=sse_c or None)
         head = client.head_object(Bucket=bucket, Key=key, ChecksumMode="ENABLED", **sse_c)
@@ -306,11 +306,10 @@ def _download_verified(client, bucket: str, key: str, dest: Path) -> None:
                 raise _ChecksumMismatch(f"md5 {got} does not match the ETag {etag}")
 
     try:
-        _with_retries(f"download {where}", attempt)
+        with atomic_file(dest) as tmp:
+            _with_retries(f"download {where}", lambda: attempt(tmp))
     except DataError as e:
-        tmp.unlink(missing_ok=True)
         raise DataError(f"{where}: checksum or size check failed: {e.problems[0]}") from None
-    os.replace(tmp, dest)
 
 
 def upload_dir(local_dir: str | Path, uri: str) -> list[str]:

@@ -15,13 +15,12 @@ a hub id (the same everywhere kubetune is installed) and copied in when it is a 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import tempfile
 from pathlib import Path
 
 import mlflow.pyfunc
 
+FEATURES = "features.safetensors"  # the embed stage's tensors: {train,validation}_{x,y}
 HEAD_WEIGHTS = "head.safetensors"
 HEAD_CONFIG = "head.json"
 
@@ -165,7 +164,7 @@ def artifact_dir(model_dir: str | Path, name: str = "head") -> Path | None:
 
 def save_text_classifier(model_dir: str | Path, head_dir: str | Path, backbone: str, pooling: str,
                          max_length: int, batch_size: int = 32) -> Path:
-    """Save the pyfunc model (backbone reference or copy + head) to ``model_dir`` (must not exist)."""
+    """Save the pyfunc model (backbone reference or copy + head) to ``model_dir`` (absent or empty)."""
     from kubetune.core import models
 
     artifacts = {"head": str(Path(head_dir).resolve())}
@@ -227,8 +226,9 @@ def texts_of(model_input) -> list[str]:
     return [str(t) for t in model_input]
 
 
-def replace_dir(tmp: Path, target: Path) -> None:
-    """Move a fully written folder into place (never a half-written output)."""
-    if target.exists():
-        shutil.rmtree(target)
-    os.replace(tmp, target)
+def load_features(embeddings_dir: str | Path) -> tuple[dict, dict]:
+    """(meta, tensors) of an ``embed`` output folder."""
+    from safetensors.torch import load_file
+
+    embeddings_dir = Path(embeddings_dir)
+    return json.loads((embeddings_dir / "meta.json").read_text()), load_file(str(embeddings_dir / FEATURES))

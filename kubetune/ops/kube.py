@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlparse
 
+from kubetune.core import defaults
 from kubetune.errors import ConfigError
 
 #: The kinds of step a profile sizes: GPU training stages (every GPU of the profile), GPU
@@ -61,7 +62,7 @@ MLFLOW_OPTIONAL_SECRET_KEYS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASS
 NPROC_ENV = "KUBETUNE_NPROC_PER_NODE"
 
 #: Environment variable naming where the shared workspace volume is mounted.
-WORKSPACE_ENV = "KUBETUNE_WORKSPACE"
+WORKSPACE_ENV = defaults.WORKSPACE_ENV
 
 #: Key of the Hugging Face Secret: a token for gated models (Llama, Gemma), read by
 #: ``huggingface_hub`` itself.

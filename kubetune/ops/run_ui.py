@@ -157,11 +157,16 @@ def key_metric(task: str, outputs: dict[str, str]) -> str:
     for key, text in outputs.items():
         uri = _URI.search(text)
         if key == "report" and uri and Path(uri.group(1)).is_file():
-            report = json.loads(Path(uri.group(1)).read_text())
-            metric = report.get("primary_metric")
-            if metric and metric in report.get("candidate", {}):
-                base = (report.get("base") or {}).get(metric)
-                return f"{metric} {report['candidate'][metric]:.4f}" + ("" if base is None else f" (base {base:.4f})")
+            from kubetune.errors import KubetuneError
+            from kubetune.lib.report import EvalReport
+
+            try:
+                report = EvalReport.load(uri.group(1))
+            except KubetuneError:  # a status line, not the place to refuse a report
+                continue
+            metric = report.primary_metric
+            base = (report.base or {}).get(metric)
+            return f"{metric} {report.candidate[metric]:.4f}" + ("" if base is None else f" (base {base:.4f})")
     out = _value(outputs.get("Output", "")) if "Output" in outputs else None
     if isinstance(out, dict):
         if "version" in out and "aliases" in out:

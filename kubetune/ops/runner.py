@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from kubetune.core.config import _check_type
+from kubetune.core.defaults import WORKSPACE, WORKSPACE_ENV
 from kubetune.errors import ConfigError, KubetuneError
 
 
@@ -58,7 +59,7 @@ def local_env(workdir: Path) -> dict[str, str]:
     """Where a local run keeps its state (absolute, so every task process agrees)."""
     env = {
         "MLFLOW_TRACKING_URI": os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{workdir / 'mlflow.db'}",
-        "KUBETUNE_WORKSPACE": os.environ.get("KUBETUNE_WORKSPACE") or str(workdir / ".kubetune" / "workspace"),
+        WORKSPACE_ENV: os.environ.get(WORKSPACE_ENV) or str(workdir / WORKSPACE),
         "KUBETUNE_GIT_COMMIT": os.environ.get("KUBETUNE_GIT_COMMIT") or _git_commit(),
         "TOKENIZERS_PARALLELISM": "false",
         # A local run means its file store (even when this machine is itself a pod, as CI may be).

@@ -286,26 +286,3 @@ def add_deploy_parser(sub, func) -> None:
     d.add_argument("--no-rollback", action="store_true", help="leave the champion where it is on failure")
     d.add_argument("--render", action="store_true", help="print the InferenceService YAML and stop")
     d.set_defaults(func=func)
-
-
-def deploy_command(args) -> int:
-    """Run the deploy stage for the CLI; print the outcome in a few lines."""
-    import yaml
-
-    from kubetune.stages.deploy import DeployConfig, deploy
-
-    name, _, alias = args.model.partition("@")
-    cfg = DeployConfig(model_name=name, alias=alias or "champion", target=args.target, namespace=args.namespace,
-                       endpoint=args.endpoint, keep_serving=args.keep, port=args.port, rollback=not args.no_rollback,
-                       **({"smoke_prompts": args.prompt} if args.prompt else {}))
-    if args.render:
-        target = describe(cfg.model_name, cfg.alias)
-        print(yaml.safe_dump(render(target, namespace=cfg.namespace or "default", gpus=cfg.gpus), sort_keys=False))
-        return 0
-    result = deploy(cfg)
-    print(f"deployed {name} v{result.version} ({result.runtime}) at {result.url}")
-    for prompt, answer in zip(cfg.smoke_prompts, result.answers):
-        print(f"  {prompt!r} -> {answer[:80]!r}")
-    if result.pid:
-        print(f"  serving (pid {result.pid}); stop it with: kill {result.pid}")
-    return 0

@@ -9,10 +9,10 @@ load time) whose one artifact is the folder the training stage wrote:
   The base weights are never copied into the registry;
 * whole models (full fine-tuning, upcycled MoE, DPO/PPO policies merged) travel whole.
 
-Loading goes through ``kubetune.stages.evaluate.load_model_artifact`` and answers through its
+Loading goes through ``kubetune.core.scoring.load_model_artifact`` and answers through its
 ``generate``, so a served model answers exactly as the evaluated one did (prompt and prefix
 tuning need their own decoding path there). Heads and Mixtures of Agents are pyfunc folders
-already (``kubetune.methods.features``, ``kubetune.methods.moa_pyfunc``) and are logged as they are.
+already (``kubetune.methods.features``, ``kubetune.methods.moa.pyfunc``) and are logged as they are.
 
 Every version is one MLflow 3 ``LoggedModel``, an output of the ``register`` run, and the model
 version is created from it (``models:/<model_id>``), which links the three. The model card is
@@ -66,7 +66,7 @@ class LLMModel(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context) -> None:
         """Load the trained folder onto its base (resolved here) and its tokenizer."""
-        from kubetune.stages.evaluate import load_model_artifact
+        from kubetune.core.scoring import load_model_artifact
 
         config = context.model_config or {}
         self.max_new_tokens = int(config.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS))
@@ -86,7 +86,7 @@ class LLMModel(mlflow.pyfunc.PythonModel):
         Returns:
             One answer (string) per prompt.
         """
-        from kubetune.stages.evaluate import generate
+        from kubetune.core.scoring import generate
 
         prompts = prompts_of(model_input)
         if not prompts:

@@ -10,7 +10,7 @@ and every proposer alone, on examples no tuning has seen.
 Output model folder (what ``register`` registers, unchanged):
 
 * the MLflow pyfunc (``MLmodel``, ``artifacts/``): proposers and aggregator, called
-  concurrently with a deadline when served (:mod:`kubetune.methods.moa_pyfunc`);
+  concurrently with a deadline when served (:mod:`kubetune.methods.moa.pyfunc`);
 * ``moa.json``: the mixture as evaluated (mode, weights, labels, aggregator, the two halves);
 * ``kubetune_method.json``: ``{"method": "moa", ...}``;
 * ``aggregator/``: the tuned aggregator adapter, when ``tune_aggregator`` is on.
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 import shutil
 import tempfile
@@ -32,6 +31,7 @@ from pathlib import Path
 from typing import Literal
 
 from kubetune.core.config import setting
+from kubetune.core.defaults import WORKSPACE
 from kubetune.errors import ConfigError, StageError
 from kubetune.core.models import DEFAULT_BASE_MODEL
 from kubetune.tracking import RunContext, log_metrics, maybe_stage
@@ -144,29 +144,24 @@ def aggregator_spec(ref: str, max_new_tokens: int) -> dict:
 def tune_aggregator(cfg: MoAConfig, examples: list[dict], out: Path, workspace: str | Path, ctx) -> dict:
     """LoRA on chat examples, through ``tokenize_data`` and the one training core."""
     from kubetune.core.config import from_dict
-    from kubetune.stages.ingest import fingerprint, write_jsonl
-    from kubetune.stages.tokenize_data import TokenizeConfig, tokenize_data
+    from kubetune.core.tokenization import TokenizeConfig, tokenize_dataset
     from kubetune.core.train import TrainConfig, run_training
+    from kubetune.lib.dataset import fingerprint, write_dataset_dir
 
-    from kubetune.stages.propose import whole_ints
 
-    train_cfg = from_dict(TrainConfig, {"method": "lora", **whole_ints(TrainConfig, cfg.aggregator_train),
+    train_cfg = from_dict(TrainConfig, {"method": "lora", **cfg.aggregator_train,
                                         "base_model": cfg.aggregator}, "aggregator_train")
     with tempfile.TemporaryDirectory() as tmp:
-        data = Path(tmp) / "dataset"
-        data.mkdir()
         # An ingested-dataset folder, as ingest writes it; a tenth of the examples (at least
         # one) is the validation split tokenize_data expects.
         n_val = max(1, len(examples) // 10)
         train, val = examples[n_val:] or examples, examples[:n_val]
-        write_jsonl(data / "train.jsonl", train)
-        write_jsonl(data / "validation.jsonl", val)
         meta = {"shape": "chat", "fingerprint": fingerprint(examples),
                 "counts": {"train": len(train), "validation": len(val)}, "source": "aggregate_moa"}
-        (data / "meta.json").write_text(json.dumps(meta))
+        data = write_dataset_dir(Path(tmp) / "dataset", meta, train, val)
         tokenized = Path(tmp) / "tokenized"
-        tokenize_data(TokenizeConfig(base_model=cfg.aggregator, max_length=cfg.max_length, overlong="truncate"),
-                      data, tokenized)
+        tokenize_dataset(TokenizeConfig(base_model=cfg.aggregator, max_length=cfg.max_length, overlong="truncate"),
+                         data, tokenized)
         return run_training("train-aggregator", train_cfg, tokenized, out, workspace, ctx).metrics
 
 
@@ -175,7 +170,7 @@ def tune_aggregator(cfg: MoAConfig, examples: list[dict], out: Path, workspace: 
 
 def aggregate_moa(cfg: MoAConfig, proposer_dirs: list[str | Path], dataset_dir: str | Path,
                   model_dir: str | Path, proposals_path: str | Path,
-                  workspace: str | Path = ".kubetune/workspace", ctx: RunContext | None = None) -> MoAResult:
+                  workspace: str | Path = WORKSPACE, ctx: RunContext | None = None) -> MoAResult:
     """Fit the mixture on the fit half of the validation split and save it as one model.
 
     Args:
@@ -191,9 +186,9 @@ def aggregate_moa(cfg: MoAConfig, proposer_dirs: list[str | Path], dataset_dir: 
         The fitted weights, the label set, each proposer's accuracy on the fit half and the
         aggregator's training metrics (when tuned).
     """
+    from kubetune.lib.dataset import atomic_dir, load_dataset_dir
     from kubetune.methods import moa
-    from kubetune.methods.moa_pyfunc import save_moa_model
-    from kubetune.stages.ingest import load_dataset_dir
+    from kubetune.methods.moa.pyfunc import save_moa_model
 
     meta, train, val = load_dataset_dir(dataset_dir)
     proposers = read_proposers(proposer_dirs)
@@ -216,10 +211,9 @@ def aggregate_moa(cfg: MoAConfig, proposer_dirs: list[str | Path], dataset_dir: 
     fit_accuracy = {n: moa.accuracy(fit_preds[n], fit_refs, labels) for n in names}
 
     model_dir, proposals_path = Path(model_dir), Path(proposals_path)
-    tmp = model_dir.with_name(model_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    work = Path(tempfile.mkdtemp(prefix="aggregate-moa-"))
-    try:
+    # save_moa_model writes into an empty folder, so a tuned aggregator is trained beside it and copied in.
+    with atomic_dir(model_dir) as tmp, tempfile.TemporaryDirectory(prefix="aggregate-moa-") as scratch:
+        work = Path(scratch)
         agg = aggregator_spec(cfg.aggregator, cfg.max_new_tokens) if cfg.aggregator else None
         tuned_metrics = {}
         if cfg.tune_aggregator:
@@ -241,24 +235,19 @@ def aggregate_moa(cfg: MoAConfig, proposer_dirs: list[str | Path], dataset_dir: 
         if cfg.tune_aggregator:
             shutil.copytree(work / "aggregator", tmp / "aggregator")
             agg = dict(agg, path="aggregator")  # relative to the model folder
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    eval_fp = hashlib.sha256(json.dumps([meta["fingerprint"], held, labels]).encode()).hexdigest()[:16]
-    description = {
-        "mode": cfg.mode, "proposers": [p["spec"] for p in proposers], "weights": weights, "labels": labels,
-        "aggregator": agg, "aggregator_tuned": cfg.tune_aggregator, "layers": cfg.layers,
-        "timeout": cfg.timeout, "max_new_tokens": cfg.max_new_tokens, "fit": fit, "eval": held,
-        "data_fingerprint": meta["fingerprint"], "eval_fingerprint": eval_fp,
-    }
-    (tmp / "moa.json").write_text(json.dumps(description, indent=2))
-    manifest = {"method": "moa", "mode": cfg.mode, "proposers": names, "weights": weights,
-                "base_model": cfg.aggregator if cfg.mode == "synthesis" else "",
-                "aggregator_tuned": cfg.tune_aggregator, "data_fingerprint": meta["fingerprint"],
-                "shape": meta["shape"]}
-    (tmp / "kubetune_method.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    if model_dir.exists():
-        shutil.rmtree(model_dir)
-    os.replace(tmp, model_dir)
+        eval_fp = hashlib.sha256(json.dumps([meta["fingerprint"], held, labels]).encode()).hexdigest()[:16]
+        description = {
+            "mode": cfg.mode, "proposers": [p["spec"] for p in proposers], "weights": weights, "labels": labels,
+            "aggregator": agg, "aggregator_tuned": cfg.tune_aggregator, "layers": cfg.layers,
+            "timeout": cfg.timeout, "max_new_tokens": cfg.max_new_tokens, "fit": fit, "eval": held,
+            "data_fingerprint": meta["fingerprint"], "eval_fingerprint": eval_fp,
+        }
+        (tmp / "moa.json").write_text(json.dumps(description, indent=2))
+        manifest = {"method": "moa", "mode": cfg.mode, "proposers": names, "weights": weights,
+                    "base_model": cfg.aggregator if cfg.mode == "synthesis" else "",
+                    "aggregator_tuned": cfg.tune_aggregator, "data_fingerprint": meta["fingerprint"],
+                    "shape": meta["shape"]}
+        (tmp / "kubetune_method.json").write_text(json.dumps(manifest, indent=2) + "\n")
 
     proposals = {
         "names": names, "labels": labels, "references": refs,

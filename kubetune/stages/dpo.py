@@ -17,26 +17,31 @@ from typing import Literal
 from kubetune.core.config import setting
 from kubetune.errors import ConfigError
 from kubetune.core.models import DEFAULT_BASE_MODEL
+from kubetune.methods.rl import settings as rl
+from kubetune.methods.rl.settings import DPOConfig as TrainerSettings
 from kubetune.tracking import RunContext, log_metrics, maybe_stage
+
+_TRAINER = TrainerSettings()  # the defaults below are the trainer's, stated once in kubetune.methods.rl.settings
 
 
 @dataclass
 class DPOConfig:
     base_model: str = setting(DEFAULT_BASE_MODEL, "Starting policy (an instruction-tuned model); also the reference.")
-    method: Literal["full", "lora"] = setting("lora", "Train LoRA adapters (reference = adapter off) or all weights.")
-    beta: float = setting(0.1, "β of the DPO loss: larger keeps the policy closer to the reference (TRL: 0.1).")
-    max_steps: int = setting(30, "Optimizer steps (-1 = run 'epochs' over the training pairs).")
-    epochs: float = setting(1.0, "Passes over the training pairs when max_steps is -1.")
-    learning_rate: float = setting(0.0, "AdamW learning rate; 0 = 1e-4 for LoRA, 5e-6 for full (a ~100M model).")
-    batch_size: int = setting(4, "Pairs per optimizer step.")
+    method: Literal["full", "lora"] = setting("lora" if _TRAINER.use_peft else "full", "Train LoRA adapters (reference = adapter off) or all weights.")
+    beta: float = setting(_TRAINER.beta, "β of the DPO loss: larger keeps the policy closer to the reference (TRL: 0.1).")
+    max_steps: int = setting(_TRAINER.max_steps, "Optimizer steps (-1 = run 'epochs' over the training pairs).")
+    epochs: float = setting(_TRAINER.epochs, "Passes over the training pairs when max_steps is -1.")
+    learning_rate: float = setting(_TRAINER.learning_rate, f"AdamW learning rate; 0 = {rl.LORA_LEARNING_RATE:g} for LoRA, "
+                                                           f"{rl.DPO_FULL_LEARNING_RATE:g} for full (a ~100M model).")
+    batch_size: int = setting(_TRAINER.batch_size, "Pairs per optimizer step.")
     sft_weight: float = setting(
-        1.0, "Weight of an NLL term on the chosen answer added to the DPO loss (RPO; TRL loss_type "
+        _TRAINER.sft_weight, "Weight of an NLL term on the chosen answer added to the DPO loss (RPO; TRL loss_type "
              "['sigmoid', 'sft']): the pipeline has no SFT step before DPO, and without it DPO mostly lowers the "
              "rejected answers' likelihood while sampled answers barely change. 0 = plain DPO.")
     max_eval_pairs: int = setting(48, "Held-out pairs scored before and after (evenly spread; 0 = all).")
-    max_length: int = setting(512, "Sequences are truncated to this many tokens.")
-    lora_rank: int = setting(16, "LoRA rank when method is lora.")
-    seed: int = setting(0, "Seed of the data order and adapter initialisation.")
+    max_length: int = setting(_TRAINER.max_length, "Sequences are truncated to this many tokens.")
+    lora_rank: int = setting(_TRAINER.lora_r, "LoRA rank when method is lora.")
+    seed: int = setting(_TRAINER.seed, "Seed of the data order and adapter initialisation.")
 
     def __post_init__(self):
         if self.max_steps == 0 or self.max_steps < -1:
@@ -50,9 +55,6 @@ class DPOConfig:
             raise ConfigError("'beta' and 'epochs' must be > 0")
         if not 0 <= self.learning_rate <= 1:
             raise ConfigError(f"'learning_rate' must be in [0, 1], got {self.learning_rate}")
-
-    def lr(self) -> float:
-        return self.learning_rate or (1e-4 if self.method == "lora" else 5e-6)
 
 
 @dataclass
@@ -76,14 +78,14 @@ def dpo(cfg: DPOConfig, dataset_dir: str | Path, output_dir: str | Path, ctx: Ru
     """
     from kubetune.core import models
     from kubetune.methods.rl.data import load_pairs, spread
-    from kubetune.methods.rl.dpo import DPOConfig as Settings
     from kubetune.methods.rl.dpo import train_dpo
 
     meta, train, val = load_pairs(dataset_dir)
     val = spread(val, cfg.max_eval_pairs)
-    settings = Settings(use_peft=cfg.method == "lora", lora_r=cfg.lora_rank, lora_alpha=2 * cfg.lora_rank,
-                        beta=cfg.beta, learning_rate=cfg.lr(), epochs=cfg.epochs, max_steps=cfg.max_steps,
-                        batch_size=cfg.batch_size, sft_weight=cfg.sft_weight, max_length=cfg.max_length, seed=cfg.seed)
+    settings = TrainerSettings(use_peft=cfg.method == "lora", lora_r=cfg.lora_rank, lora_alpha=2 * cfg.lora_rank,
+                               beta=cfg.beta, learning_rate=cfg.learning_rate, epochs=cfg.epochs,
+                               max_steps=cfg.max_steps, batch_size=cfg.batch_size, sft_weight=cfg.sft_weight,
+                               max_length=cfg.max_length, seed=cfg.seed)
     tags = {"kubetune.method": "dpo", "kubetune.base_model": cfg.base_model,
             "kubetune.data_fingerprint": meta["fingerprint"]}
     output_dir = Path(output_dir)

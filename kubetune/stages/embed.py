@@ -18,7 +18,6 @@ from kubetune.core.config import setting
 from kubetune.errors import ConfigError, StageError
 from kubetune.tracking import RunContext, log_metrics, maybe_stage
 
-FEATURES = "features.safetensors"
 
 
 @dataclass
@@ -58,8 +57,8 @@ def embed(cfg: EmbedConfig, dataset_dir: str | Path, output_dir: str | Path,
     import torch
     from safetensors.torch import save_file
 
-    from kubetune.methods.features import embed_texts, load_backbone, replace_dir
-    from kubetune.stages.ingest import load_dataset_dir
+    from kubetune.lib.dataset import atomic_dir, load_dataset_dir
+    from kubetune.methods.features import FEATURES, embed_texts, load_backbone
 
     meta, train, val = load_dataset_dir(dataset_dir)
     if meta["shape"] != "classification":
@@ -86,21 +85,10 @@ def embed(cfg: EmbedConfig, dataset_dir: str | Path, output_dir: str | Path,
                     "backbone_params": sum(p.numel() for p in model.parameters()),
                     "fingerprint": meta["fingerprint"], "shape": meta["shape"],
                     "counts": {"train": len(train), "validation": len(val)}}
-        output_dir = Path(output_dir)
-        tmp = output_dir.with_name(output_dir.name + ".tmp")
-        tmp.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(tmp / FEATURES))
-        (tmp / "meta.json").write_text(json.dumps(out_meta, indent=2))
-        replace_dir(tmp, output_dir)
+        with atomic_dir(output_dir) as tmp:
+            save_file(tensors, str(tmp / FEATURES))
+            (tmp / "meta.json").write_text(json.dumps(out_meta, indent=2))
         if run is not None:
             log_metrics({"embed_wall_s": wall, "texts_per_s": (len(train) + len(val)) / max(wall, 1e-9),
                          "embedding_dim": out_meta["dim"], "labels": len(labels)})
     return EmbedResult(meta=out_meta, output_dir=str(output_dir))
-
-
-def load_features(embeddings_dir: str | Path) -> tuple[dict, dict]:
-    """(meta, tensors) of an ``embed`` output folder."""
-    from safetensors.torch import load_file
-
-    embeddings_dir = Path(embeddings_dir)
-    return json.loads((embeddings_dir / "meta.json").read_text()), load_file(str(embeddings_dir / FEATURES))

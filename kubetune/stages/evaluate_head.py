@@ -9,15 +9,14 @@ referenced), so its general-text perplexity is the base model's.
 
 from __future__ import annotations
 
-import json
-import os
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
 from kubetune.core.config import setting
-from kubetune.tracking import RunContext, log_metrics, maybe_stage, set_tags
+from kubetune.lib.report import EvalReport
+from kubetune.tracking import RunContext, maybe_stage
 
 
 @dataclass
@@ -29,7 +28,7 @@ class EvaluateHeadConfig:
 
 @dataclass
 class EvaluateHeadResult:
-    report: dict
+    report: EvalReport
     output_path: str
 
 
@@ -50,9 +49,8 @@ def evaluate_head(cfg: EvaluateHeadConfig, model_dir: str | Path, embeddings_dir
         The report (same keys as ``evaluate``'s).
     """
     from kubetune import tracking
-    from kubetune.methods.features import Head, artifact_dir, classification_metrics, majority_baseline
-    from kubetune.stages.embed import load_features
-    from kubetune.stages.ingest import load_dataset_dir
+    from kubetune.lib.dataset import load_dataset_dir
+    from kubetune.methods.features import Head, artifact_dir, classification_metrics, load_features, majority_baseline
 
     meta, t = load_features(embeddings_dir)
     labels = meta["labels"]
@@ -83,34 +81,13 @@ def evaluate_head(cfg: EvaluateHeadConfig, model_dir: str | Path, embeddings_dir
                         path = tracking.download_version(cfg.model_name, holder.version, tmp)
                         preds = mlflow.pyfunc.load_model(str(path)).predict([r["text"] for r in val_records])
                     champion = classification_metrics(list(preds), [r["label"] for r in val_records], labels)
-        higher = lambda a, b: a > b + cfg.min_improvement  # noqa: E731 - both metrics: higher is better
-        report = {
-            "evaluated": True,
-            "primary_metric": metric,
-            "higher_is_better": True,
-            "min_improvement": cfg.min_improvement,
-            "candidate": candidate,
-            "base": base,
-            "base_kind": "majority-class baseline",
-            "champion": champion,
-            "champion_version": champion_version,
-            "forgetting": 0.0,  # frozen backbone: unchanged weights, unchanged general perplexity
-            "beats_base": higher(candidate[metric], base[metric]),
-            "beats_champion": champion is None or higher(candidate[metric], champion[metric]),
-            "data_fingerprint": meta["fingerprint"],
-            "validation_fingerprint": meta.get("validation_fingerprint"),
-            "eval_key": key,
-            "validation_examples": len(ref),
-        }
+        report = EvalReport(
+            primary_metric=metric, candidate=candidate, base=base, champion=champion,
+            champion_version=champion_version, min_improvement=cfg.min_improvement,
+            forgetting=0.0,  # frozen backbone: unchanged weights, unchanged general perplexity
+            data_fingerprint=meta["fingerprint"], validation_fingerprint=meta.get("validation_fingerprint"),
+            eval_key=key, validation_examples=len(ref), details={"base_kind": "majority-class baseline"})
         if run is not None:
-            set_tags({"kubetune.primary_metric": metric})
-            log_metrics({f"candidate_{k}": v for k, v in candidate.items()})
-            log_metrics({f"base_{k}": v for k, v in base.items()})
-            if champion:
-                log_metrics({f"champion_{k}": v for k, v in champion.items()})
-    output_path = Path(output_path)
-    output_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output_path.with_name(output_path.name + ".tmp")
-    tmp.write_text(json.dumps(report, indent=2))
-    os.replace(tmp, output_path)
+            report.log(tracking)
+    report.save(output_path)
     return EvaluateHeadResult(report=report, output_path=str(output_path))

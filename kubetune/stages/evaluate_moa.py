@@ -17,7 +17,6 @@ registered one (its recorded ``eval.*`` tags reused when its evaluation data mat
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -25,6 +24,7 @@ from pathlib import Path
 
 from kubetune.core.config import setting
 from kubetune.errors import ConfigError, StageError
+from kubetune.lib.report import EvalReport
 from kubetune.tracking import RunContext, log_metrics, maybe_stage
 
 METRIC = "accuracy"
@@ -50,7 +50,7 @@ class EvaluateMoAConfig:
 
 @dataclass
 class EvaluateMoAResult:
-    report: dict
+    report: EvalReport
     output_path: str
 
 
@@ -161,8 +161,8 @@ def evaluate_moa(cfg: EvaluateMoAConfig, model_dir: str | Path, proposals_path: 
     Returns:
         The report: rows per proposer and mode, the candidate, base, champion and verdict.
     """
+    from kubetune import tracking
     from kubetune.methods import moa
-    from kubetune.stages.evaluate import better
 
     model_dir = Path(model_dir)
     desc = json.loads((model_dir / "moa.json").read_text())
@@ -193,37 +193,16 @@ def evaluate_moa(cfg: EvaluateMoAConfig, model_dir: str | Path, proposals_path: 
         if champion is not None and METRIC not in champion:
             raise StageError(f"evaluate_moa: champion v{champion_version} has no '{METRIC}' to compare with")
         table = moa.format_table(rows)
-        report = {
-            "evaluated": True,
-            "primary_metric": METRIC,
-            "higher_is_better": True,
-            "min_improvement": cfg.min_improvement,
-            "candidate": candidate,
-            "base": {k: v for k, v in best.items() if k != "name"},
-            "base_name": best["name"],
-            "champion": champion,
-            "champion_version": champion_version,
-            "forgetting": None,
-            "beats_base": better(candidate[METRIC], best[METRIC], METRIC, cfg.min_improvement),
-            "beats_champion": champion is None or better(candidate[METRIC], champion[METRIC], METRIC,
-                                                         cfg.min_improvement),
-            "data_fingerprint": desc["eval_fingerprint"],
-            "validation_examples": len(idx),
-            "mode": desc["mode"],
-            "weights": desc["weights"],
-            "rows": rows,
-            "table": table,
-        }
+        report = EvalReport(
+            primary_metric=METRIC, candidate=candidate, base={k: v for k, v in best.items() if k != "name"},
+            base_name=best["name"], champion=champion, champion_version=champion_version,
+            min_improvement=cfg.min_improvement, forgetting=None, data_fingerprint=desc["eval_fingerprint"],
+            validation_examples=len(idx),
+            details={"mode": desc["mode"], "weights": desc["weights"], "rows": rows, "table": table})
         if run is not None:
-            log_metrics({f"candidate_{k}": v for k, v in candidate.items()})
+            report.log(tracking)
             for r in rows:
                 log_metrics({f"{r['name'].replace('/', '_')}_{k}": v for k, v in r.items() if k != "name"})
-            import mlflow
-
-            mlflow.log_text(table + "\n", "moa_table.md")
-    output_path = Path(output_path)
-    output_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output_path.with_name(output_path.name + ".tmp")
-    tmp.write_text(json.dumps(report, indent=2))
-    os.replace(tmp, output_path)
+            tracking.log_text(table + "\n", "moa_table.md")
+    report.save(output_path)
     return EvaluateMoAResult(report=report, output_path=str(output_path))

@@ -25,8 +25,6 @@ Writes ``eval.json`` in the schema ``evaluate`` writes and ``register`` reads.
 
 from __future__ import annotations
 
-import json
-import os
 import re
 import tempfile
 from dataclasses import asdict, dataclass
@@ -35,7 +33,8 @@ from typing import Literal
 
 from kubetune.core.config import setting
 from kubetune.errors import ConfigError
-from kubetune.tracking import RunContext, log_metrics, maybe_stage
+from kubetune.lib.report import EvalReport
+from kubetune.tracking import RunContext, maybe_stage
 
 
 @dataclass
@@ -85,7 +84,7 @@ class EvaluatePolicyConfig:
 
 @dataclass
 class EvaluatePolicyResult:
-    report: dict
+    report: EvalReport
     output_path: str
 
 
@@ -130,7 +129,7 @@ def preference_accuracy(model, tok, pairs: list[dict], batch_size: int) -> float
 
 def _model_scores(path: str, pairs: list[dict], general: list[str], cfg: EvaluatePolicyConfig) -> dict:
     from kubetune.core import models
-    from kubetune.stages.evaluate import text_perplexity
+    from kubetune.core.scoring import text_perplexity
 
     tok = models.load_tokenizer(path)
     model = models.load_causal_lm(path, device=models.pick_device()).eval()
@@ -165,14 +164,14 @@ def evaluate_policy(cfg: EvaluatePolicyConfig, model_dir: str | Path, reference:
     from kubetune import tracking
     from kubetune.methods.rl.compare import compare_policies
     from kubetune.methods.rl.data import load_pairs, policy_folder, unique_prompts
+    from kubetune.core.scoring import general_text
     from kubetune.methods.rl.reward import RewardModelScorer
-    from kubetune.stages.evaluate import GENERAL_TEXT
 
     meta, _, val = load_pairs(dataset_dir)
     prompts = unique_prompts(val)[: cfg.max_prompts]
     chosen_prompts = set(prompts)
     pairs = [p for p in val if p["prompt"] in chosen_prompts]
-    general = [line.strip() for line in GENERAL_TEXT.read_text().splitlines() if line.strip()]
+    general = general_text()
     ref_path = policy_folder(reference)
     metric = cfg.metric()
 
@@ -211,36 +210,15 @@ def evaluate_policy(cfg: EvaluatePolicyConfig, model_dir: str | Path, reference:
         forgetting = None
         if "general_perplexity" in candidate:
             forgetting = candidate["general_perplexity"] / base["general_perplexity"] - 1.0
-        margin = cfg.min_improvement
-        report = {
-            "evaluated": True,
-            "primary_metric": metric,
-            "higher_is_better": True,
-            "min_improvement": margin,
-            "candidate": candidate,
-            "base": base,
-            "champion": champion,
-            "champion_version": champion_version,
-            "forgetting": forgetting,
-            "beats_base": candidate[metric] > base[metric] + margin,
-            "beats_champion": champion is None or candidate[metric] > champion[metric] + margin,
-            "data_fingerprint": meta["fingerprint"],
-            "validation_examples": len(prompts),
-        }
+        report = EvalReport(
+            primary_metric=metric, candidate=candidate, base=base, champion=champion,
+            champion_version=champion_version, min_improvement=cfg.min_improvement, forgetting=forgetting,
+            data_fingerprint=meta["fingerprint"], validation_examples=len(prompts))
         if run is not None:
             import mlflow
 
-            log_metrics({f"candidate_{k}": v for k, v in candidate.items()})
-            log_metrics({f"base_{k}": v for k, v in base.items()})
-            if champion:
-                log_metrics({f"champion_{k}": v for k, v in champion.items()})
-            if forgetting is not None:
-                log_metrics({"forgetting": forgetting})
+            report.log(tracking)
             if h2h.get("samples"):
                 mlflow.log_table({k: [s[k] for s in h2h["samples"]] for k in h2h["samples"][0]}, "samples.json")
-    output_path = Path(output_path)
-    output_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output_path.with_name(output_path.name + ".tmp")
-    tmp.write_text(json.dumps(report, indent=2))
-    os.replace(tmp, output_path)
+    report.save(output_path)
     return EvaluatePolicyResult(report=report, output_path=str(output_path))

@@ -108,10 +108,9 @@ def training_examples(dataset_dir: str | Path, max_prompts: int = 0):
             reference), or text rows (prompts only).
         max_prompts: Keep at most this many, evenly spread (0 = all).
     """
+    from kubetune.lib.dataset import load_dataset_dir, prompt_messages, reference_answer
     from kubetune.methods.rl.data import spread
     from kubetune.methods.rl.grpo import Example
-    from kubetune.stages.ingest import load_dataset_dir
-    from kubetune.stages.tokenize_data import prompt_messages, reference_answer
 
     meta, train, _ = load_dataset_dir(dataset_dir)
     shape = meta.get("shape")

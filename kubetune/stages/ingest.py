@@ -10,28 +10,23 @@ a file in one pass rather than one error per run.
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import json
-import os
 import random
-import shutil
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Literal
 
-from kubetune.lib import storage
 from kubetune.core.config import setting
+from kubetune.lib import storage
+from kubetune.lib.dataset import fingerprint, read_records, record_key, write_dataset_dir
 from kubetune.errors import ConfigError, DataError
 from kubetune.tracking import RunContext, log_metrics, maybe_stage, tag_parent
 from kubetune.tracking import set_tags as mlflow_set_tags
 
 SHAPES = ("text", "completion", "instruction", "chat", "preference", "classification")
 ROLES = ("system", "user", "assistant")
-# Lines longer than this are refused rather than parsed: a 100 MB "line" is a broken file
-# (a missing newline, a binary blob), not a training example.
-MAX_LINE_BYTES = 1 << 20
 
 
 @dataclass
@@ -65,121 +60,6 @@ class IngestResult:
     fingerprint: str
     counts: dict[str, int]
     output_dir: str
-
-
-# ---------------------------------------------------------------- reading
-
-
-def _read_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
-    with path.open("rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            where = f"{path}:{lineno}"
-            if len(raw) > MAX_LINE_BYTES:
-                yield where, DataError(f"{where}: line is {len(raw)} bytes (limit {MAX_LINE_BYTES})")
-                continue
-            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
-                raw = raw[3:]  # a UTF-8 byte-order mark at the start of the file is harmless
-            if b"\x00" in raw:
-                yield where, DataError(f"{where}: contains NUL bytes (binary or UTF-16 data?)")
-                continue
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                yield where, DataError(f"{where}: not valid UTF-8 at byte {e.start}")
-                continue
-            if not text.strip():
-                continue
-            try:
-                yield where, json.loads(text)
-            except json.JSONDecodeError as e:
-                yield where, DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})")
-
-
-def _read_json(path: Path) -> Iterator[tuple[str, Any]]:
-    raw = path.read_bytes()
-    if b"\x00" in raw:
-        yield str(path), DataError(f"{path}: contains NUL bytes (binary or UTF-16 data?)")
-        return
-    try:
-        data = json.loads(raw.decode("utf-8-sig"))
-    except UnicodeDecodeError as e:
-        yield str(path), DataError(f"{path}: not valid UTF-8 at byte {e.start}")
-        return
-    except json.JSONDecodeError as e:
-        yield f"{path}:{e.lineno}", DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno})")
-        return
-    if isinstance(data, dict) and isinstance(data.get("data"), list):
-        data = data["data"]
-    if not isinstance(data, list):
-        yield str(path), DataError(f"{path}: expected a JSON list of records (or {{'data': [...]}})")
-        return
-    for i, rec in enumerate(data):
-        yield f"{path}: record {i}", rec
-
-
-def _read_csv(path: Path) -> Iterator[tuple[str, Any]]:
-    raw = path.read_bytes()
-    if b"\x00" in raw:
-        yield str(path), DataError(f"{path}: contains NUL bytes (binary or UTF-16 data?)")
-        return
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        yield f"{path}:{line}", DataError(f"{path}:{line}: not valid UTF-8 at byte {e.start}")
-        return
-    reader = csv.DictReader(io.StringIO(text, newline=""))
-    if not reader.fieldnames:
-        return
-    for row in reader:
-        where = f"{path}:{reader.line_num}"
-        if None in row:
-            yield where, DataError(f"{where}: more values than the {len(reader.fieldnames)} header columns")
-            continue
-        yield where, {k: v for k, v in row.items() if v is not None}
-
-
-def _read_parquet(path: Path) -> Iterator[tuple[str, Any]]:
-    import pyarrow.parquet as pq
-
-    try:
-        table = pq.read_table(path)
-    except Exception as e:  # pyarrow raises several types for corrupt files
-        yield str(path), DataError(f"{path}: not a readable Parquet file ({e})")
-        return
-    for i, rec in enumerate(table.to_pylist()):
-        yield f"{path}: row {i}", rec
-
-
-def _read_hf_folder(path: Path) -> dict[str, list[tuple[str, Any]]]:
-    import datasets
-
-    ds = datasets.load_from_disk(str(path))
-    splits = ds if isinstance(ds, datasets.DatasetDict) else {"train": ds}
-    out = {}
-    for name, split in splits.items():
-        out[name] = [(f"{path} [{name}] row {i}", rec) for i, rec in enumerate(split)]
-    return out
-
-
-READERS = {".jsonl": _read_jsonl, ".ndjson": _read_jsonl, ".json": _read_json, ".csv": _read_csv,
-           ".parquet": _read_parquet}
-
-
-def read_records(path: Path) -> dict[str, list[tuple[str, Any]]]:
-    """Read every record of a file or folder: {split: [(where, record or DataError)]}."""
-    if path.is_dir():
-        if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
-            return _read_hf_folder(path)
-        files = sorted(p for p in path.iterdir() if p.suffix.lower() in READERS)
-        if len(files) != 1:
-            raise DataError(f"{path}: a data folder must hold one data file ({', '.join(READERS)}) or a saved "
-                            f"datasets folder; found {len(files)} data files")
-        path = files[0]
-    reader = READERS.get(path.suffix.lower())
-    if reader is None:
-        raise DataError(f"{path}: unknown format '{path.suffix}'; use one of {', '.join(READERS)}")
-    return {"all": list(reader(path))}
 
 
 # ---------------------------------------------------------------- validation
@@ -289,16 +169,6 @@ def _check_messages(messages: Any, where: str, problems: list[str]) -> list[dict
     return out if len(problems) == n else None
 
 
-def _key(rec: dict) -> str:
-    return json.dumps(rec, sort_keys=True, ensure_ascii=False)
-
-
-def fingerprint(records: list[dict]) -> str:
-    """Content hash of a set of records, independent of their order."""
-    digests = sorted(hashlib.sha256(_key(r).encode()).hexdigest() for r in records)
-    return hashlib.sha256("\n".join(digests).encode()).hexdigest()[:16]
-
-
 def split_fingerprint(train: list[dict], val: list[dict], cfg: "IngestConfig") -> str:
     """Fingerprint of the data as split: each split's content and every split setting.
 
@@ -366,7 +236,7 @@ def validate(split_records: dict[str, list[tuple[str, Any]]], shape: str = "auto
                 norm[group_by] = rec[group_by]
             if norm is None:
                 continue
-            key = _key(norm)
+            key = record_key(norm)
             if key in seen:
                 if split != "all" and seen[key][0] != split:
                     problems.append(f"{where}: duplicates {seen[key][1]} across splits "
@@ -399,7 +269,7 @@ def check_labels(train: list[dict], val: list[dict], where: str) -> None:
 
 def split(records: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
     """Seeded split; the same records and seed give the same split on every machine."""
-    order = sorted(records, key=_key)  # independent of input order
+    order = sorted(records, key=record_key)  # independent of input order
     random.Random(seed).shuffle(order)
     n_val = max(1, round(len(order) * fraction))
     return order[n_val:], order[:n_val]
@@ -414,7 +284,7 @@ def split_grouped(records: list[dict], fraction: float, seed: int, field: str) -
     if any(field not in r for r in records):  # validate() keeps the field; this guards direct callers
         raise ConfigError(f"'group_by': the records have no field '{field}' (fields: {sorted(records[0])})")
     groups: dict[str, list[dict]] = {}
-    for r in sorted(records, key=_key):
+    for r in sorted(records, key=record_key):
         groups.setdefault(json.dumps(r[field], sort_keys=True, ensure_ascii=False), []).append(r)
     names = sorted(groups)
     random.Random(seed).shuffle(names)
@@ -440,22 +310,63 @@ def resolve_group_by(group_by: str, records: dict[str, list[tuple[str, Any]]]) -
     return GROUP_FIELD if recs and all(r.get(GROUP_FIELD) is not None for r in recs) else ""
 
 
-def write_jsonl(path: Path, rows: list[dict]) -> None:
-    with path.open("w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+@dataclass
+class CheckResult:
+    """What ``check`` found: the validated, split records and the ``meta.json`` that describes them."""
+    shape: str
+    fingerprint: str
+    counts: dict[str, int]
+    meta: dict
+    train: list[dict]
+    validation: list[dict]
 
 
-def read_jsonl(path: str | Path) -> list[dict]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+def check(cfg: IngestConfig, cache_dir: str | Path | None = None) -> CheckResult:
+    """Read, validate and split the data named by ``cfg.data_uri``, writing nothing.
 
+    What ``ingest`` does up to writing its folder: ``kubetune validate``, ``advise`` and
+    ``compare`` use it to read data exactly as a pipeline would.
 
-def load_dataset_dir(path: str | Path) -> tuple[dict, list[dict], list[dict]]:
-    """Read an ingested dataset folder back: (meta, train, validation)."""
-    path = Path(path)
-    meta = json.loads((path / "meta.json").read_text())
-    return meta, read_jsonl(path / "train.jsonl"), read_jsonl(path / "validation.jsonl")
+    Args:
+        cfg: The ingest settings.
+        cache_dir: Where remote (S3) data is downloaded; default: a temporary folder, removed
+            once the records are read.
+
+    Returns:
+        The shape, fingerprint, counts, ``meta.json`` content and the two splits.
+
+    Raises:
+        DataError: naming file, line and field of every problem found.
+    """
+    if cache_dir is None:
+        with tempfile.TemporaryDirectory() as tmp:
+            return check(cfg, tmp)
+    records = read_records(storage.fetch(cfg.data_uri, cache_dir))
+    group_by = resolve_group_by(cfg.group_by, records)
+    shape, by_split, counts = validate(records, cfg.shape, cfg.duplicates, group_by)
+    if "validation" in by_split and "train" in by_split:
+        train, val = by_split["train"], by_split["validation"]
+        if shape == "classification":
+            check_labels(train, val, f"{cfg.data_uri} [validation]")
+    else:
+        rows = [r for recs in by_split.values() for r in recs]
+        if cfg.max_rows:
+            rows = sorted(rows, key=record_key)[: cfg.max_rows]
+        if group_by:
+            train, val = split_grouped(rows, cfg.validation_fraction, cfg.seed, group_by)
+        else:
+            train, val = split(rows, cfg.validation_fraction, cfg.seed)
+    if not train:
+        raise DataError(f"{cfg.data_uri}: no training rows left after the validation split")
+    counts.update(rows_valid=len(train) + len(val), train=len(train), validation=len(val))
+    if shape == "classification":
+        counts["labels"] = len({r["label"] for r in train})
+    fp, val_fp = split_fingerprint(train, val, cfg), fingerprint(val)
+    if group_by:
+        counts["validation_groups"] = len({record_key({"g": r[group_by]}) for r in val})
+    meta = {"shape": shape, "fingerprint": fp, "validation_fingerprint": val_fp, "counts": counts,
+            "source": cfg.data_uri, "seed": cfg.seed, "group_by": group_by}
+    return CheckResult(shape=shape, fingerprint=fp, counts=counts, meta=meta, train=train, validation=val)
 
 
 def ingest(cfg: IngestConfig, output_dir: str | Path, cache_dir: str | Path | None = None,
@@ -475,51 +386,14 @@ def ingest(cfg: IngestConfig, output_dir: str | Path, cache_dir: str | Path | No
     Raises:
         DataError: naming file, line and field of every problem found.
     """
+    output_dir = Path(output_dir)
     with maybe_stage(ctx, "ingest", params=asdict(cfg)) as run:
-        result = _ingest(cfg, Path(output_dir), cache_dir)
+        data = check(cfg, Path(cache_dir) if cache_dir else output_dir.parent / ".ingest-cache")
+        write_dataset_dir(output_dir, data.meta, data.train, data.validation)
         if run is not None:
-            log_metrics({f"data_{k}": v for k, v in result.counts.items()})
-            tags = {"kubetune.data_fingerprint": result.fingerprint, "kubetune.data_shape": result.shape}
+            log_metrics({f"data_{k}": v for k, v in data.counts.items()})
+            tags = {"kubetune.data_fingerprint": data.fingerprint, "kubetune.data_shape": data.shape}
             mlflow_set_tags(tags)
             tag_parent(run, tags)
-    return result
-
-
-def _ingest(cfg: IngestConfig, output_dir: Path, cache_dir: str | Path | None) -> IngestResult:
-    cache_dir = Path(cache_dir) if cache_dir else output_dir.parent / ".ingest-cache"
-    path = storage.fetch(cfg.data_uri, cache_dir)
-    records = read_records(path)
-    group_by = resolve_group_by(cfg.group_by, records)
-    shape, by_split, counts = validate(records, cfg.shape, cfg.duplicates, group_by)
-    if "validation" in by_split and "train" in by_split:
-        train, val = by_split["train"], by_split["validation"]
-        if shape == "classification":
-            check_labels(train, val, f"{cfg.data_uri} [validation]")
-    else:
-        rows = [r for recs in by_split.values() for r in recs]
-        if cfg.max_rows:
-            rows = sorted(rows, key=_key)[: cfg.max_rows]
-        if group_by:
-            train, val = split_grouped(rows, cfg.validation_fraction, cfg.seed, group_by)
-        else:
-            train, val = split(rows, cfg.validation_fraction, cfg.seed)
-    if not train:
-        raise DataError(f"{cfg.data_uri}: no training rows left after the validation split")
-    counts.update(rows_valid=len(train) + len(val), train=len(train), validation=len(val))
-    if shape == "classification":
-        counts["labels"] = len({r["label"] for r in train})
-    fp, val_fp = split_fingerprint(train, val, cfg), fingerprint(val)
-    if group_by:
-        counts["validation_groups"] = len({_key({"g": r[group_by]}) for r in val})
-    meta = {"shape": shape, "fingerprint": fp, "validation_fingerprint": val_fp, "counts": counts,
-            "source": cfg.data_uri, "seed": cfg.seed, "group_by": group_by}
-    tmp = output_dir.with_name(output_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    write_jsonl(tmp / "train.jsonl", train)
-    write_jsonl(tmp / "validation.jsonl", val)
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-    if output_dir.exists():
-        shutil.rmtree(output_dir)
-    os.replace(tmp, output_dir)
-    return IngestResult(shape=shape, fingerprint=fp, counts=counts, output_dir=str(output_dir))
+    return IngestResult(shape=data.shape, fingerprint=data.fingerprint, counts=data.counts,
+                        output_dir=str(output_dir))

@@ -17,31 +17,33 @@ from pathlib import Path
 
 from kubetune.core.config import setting
 from kubetune.errors import ConfigError
+from kubetune.methods.rl.settings import PPOConfig as TrainerSettings
 from kubetune.tracking import RunContext, log_metrics, maybe_stage
+
+_TRAINER = TrainerSettings()  # the defaults below are the trainer's, stated once in kubetune.methods.rl.settings
 
 
 @dataclass
 class PPOConfig:
     prompts_uri: str = setting("bundled://rollout_prompts", "JSONL of {\"prompt\": ...} rows to roll out on.")
-    steps: int = setting(12, "PPO updates (each: one rollout batch, then ppo_epochs passes over it).")
-    batch_size: int = setting(8, "Prompts (responses) per rollout.")
-    mini_batch_size: int = setting(4, "Responses per optimizer step inside an update; divides batch_size.")
-    ppo_epochs: int = setting(2, "Passes over each rollout batch (TRL's default is 4; 2 halves CPU time).")
-    learning_rate: float = setting(1e-4, "AdamW learning rate of the LoRA adapter and the value head.")
-    max_new_tokens: int = setting(48, "Response length cap in tokens (3 short bullets fit in ~30).")
+    steps: int = setting(_TRAINER.steps, "PPO updates (each: one rollout batch, then ppo_epochs passes over it).")
+    batch_size: int = setting(_TRAINER.batch_size, "Prompts (responses) per rollout.")
+    mini_batch_size: int = setting(_TRAINER.mini_batch_size, "Responses per optimizer step inside an update; divides batch_size.")
+    ppo_epochs: int = setting(_TRAINER.ppo_epochs, "Passes over each rollout batch (TRL's default is 4; 2 halves CPU time).")
+    learning_rate: float = setting(_TRAINER.learning_rate, "AdamW learning rate of the LoRA adapter and the value head.")
+    max_new_tokens: int = setting(_TRAINER.max_new_tokens, "Response length cap in tokens (3 short bullets fit in ~30).")
     temperature: float = setting(
-        0.7, "Sampling temperature of rollouts (log-probs use the same). TRL's default 0.7: at 1.0 a ~100M model's "
-             "samples are often incoherent, and the reward model then scores noise (a measured run's policy lost "
-             "reward on held-out prompts, its entropy rising from 3.3 to 4.1 nats per token).")
-    kl_coef: float = setting(0.05, "β of the per-token KL penalty to the reference (initial value if adaptive).")
-    adaptive_kl: bool = setting(False, "Adapt β toward target_kl (Ziegler et al. 2019) instead of keeping it fixed.")
-    target_kl: float = setting(6.0, "Target KL per response (nats) of the adaptive controller (TRL: 6).")
-    whiten_rewards: bool = setting(False, "Scale-normalise per-token rewards of each batch before GAE.")
-    cliprange: float = setting(0.2, "ε of the clipped policy loss.")
-    vf_coef: float = setting(0.1, "Weight of the value loss (TRL: 0.1).")
-    lora_rank: int = setting(16, "LoRA rank of the policy adapter.")
-    target_modules: str = setting("all-linear", "Layers that get LoRA: 'all-linear' or 'q_proj,v_proj,lm_head'.")
-    seed: int = setting(0, "Seed of prompt order, sampling and the value head.")
+        _TRAINER.temperature, "Sampling temperature of rollouts (log-probs use the same). TRL's default 0.7: at 1.0 a "
+                              "~100M model's samples are often incoherent, and the reward model then scores noise.")
+    kl_coef: float = setting(_TRAINER.kl_coef, "β of the per-token KL penalty to the reference (initial value if adaptive).")
+    adaptive_kl: bool = setting(_TRAINER.adaptive_kl, "Adapt β toward target_kl (Ziegler et al. 2019) instead of keeping it fixed.")
+    target_kl: float = setting(_TRAINER.target_kl, "Target KL per response (nats) of the adaptive controller (TRL: 6).")
+    whiten_rewards: bool = setting(_TRAINER.whiten_rewards, "Scale-normalise per-token rewards of each batch before GAE.")
+    cliprange: float = setting(_TRAINER.cliprange, "ε of the clipped policy loss.")
+    vf_coef: float = setting(_TRAINER.vf_coef, "Weight of the value loss (TRL: 0.1).")
+    lora_rank: int = setting(_TRAINER.lora_r, "LoRA rank of the policy adapter.")
+    target_modules: str = setting(_TRAINER.lora_target_modules, "Layers that get LoRA: 'all-linear' or 'q_proj,v_proj,lm_head'.")
+    seed: int = setting(_TRAINER.seed, "Seed of prompt order, sampling and the value head.")
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "mini_batch_size", "ppo_epochs", "max_new_tokens", "lora_rank"):
@@ -58,12 +60,11 @@ class PPOConfig:
         if self.kl_coef < 0 or self.vf_coef < 0:
             raise ConfigError("'kl_coef' and 'vf_coef' must be >= 0")
 
-    def trainer_settings(self):
-        from kubetune.methods.rl.ppo import PPOConfig as Settings
-
+    def trainer_settings(self) -> TrainerSettings:
+        """The trainer's settings: these fields, the rest at the trainer's defaults."""
         modules = self.target_modules if self.target_modules == "all-linear" else \
             [m.strip() for m in self.target_modules.split(",") if m.strip()]
-        return Settings(steps=self.steps, batch_size=self.batch_size, mini_batch_size=self.mini_batch_size,
+        return TrainerSettings(steps=self.steps, batch_size=self.batch_size, mini_batch_size=self.mini_batch_size,
                         ppo_epochs=self.ppo_epochs, learning_rate=self.learning_rate,
                         max_new_tokens=self.max_new_tokens, temperature=self.temperature, kl_coef=self.kl_coef,
                         adaptive_kl=self.adaptive_kl, target_kl=self.target_kl, whiten_rewards=self.whiten_rewards,

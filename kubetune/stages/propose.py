@@ -21,13 +21,12 @@ Output folder:
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from kubetune.core.config import setting
+from kubetune.core.defaults import WORKSPACE
 from kubetune.errors import ConfigError
 from kubetune.tracking import RunContext, log_metrics, maybe_stage
 
@@ -67,20 +66,6 @@ class ProposeResult:
     output_dir: str
 
 
-def whole_ints(cls: type, values: dict) -> dict:
-    """``values`` with whole floats turned back into ints where ``cls`` declares an int.
-
-    KFP carries dict parameters (and ``ParallelFor`` items) as protobuf Structs, whose only
-    number type is a double: ``{"max_steps": 30}`` arrives as ``{"max_steps": 30.0}``.
-    """
-    import dataclasses
-    import typing
-
-    hints = typing.get_type_hints(cls)
-    ints = {f.name for f in dataclasses.fields(cls) if hints.get(f.name) is int}
-    return {k: int(v) if k in ints and isinstance(v, float) and v.is_integer() else v for k, v in values.items()}
-
-
 def kind_of(model: str) -> str:
     """``registry`` for ``models:/`` URIs, ``http`` for http(s) URLs, else ``local``."""
     if model.startswith("models:/"):
@@ -111,20 +96,20 @@ def serving_spec(cfg: ProposeConfig, trained: bool) -> dict:
 def _finetune(cfg: ProposeConfig, dataset_dir: Path, out: Path, workspace: str | Path, ctx) -> dict:
     """Tokenize for ``cfg.model`` and train it with the one training core into ``out``."""
     from kubetune.core.config import from_dict
-    from kubetune.stages.tokenize_data import TokenizeConfig, tokenize_data
+    from kubetune.core.tokenization import TokenizeConfig, tokenize_dataset
     from kubetune.core.train import TrainConfig, run_training
 
-    train_cfg = from_dict(TrainConfig, {**whole_ints(TrainConfig, cfg.train), "base_model": cfg.model},
+    train_cfg = from_dict(TrainConfig, {**cfg.train, "base_model": cfg.model},
                           f"proposer '{cfg.name}' train")
     with tempfile.TemporaryDirectory() as tmp:
         tokenized = Path(tmp) / "tokenized"
-        tokenize_data(TokenizeConfig(base_model=cfg.model, max_length=cfg.max_length), dataset_dir, tokenized)
+        tokenize_dataset(TokenizeConfig(base_model=cfg.model, max_length=cfg.max_length), dataset_dir, tokenized)
         stage = "train-full" if train_cfg.method == "full" else "train-peft"
         return run_training(stage, train_cfg, tokenized, out, workspace, ctx).metrics
 
 
 def propose(cfg: ProposeConfig, dataset_dir: str | Path, output_dir: str | Path,
-            workspace: str | Path = ".kubetune/workspace", ctx: RunContext | None = None) -> ProposeResult:
+            workspace: str | Path = WORKSPACE, ctx: RunContext | None = None) -> ProposeResult:
     """Fine-tune (optionally) one proposer and answer the validation split with it.
 
     Args:
@@ -139,41 +124,36 @@ def propose(cfg: ProposeConfig, dataset_dir: str | Path, output_dir: str | Path,
         when trained) and the output folder.
     """
     from kubetune.methods import moa
-    from kubetune.stages.ingest import load_dataset_dir, write_jsonl
+    from kubetune.lib.dataset import atomic_dir, load_dataset_dir, write_jsonl
 
     dataset_dir, output_dir = Path(dataset_dir), Path(output_dir)
     meta, train, val = load_dataset_dir(dataset_dir)
-    tmp = output_dir.with_name(output_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    metrics: dict = {}
-    if cfg.train:
-        metrics.update(_finetune(cfg, dataset_dir, tmp / "model", workspace, ctx))
-    spec = serving_spec(cfg, trained=bool(cfg.train))
+    with atomic_dir(output_dir) as tmp:
+        metrics: dict = {}
+        if cfg.train:
+            metrics.update(_finetune(cfg, dataset_dir, tmp / "model", workspace, ctx))
+        spec = serving_spec(cfg, trained=bool(cfg.train))
 
-    labels = None
-    if meta["shape"] == "classification":  # the prompt names the options (see prompt_and_reference)
-        labels = sorted({str(r["label"]) for r in train})
-    examples = [("validation", i, r) for i, r in enumerate(val)]
-    examples += [("train", i, r) for i, r in enumerate(train[: cfg.train_answers])]
-    conversations = [moa.prompt_and_reference(r, labels)[0] for _, _, r in examples]
+        labels = None
+        if meta["shape"] == "classification":  # the prompt names the options (see prompt_and_reference)
+            labels = sorted({str(r["label"]) for r in train})
+        examples = [("validation", i, r) for i, r in enumerate(val)]
+        examples += [("train", i, r) for i, r in enumerate(train[: cfg.train_answers])]
+        conversations = [moa.prompt_and_reference(r, labels)[0] for _, _, r in examples]
 
-    with maybe_stage(ctx, "propose", params={**asdict(cfg), "kind": spec["kind"]}) as run:
-        served = dict(spec, path=str(tmp / "model")) if cfg.train else spec
-        proposer = moa.proposer_from_spec(served)
-        completions = moa.answer_all(proposer, conversations, max_new_tokens=cfg.max_new_tokens,
-                                     batch_size=cfg.batch_size)
-        rows = [{"split": split, "index": i, "text": c.text, "tokens": c.tokens, "latency_s": c.latency_s}
-                for (split, i, _), c in zip(examples, completions)]
-        n = max(len(rows), 1)
-        metrics.update(answers=len(rows), tokens_per_answer=sum(r["tokens"] for r in rows) / n,
-                       latency_s=sum(r["latency_s"] for r in rows) / n,
-                       empty_answers=sum(not r["text"] for r in rows))
-        if run is not None:
-            log_metrics(metrics)
-    write_jsonl(tmp / "answers.jsonl", rows)
-    (tmp / "proposer.json").write_text(json.dumps(spec, indent=2))
-    if output_dir.exists():
-        shutil.rmtree(output_dir)
-    os.replace(tmp, output_dir)
+        with maybe_stage(ctx, "propose", params={**asdict(cfg), "kind": spec["kind"]}) as run:
+            served = dict(spec, path=str(tmp / "model")) if cfg.train else spec
+            proposer = moa.proposer_from_spec(served)
+            completions = moa.answer_all(proposer, conversations, max_new_tokens=cfg.max_new_tokens,
+                                         batch_size=cfg.batch_size)
+            rows = [{"split": split, "index": i, "text": c.text, "tokens": c.tokens, "latency_s": c.latency_s}
+                    for (split, i, _), c in zip(examples, completions)]
+            n = max(len(rows), 1)
+            metrics.update(answers=len(rows), tokens_per_answer=sum(r["tokens"] for r in rows) / n,
+                           latency_s=sum(r["latency_s"] for r in rows) / n,
+                           empty_answers=sum(not r["text"] for r in rows))
+            if run is not None:
+                log_metrics(metrics)
+        write_jsonl(tmp / "answers.jsonl", rows)
+        (tmp / "proposer.json").write_text(json.dumps(spec, indent=2))
     return ProposeResult(spec=spec, metrics=metrics, output_dir=str(output_dir))

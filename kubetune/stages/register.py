@@ -18,6 +18,7 @@ from pathlib import Path
 
 from kubetune.core.config import setting
 from kubetune.errors import ConfigError, StageError
+from kubetune.lib.report import EvalReport, numbers
 from kubetune.serving.llm_pyfunc import log_model, register_logged
 from kubetune.tracking.registry_ops import RUN_KEY_TAG, Decision, Gates, check_gates, model_card
 from kubetune.tracking import RunContext, maybe_stage
@@ -58,40 +59,29 @@ class RegisterResult:
     summary: dict
 
 
-def _check_evaluated(report_path: Path, model_dir: Path) -> dict:
-    if not report_path.exists():
-        raise StageError(f"register: no evaluation report at {report_path}; refusing to register an "
-                         "unevaluated model")
-    report = json.loads(report_path.read_text())
-    metric = report.get("primary_metric")
-    if not report.get("evaluated") or metric not in report.get("candidate", {}):
-        raise StageError(f"register: evaluation report {report_path} is incomplete (evaluated="
-                         f"{report.get('evaluated')}, primary metric {metric!r}); refusing to register")
+def _check_evaluated(report_path: Path, model_dir: Path) -> EvalReport:
+    try:
+        report = EvalReport.load(report_path)
+    except StageError as e:
+        raise StageError(f"register: {e}; refusing to register") from None
     if not (model_dir / "kubetune_method.json").exists():
         raise StageError(f"register: {model_dir} is not a complete trained model (no kubetune_method.json)")
     return report
 
 
-def gates(report: dict, cfg: RegisterConfig) -> Gates:
+def gates(report: EvalReport, cfg: RegisterConfig) -> Gates:
     """The gates in force: register's settings, with evaluate's margin if that is stricter."""
-    return Gates(min_improvement=max(cfg.min_improvement, float(report.get("min_improvement") or 0.0)),
+    return Gates(min_improvement=max(cfg.min_improvement, report.min_improvement),
                  max_forgetting=cfg.max_forgetting, require_complete=cfg.require_complete,
                  not_worse_than_base=cfg.not_worse_than_base, beyond_noise=cfg.beyond_noise)
 
 
-def decide_all(report: dict, cfg: RegisterConfig) -> Decision:
+def decide_all(report: EvalReport, cfg: RegisterConfig) -> Decision:
     """The gate checks on evaluate's numbers (see ``kubetune.tracking.registry_ops.check_gates``)."""
-    return check_gates(report["primary_metric"], report["candidate"], report.get("base"), report.get("champion"),
-                       None if report.get("champion_version") is None else str(report["champion_version"]),
-                       report.get("forgetting"), gates(report, cfg), evaluated=bool(report.get("evaluated")),
-                       # A trained model must beat the model it was trained from; a Mixture-of-Agents
-                       # (its "base" is its best single proposer, named in base_name) trains nothing
-                       # that could have failed to learn, so it must only not be worse than it.
-                       first_beats_base=not report.get("base_name"),
-                       benchmarks=report.get("benchmark_gate"))
+    return check_gates(report, gates(report, cfg))
 
 
-def decide(report: dict, cfg: RegisterConfig) -> tuple[bool, str]:
+def decide(report: EvalReport, cfg: RegisterConfig) -> tuple[bool, str]:
     """Whether the candidate earns `champion`, and why (in words that go on the version)."""
     d = decide_all(report, cfg)
     return d.promote, d.reason
@@ -119,37 +109,32 @@ def register(cfg: RegisterConfig, model_dir: str | Path, report_path: str | Path
     model_dir, report_path = Path(model_dir), Path(report_path)
     report = _check_evaluated(report_path, model_dir)
     manifest = json.loads((model_dir / "kubetune_method.json").read_text())
-    metric = report["primary_metric"]
+    metric = report.primary_metric
     # A pipeline run registers once per model: a retried task (same KFP run) finds its version.
     pipeline_run = f"{ctx.pipeline_run_id}/{ctx.pipeline}" if ctx is not None else None
     ctx = ctx or RunContext(model_name=cfg.model_name, pipeline_run_id="manual")
     decision = decide_all(report, cfg)
     promote, reason = decision.promote, decision.reason
     in_force = gates(report, cfg)
-    champion = report.get("champion") or {}
-    numbers = lambda d: {k: v for k, v in d.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}  # noqa: E731
+    champion = report.champion or {}
     with maybe_stage(ctx, "register", params=asdict(cfg)) as run:
-        tracking.log_metrics({f"candidate_{k}": v for k, v in numbers(report["candidate"]).items()})
-        tracking.log_metrics({f"base_{k}": v for k, v in numbers(report.get("base") or {}).items()})
-        tracking.log_metrics({f"champion_{k}": v for k, v in numbers(champion).items()})
-        if report.get("forgetting") is not None:
-            tracking.log_metrics({"forgetting": report["forgetting"]})
+        tracking.log_metrics(report.metrics())
         tags = {
             **tracking.lineage_tags(),
             "kubetune.pipeline_run_id": ctx.pipeline_run_id,
             "kubetune.pipeline": ctx.pipeline,
             "kubetune.base_model": manifest.get("base_model", ""),
             "kubetune.method": manifest.get("method", ""),
-            "kubetune.data_fingerprint": manifest.get("data_fingerprint") or report.get("data_fingerprint", ""),
-            "kubetune.eval_fingerprint": report.get("validation_fingerprint") or report.get("data_fingerprint", ""),
-            "kubetune.eval_key": report.get("eval_key", ""),
+            "kubetune.data_fingerprint": manifest.get("data_fingerprint") or report.data_fingerprint,
+            "kubetune.eval_fingerprint": report.validation_fingerprint or report.data_fingerprint,
+            "kubetune.eval_key": report.eval_key or "",
             "kubetune.primary_metric": metric,
-            **{f"eval.{k}": v for k, v in numbers(report["candidate"]).items()},
-            **({"eval.forgetting": report["forgetting"]} if report.get("forgetting") is not None else {}),
-            **{f"base.{k}": v for k, v in numbers(report.get("base") or {}).items()},
+            **{f"eval.{k}": v for k, v in numbers(report.candidate).items()},
+            **({"eval.forgetting": report.forgetting} if report.forgetting is not None else {}),
+            **{f"base.{k}": v for k, v in numbers(report.base).items()},
             **{f"champion.{k}": v for k, v in numbers(champion).items()},
-            **({"kubetune.champion_compared": str(report["champion_version"])}
-               if report.get("champion_version") is not None else {}),
+            **({"kubetune.champion_compared": report.champion_version}
+               if report.champion_version is not None else {}),
             **decision.tags(in_force),
         }
         run_id = run.info.run_id if run is not None else None
@@ -171,7 +156,7 @@ def register(cfg: RegisterConfig, model_dir: str | Path, report_path: str | Path
         with tracking.alias_lock(cfg.model_name, tracking.CHAMPION):
             mine = tracking.find_version(cfg.model_name, REGISTER_KEY_TAG, pipeline_run) if pipeline_run else None
             holder = _holder(cfg.model_name, tracking.CHAMPION)
-            expected = None if report.get("champion_version") is None else str(report["champion_version"])
+            expected = report.champion_version
             if promote and holder not in (expected, mine and str(mine.version)):
                 why = f"'champion' moved to version {holder} while this run was deciding (expected {expected})"
                 promote, reason = False, f"not promoted: {why}"
@@ -203,11 +188,12 @@ def register(cfg: RegisterConfig, model_dir: str | Path, report_path: str | Path
                                       "kubetune.status": "promoted" if promote else "challenger"})
         summary = {
             "model_name": cfg.model_name, "version": version, "aliases": aliases, "promoted": promote,
-            "reason": reason, "primary_metric": metric, "candidate": report["candidate"][metric],
-            "base": (report.get("base") or {}).get(metric), "champion_before": champion.get(metric),
-            "forgetting": report.get("forgetting"), "tracking_uri": tracking.tracking_uri(),
-            "n": report["candidate"].get("n"), "candidate_ci": _interval(report["candidate"], metric),
-            "forgetting_ci": _interval(report, "forgetting"),
+            "reason": reason, "primary_metric": metric, "candidate": report.candidate[metric],
+            "base": (report.base or {}).get(metric), "champion_before": champion.get(metric),
+            "forgetting": report.forgetting, "tracking_uri": tracking.tracking_uri(),
+            "n": report.candidate.get("n"), "candidate_ci": _interval(report.candidate, metric),
+            "forgetting_ci": None if report.forgetting_ci_low is None or report.forgetting_ci_high is None
+            else [report.forgetting_ci_low, report.forgetting_ci_high],
             "run_id": run_id, "gates": decision.checks,
         }
     return RegisterResult(version=version, aliases=aliases, promoted=promote, reason=reason, summary=summary)

@@ -11,7 +11,6 @@ reward model is registered like any other model.
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,7 +19,12 @@ from typing import Literal
 from kubetune.core.config import setting
 from kubetune.errors import ConfigError, DataError
 from kubetune.core.models import DEFAULT_BASE_MODEL
+from kubetune.lib.report import EvalReport
+from kubetune.methods.rl import settings as rl
+from kubetune.methods.rl.settings import RewardModelConfig as TrainerSettings
 from kubetune.tracking import RunContext, log_metrics, maybe_stage
+
+_TRAINER = TrainerSettings()  # the defaults below are the trainer's, stated once in kubetune.methods.rl.settings
 
 PRIMARY_METRIC = "accuracy"
 
@@ -28,15 +32,16 @@ PRIMARY_METRIC = "accuracy"
 @dataclass
 class RewardModelConfig:
     base_model: str = setting(DEFAULT_BASE_MODEL, "Backbone: packaged name, local folder or hub id.")
-    method: Literal["full", "lora"] = setting("full", "Train the whole backbone, or LoRA adapters (+ the head).")
-    max_steps: int = setting(24, "Optimizer steps (-1 = run 'epochs' over the training pairs).")
-    epochs: float = setting(1.0, "Passes over the training pairs when max_steps is -1.")
-    learning_rate: float = setting(0.0, "AdamW learning rate; 0 = 5e-5 for full, 1e-4 for LoRA (a ~100M model).")
-    batch_size: int = setting(4, "Pairs per optimizer step (each pair is two sequences).")
+    method: Literal["full", "lora"] = setting("lora" if _TRAINER.use_peft else "full", "Train the whole backbone, or LoRA adapters (+ the head).")
+    max_steps: int = setting(_TRAINER.max_steps, "Optimizer steps (-1 = run 'epochs' over the training pairs).")
+    epochs: float = setting(_TRAINER.epochs, "Passes over the training pairs when max_steps is -1.")
+    learning_rate: float = setting(_TRAINER.learning_rate, f"AdamW learning rate; 0 = {rl.REWARD_FULL_LEARNING_RATE:g} "
+                                                           f"for full, {rl.LORA_LEARNING_RATE:g} for LoRA (a ~100M model).")
+    batch_size: int = setting(_TRAINER.batch_size, "Pairs per optimizer step (each pair is two sequences).")
     max_eval_pairs: int = setting(48, "Held-out pairs scored (evenly spread over the validation split; 0 = all).")
-    max_length: int = setting(512, "Pairs with a sequence longer than this many tokens are dropped.")
-    lora_rank: int = setting(16, "LoRA rank when method is lora.")
-    seed: int = setting(0, "Seed of the head initialisation and the data order.")
+    max_length: int = setting(_TRAINER.max_length, "Pairs with a sequence longer than this many tokens are dropped.")
+    lora_rank: int = setting(_TRAINER.lora_r, "LoRA rank when method is lora.")
+    seed: int = setting(_TRAINER.seed, "Seed of the head initialisation and the data order.")
     pairs: Literal["all", "policy", "judge"] = setting(
         "all", "Training pairs used: all, or one of two prompt-disjoint halves ('policy' for the reward "
                "model RL optimises, 'judge' for the independent one that evaluates the result).")
@@ -56,14 +61,11 @@ class RewardModelConfig:
         if not 0 <= self.learning_rate <= 1:
             raise ConfigError(f"'learning_rate' must be in [0, 1], got {self.learning_rate}")
 
-    def lr(self) -> float:
-        return self.learning_rate or (1e-4 if self.method == "lora" else 5e-5)
-
 
 @dataclass
 class RewardModelResult:
     metrics: dict
-    report: dict
+    report: EvalReport
     output_dir: str
 
 
@@ -104,9 +106,9 @@ def reward_model(cfg: RewardModelConfig, dataset_dir: str | Path, output_dir: st
     Returns:
         Metrics (accuracy, accuracy_before, margins, loss), the evaluation report, the folder.
     """
+    from kubetune import tracking
     from kubetune.core import models
     from kubetune.methods.rl.data import load_pairs, prompt_half, spread
-    from kubetune.methods.rl.reward import RewardModelConfig as TrainSettings
     from kubetune.methods.rl.reward import train_reward_model
 
     meta, train, val = load_pairs(dataset_dir)
@@ -116,9 +118,9 @@ def reward_model(cfg: RewardModelConfig, dataset_dir: str | Path, output_dir: st
     val = spread(val, cfg.max_eval_pairs)
     output_dir = Path(output_dir)
     report_path = Path(report_path) if report_path else output_dir.with_name(output_dir.name + ".eval.json")
-    settings = TrainSettings(use_peft=cfg.method == "lora", lora_r=cfg.lora_rank, lora_alpha=2 * cfg.lora_rank,
-                             learning_rate=cfg.lr(), epochs=cfg.epochs, max_steps=cfg.max_steps,
-                             batch_size=cfg.batch_size, max_length=cfg.max_length, seed=cfg.seed)
+    settings = TrainerSettings(use_peft=cfg.method == "lora", lora_r=cfg.lora_rank, lora_alpha=2 * cfg.lora_rank,
+                               learning_rate=cfg.learning_rate, epochs=cfg.epochs, max_steps=cfg.max_steps,
+                               batch_size=cfg.batch_size, max_length=cfg.max_length, seed=cfg.seed)
     tags = {"kubetune.method": "reward_model", "kubetune.base_model": cfg.base_model,
             "kubetune.data_fingerprint": meta["fingerprint"]}
     # Prefixed: the Trainer logs its own arguments (learning_rate, ...) to the same run, and
@@ -135,36 +137,18 @@ def reward_model(cfg: RewardModelConfig, dataset_dir: str | Path, output_dir: st
         candidate = {PRIMARY_METRIC: result.metrics["accuracy"], "margin_mean": result.metrics["margin_mean"],
                      "margin_median": result.metrics["margin_median"]}
         base = {PRIMARY_METRIC: result.metrics["accuracy_before"]}
-        margin = cfg.min_improvement
-        report = {
-            "evaluated": True,
-            "primary_metric": PRIMARY_METRIC,
-            "higher_is_better": True,
-            "min_improvement": margin,
-            "candidate": candidate,
-            "base": base,
-            "champion": champion,
-            "champion_version": champion_version,
-            "forgetting": None,
-            "beats_base": candidate[PRIMARY_METRIC] > base[PRIMARY_METRIC] + margin,
-            "beats_champion": champion is None or candidate[PRIMARY_METRIC] > champion[PRIMARY_METRIC] + margin,
-            "data_fingerprint": meta["fingerprint"],
-            "validation_examples": len(val),
-        }
+        report = EvalReport(
+            primary_metric=PRIMARY_METRIC, candidate=candidate, base=base, champion=champion,
+            champion_version=champion_version, min_improvement=cfg.min_improvement, forgetting=None,
+            data_fingerprint=meta["fingerprint"], validation_examples=len(val))
         if run is not None:
-            from kubetune.tracking import log_figure
-
             # "val_": TRL's own logs use "accuracy" and "margin" for the training batches.
             log_metrics({f"val_{k}": v for k, v in result.metrics.items()})
-            if champion:
-                log_metrics({f"champion_{k}": v for k, v in champion.items()})
-            log_figure(result.figure, "reward_margins.png")
+            report.log(tracking)
+            tracking.log_figure(result.figure, "reward_margins.png")
         else:
             import matplotlib.pyplot as plt
 
             plt.close(result.figure)
-    report_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = report_path.with_name(report_path.name + ".tmp")
-    tmp.write_text(json.dumps(report, indent=2))
-    os.replace(tmp, report_path)
+    report.save(report_path)
     return RewardModelResult(metrics=result.metrics, report=report, output_dir=str(output_dir))

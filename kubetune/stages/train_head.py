@@ -10,7 +10,6 @@ predicts labels from raw text.
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -91,8 +90,8 @@ def train_head(cfg: TrainHeadConfig, embeddings_dir: str | Path, output_dir: str
     """
     import tempfile
 
-    from kubetune.methods.features import classification_metrics, majority_baseline, replace_dir, save_text_classifier
-    from kubetune.stages.embed import load_features
+    from kubetune.lib.dataset import atomic_dir
+    from kubetune.methods.features import classification_metrics, load_features, majority_baseline, save_text_classifier
 
     meta, t = load_features(embeddings_dir)
     labels = meta["labels"]
@@ -111,18 +110,14 @@ def train_head(cfg: TrainHeadConfig, embeddings_dir: str | Path, output_dir: str
                    "val_accuracy": val["accuracy"], "val_macro_f1": val["macro_f1"],
                    "baseline_accuracy": baseline["accuracy"], "baseline_macro_f1": baseline["macro_f1"],
                    "trainable_params": trainable, "total_params": total, "trainable_share": trainable / total}
-        output_dir = Path(output_dir)
-        tmp = output_dir.with_name(output_dir.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        with tempfile.TemporaryDirectory() as scratch:
-            head_dir = head.save(Path(scratch) / "head")
-            save_text_classifier(tmp, head_dir, meta["backbone"], meta["pooling"], meta["max_length"])
         manifest = {"method": METHOD, "base_model": meta["backbone"], "head": asdict(cfg), "labels": labels,
                     "pooling": meta["pooling"], "max_length": meta["max_length"],
                     "data_fingerprint": meta["fingerprint"], "shape": meta["shape"],
                     "parameters": {"trainable": trainable, "total": total, "share": trainable / total}}
-        (tmp / "kubetune_method.json").write_text(json.dumps(manifest, indent=2))
-        replace_dir(tmp, output_dir)
+        with atomic_dir(output_dir) as tmp, tempfile.TemporaryDirectory() as scratch:
+            head_dir = head.save(Path(scratch) / "head")
+            save_text_classifier(tmp, head_dir, meta["backbone"], meta["pooling"], meta["max_length"])
+            (tmp / "kubetune_method.json").write_text(json.dumps(manifest, indent=2))
         if run is not None:
             for step, loss in enumerate(losses):
                 if step % 10 == 0 or step == len(losses) - 1:

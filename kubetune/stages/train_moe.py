@@ -1,6 +1,6 @@
 """Stage `train_moe`: upcycle a dense model into a Mixture of Experts and train experts + router.
 
-Experimental (STYLE.md 14). The model work is ``kubetune.experimental.moe`` (sparse upcycling, freezing,
+Experimental: its interface may still change. The model work is ``kubetune.experimental.moe`` (sparse upcycling, freezing,
 router z-loss, utilisation); the loop is the one training core (``kubetune.core.train``), given the
 prepared model. What this stage adds is the wiring:
 
@@ -83,18 +83,13 @@ class MoEConfig:
         return {k: v for k, v in asdict(self).items() if k != "train"}
 
 
-_INT_KEYS = {f.name for cls in (MoEConfig, TrainConfig) for f in dataclasses.fields(cls) if f.type in (int, "int")}
-
-
 def moe_config_from_dict(values: dict[str, Any] | None, source: str = "train_moe settings") -> MoEConfig:
     """Build a ``MoEConfig`` from one flat mapping: MoE keys and training-core keys side by side.
 
     ``{"num_experts": 8, "max_steps": 100}`` sets ``num_experts`` and ``train.max_steps``. Unknown
     keys and wrong types fail naming the key; ``method`` is refused (this stage decides it).
     """
-    # KFP passes dict parameters as a protobuf Struct, whose numbers are all doubles: 2 -> 2.0.
-    values = {k: int(v) if isinstance(v, float) and v.is_integer() and k in _INT_KEYS else v
-              for k, v in (values or {}).items()}
+    values = dict(values or {})
     moe_keys = {f.name for f in dataclasses.fields(MoEConfig)} - {"train"}
     train_keys = {f.name for f in dataclasses.fields(TrainConfig)} - {"method"}
     if "method" in values:

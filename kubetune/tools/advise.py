@@ -33,6 +33,7 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from kubetune.core.peft_methods import METHOD_SPECS
 from kubetune.errors import ConfigError
 from kubetune.tools.memory import GiB, MemoryEstimate, ModelShape, estimate, model_shape
 
@@ -144,14 +145,10 @@ def summarize_data(data) -> DataSummary:
         return DataSummary(examples=data)
     if isinstance(data, dict):
         return DataSummary(**data)
-    import tempfile
+    from kubetune.stages.ingest import IngestConfig, check
 
-    from kubetune.stages.ingest import IngestConfig, _ingest, read_jsonl
-
-    with tempfile.TemporaryDirectory() as tmp:
-        result = _ingest(IngestConfig(data_uri=str(data)), Path(tmp) / "out", Path(tmp))
-        records = read_jsonl(Path(result.output_dir) / "train.jsonl") + \
-            read_jsonl(Path(result.output_dir) / "validation.jsonl")
+    result = check(IngestConfig(data_uri=str(data)))
+    records = result.train + result.validation
     tokens = [_record_tokens(r) for r in records]
     return DataSummary(examples=len(records), shape=result.shape, mean_tokens=sum(tokens) / max(1, len(tokens)),
                        source=str(data), estimated_tokens=True)
@@ -191,10 +188,6 @@ def load_compare(path: str | Path) -> list[dict]:
         if "method" not in r or "tuned" not in r:
             raise ConfigError(f"{path}: a compare row needs 'method' and 'tuned'; got keys {sorted(r)}")
     return rows
-
-
-def _lower_is_better(metric: str) -> bool:
-    return any(k in metric.lower() for k in ("loss", "perplexity", "ppl", "error"))
 
 
 # --------------------------------------------------------------------------- time
@@ -239,7 +232,8 @@ def time_estimate(shape: ModelShape, mem: MemoryEstimate, tokens: float, gpus: i
 def _fit(shape, method, device, usable, gpus, seq_len, measured_rows, batches=(8, 4, 2, 1)) -> Candidate:
     """The largest batch that fits, with gradient checkpointing only when nothing fits without it."""
     measured = measured_for(measured_rows, shape, method)
-    for ckpt in (False, True) if method != "prefix" else (False,):
+    ckpt_ok = method not in METHOD_SPECS or METHOD_SPECS[method].gradient_checkpointing
+    for ckpt in (False, True) if ckpt_ok else (False,):
         for batch in batches:
             mem = estimate(shape, method, device=device, batch_size=batch, seq_len=seq_len,
                            gradient_checkpointing=ckpt, gpus=max(1, gpus))
@@ -247,7 +241,7 @@ def _fit(shape, method, device, usable, gpus, seq_len, measured_rows, batches=(8
                 return Candidate(method, mem, True, measured)
     # nothing fits: report the smallest configuration
     smallest = estimate(shape, method, device=device, batch_size=1, seq_len=seq_len,
-                        gradient_checkpointing=method != "prefix", gpus=max(1, gpus))
+                        gradient_checkpointing=ckpt_ok, gpus=max(1, gpus))
     return Candidate(method, smallest, False, measured)
 
 
@@ -320,10 +314,9 @@ def recommend(data=None, *, base_model: str = "smollm2-135m-instruct", gpu_memor
     # ---- candidates and their memory
     if task == "classification" and (device == "cpu" or summary.examples < 2_000) and not rag:
         methods = ["feature-extraction", "lora"] if device == "cuda" else ["feature-extraction", "lora", "full"]
-    elif device == "cuda":
-        methods = ["full", "lora", "qlora", "dora", "adapter", "ia3", "prompt"]
     else:
-        methods = ["full", "lora", "dora", "adapter", "ia3", "prompt"]
+        methods = [m for m in ("full", "lora", "qlora", "dora", "adapter", "ia3", "prompt")
+                   if device == "cuda" or not METHOD_SPECS[m].needs_cuda]
     candidates: dict[str, Candidate] = {}
     for m in methods:
         if m == "feature-extraction":
@@ -480,7 +473,9 @@ def _better_measured(compare: list[dict], chosen: str, fits: set[str], margin: f
     rows = {r["method"]: r for r in compare if r["method"] in fits}
     if chosen not in rows or not rows:
         return None
-    sign = -1 if _lower_is_better(rows[chosen].get("metric_name", "")) else 1
+    from kubetune.lib.report import lower_is_better
+
+    sign = -1 if lower_is_better(rows[chosen].get("metric_name", "")) else 1
     best = max(rows.values(), key=lambda r: sign * r["tuned"])
     if best["method"] != chosen and sign * (best["tuned"] - rows[chosen]["tuned"]) > margin:
         return best["method"]
@@ -512,7 +507,7 @@ def _settings(method: str, cand: Candidate | None, summary: DataSummary, seq_len
         params.update(max_steps=max(10, math.ceil(epochs * rows / (mem.batch_size * accum))))
         if method in TRAIN_METHODS:
             params["learning_rate"] = default_learning_rate(method)
-        if method in ("lora", "dora", "qlora", "adapter") and pipeline == "peft":
+        if method in TRAIN_METHODS and METHOD_SPECS[method].family in ("lora", "adapter") and pipeline == "peft":
             params["lora_rank"] = 16
         if pipeline != "dpo":
             params["max_length"] = seq_len

@@ -22,12 +22,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kubetune.core.defaults import MAIN_JOB
+from kubetune.core.peft_methods import METHODS as TRAIN_METHODS
 from kubetune.errors import ConfigError
+from kubetune.lib.report import EvalReport
 
 # method -> (pipeline, fixed parameters). The PEFT family shares one pipeline.
 METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "full": ("full", {}),
-    **{m: ("peft", {"method": m}) for m in ("lora", "dora", "qlora", "adapter", "prompt", "prefix", "ia3")},
+    **{m: ("peft", {"method": m}) for m in TRAIN_METHODS if m != "full"},
     "moe": ("moe", {}),
     "moe-lora": ("moe", {"kind": "lora"}),
     "feature-extraction": ("feature-extraction", {}),
@@ -40,11 +43,11 @@ DEFAULT_METHODS = "full,lora,dora,ia3,adapter,prompt,feature-extraction"
 class Budget:
     """The same budget for every method: optimizer steps, optionally capped by training seconds."""
 
-    steps: int = 30
+    steps: int = MAIN_JOB.max_steps
     seconds: float = 0.0  # 0 = no wall-clock cap
 
     @classmethod
-    def parse(cls, text: str, steps: int = 30) -> "Budget":
+    def parse(cls, text: str, steps: int = MAIN_JOB.max_steps) -> "Budget":
         """``steps:30`` or ``time:300`` (seconds of training per method; ``steps`` stays the schedule's
         horizon, so set it to what the fastest method would reach)."""
         kind, _, value = text.partition(":")
@@ -114,15 +117,14 @@ def parse_methods(text: str) -> list[str]:
 def peft_learning_rate(method: str) -> float:
     """The learning rate a PEFT method gets in a comparison.
 
-    The peft pipeline's default (1e-3, a short-run rate for the LoRA family) for LoRA, DoRA and
+    The main job's rate (``MAIN_JOB.learning_rate``, 1e-3, a short-run rate for the LoRA family) for LoRA, DoRA and
     adapters; IA3 and the virtual-token methods keep their own, higher defaults
     (``kubetune.core.peft_methods``: 3e-3, 3e-2, 3e-2). A shared 1e-3 left prompt tuning at 0% exact
     match in the first comparison: too low by an order of magnitude for it, not a weak method.
     """
     from kubetune.core.peft_methods import default_learning_rate
-    from kubetune.pipelines import peft
 
-    return max(peft.pipeline.component_spec.inputs["learning_rate"].default, default_learning_rate(method))
+    return max(MAIN_JOB.learning_rate, default_learning_rate(method))
 
 
 def method_params(method: str, *, data_uri: str, base_model: str, budget: Budget, prefix: str,
@@ -151,21 +153,18 @@ def classification_view(data_uri: str, label_field: str, out_dir: Path) -> str:
     Classification data is used as it is. For instruction data whose answers are JSON objects,
     ``label_field`` names the key that becomes the class (for the bundled tickets, ``issue``).
     """
-    import tempfile
-
     from kubetune.errors import DataError
-    from kubetune.stages.ingest import IngestConfig, _ingest, load_dataset_dir
+    from kubetune.lib.dataset import atomic_file, write_jsonl
+    from kubetune.stages.ingest import IngestConfig, check
 
-    with tempfile.TemporaryDirectory() as tmp:
-        result = _ingest(IngestConfig(data_uri=data_uri), Path(tmp) / "ds", Path(tmp))
-        if result.shape == "classification":
-            return data_uri
-        if not label_field:
-            raise ConfigError(f"feature-extraction on '{data_uri}' (shape '{result.shape}') needs --label-field: "
-                              "the key of the JSON answers that becomes the class")
-        _, train, val = load_dataset_dir(Path(tmp) / "ds")
+    result = check(IngestConfig(data_uri=data_uri))
+    if result.shape == "classification":
+        return data_uri
+    if not label_field:
+        raise ConfigError(f"feature-extraction on '{data_uri}' (shape '{result.shape}') needs --label-field: "
+                          "the key of the JSON answers that becomes the class")
     rows = []
-    for i, r in enumerate(train + val):
+    for i, r in enumerate(result.train + result.validation):
         try:
             label = json.loads(r.get("output", ""))[label_field]
         except (ValueError, KeyError, TypeError):
@@ -173,11 +172,9 @@ def classification_view(data_uri: str, label_field: str, out_dir: Path) -> str:
                             f"'{label_field}' (--label-field)") from None
         text = (r.get("input") or r.get("instruction") or "").strip()
         rows.append({"text": text, "label": str(label)})
-    out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"classification-{label_field}.jsonl"
-    tmp_path = path.with_name(path.name + ".tmp")
-    tmp_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    os.replace(tmp_path, path)
+    with atomic_file(path) as tmp_path:
+        write_jsonl(tmp_path, rows)
     return str(path)
 
 
@@ -212,10 +209,10 @@ def collect(method: str, model_name: str, pipeline_run_id: str | None = None) ->
         return _failed(row, f"the pipeline run logged stages {sorted(stages)}; train, evaluate and register "
                             "are all needed")
     report = _report(evaluation)
-    row.metric_name = report.get("primary_metric", "")
-    row.tuned = _num((report.get("candidate") or {}).get(row.metric_name))
-    row.base = _num((report.get("base") or {}).get(row.metric_name))
-    row.forgetting = _num(report.get("forgetting"))
+    row.metric_name = report.primary_metric
+    row.tuned = _num(report.candidate.get(row.metric_name))
+    row.base = _num((report.base or {}).get(row.metric_name))
+    row.forgetting = _num(report.forgetting)
     em = evaluation.data.metrics
     row.n = _int(em.get("candidate_n"))
     row.tuned_ci = _pair(em.get(f"candidate_{row.metric_name}_ci_low"), em.get(f"candidate_{row.metric_name}_ci_high"))
@@ -236,16 +233,15 @@ def collect(method: str, model_name: str, pipeline_run_id: str | None = None) ->
     return row
 
 
-def _report(evaluation) -> dict:
-    """evaluate's numbers: its metrics (candidate_*, base_*, forgetting) and the primary metric's name."""
+def _report(evaluation) -> EvalReport:
+    """evaluate's numbers, as its run logged them (``EvalReport.log``), with the primary metric's name."""
     m = evaluation.data.metrics
-    params = evaluation.data.params
-    metric = evaluation.data.tags.get("kubetune.primary_metric") or params.get("primary_metric", "auto")
-    candidate = {k[len("candidate_"):]: v for k, v in m.items() if k.startswith("candidate_")}
-    base = {k[len("base_"):]: v for k, v in m.items() if k.startswith("base_")}
-    if metric == "auto" or metric not in candidate:
-        metric = next((k for k in ("exact_match", "macro_f1", "accuracy", "val_loss") if k in candidate), "")
-    return {"primary_metric": metric, "candidate": candidate, "base": base, "forgetting": m.get("forgetting")}
+    metric = evaluation.data.tags.get("kubetune.primary_metric") or evaluation.data.params.get("primary_metric", "auto")
+    report = EvalReport.from_logged(m, metric)
+    if metric == "auto" or metric not in report.candidate:
+        report.primary_metric = next((k for k in ("exact_match", "macro_f1", "accuracy", "val_loss")
+                                      if k in report.candidate), "")
+    return report
 
 
 def _failed(row: Row, why: str) -> Row:
@@ -475,13 +471,13 @@ def log_report(paths: dict[str, Path], rows: list[Row], context: dict) -> str:
 
 @dataclass
 class CompareConfig:
-    data_uri: str = "bundled://tickets"
+    data_uri: str = MAIN_JOB.data_uri
     methods: list[str] = field(default_factory=lambda: parse_methods(DEFAULT_METHODS))
     base_model: str = ""
     budget: Budget = field(default_factory=Budget)
-    batch_size: int = 2
-    max_length: int = 256
-    eval_settings: dict = field(default_factory=lambda: {"max_examples": 48, "max_new_tokens": 40, "batch_size": 48})
+    batch_size: int = MAIN_JOB.batch_size
+    max_length: int = MAIN_JOB.max_length
+    eval_settings: dict = field(default_factory=MAIN_JOB.eval_settings)
     label_field: str = ""
     prefix: str = "compare"
     out_dir: str = "compare-report"

@@ -61,9 +61,14 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
 
+from kubetune.core.peft_methods import METHOD_SPECS
+from kubetune.core.peft_methods import METHODS as TRAIN_METHODS
+
 GiB = 2**30
 
-METHODS = ("full", "lora", "dora", "qlora", "adapter", "prompt", "prefix", "ia3", "moe", "feature-extraction")
+# The training core's methods, then the two the estimator also knows: upcycled MoE, and feature
+# extraction (inference through a frozen encoder).
+METHODS = (*TRAIN_METHODS, "moe", "feature-extraction")
 _LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # bitsandbytes NF4 with double quantization: 4 bits per weight, one 8-bit absmax per block of 64,
 # one fp32 scale per 256 blocks (Dettmers et al., 2023, section 3): 0.5 + 1/64 + 4/(64*256).
@@ -351,7 +356,7 @@ def path_for(method: str, device: str, gradient_checkpointing: bool = False, fas
     """
     if method == "feature-extraction":
         return "inference"
-    if fast_path == "off" or device != "cuda" or method in ("prompt", "prefix", "qlora"):
+    if fast_path == "off" or device != "cuda" or (method in METHOD_SPECS and not METHOD_SPECS[method].fast_path):
         return "trainer"
     return "fast"
 
@@ -396,11 +401,11 @@ def estimate(model, method: str = "lora", *, device: str = "cuda", dtype: str | 
     dtype = dtype or default_dtype(device)
     if dtype not in ("bf16", "fp32"):
         raise ValueError(f"dtype must be bf16 or fp32; got {dtype!r}")
-    if method == "qlora" and device != "cuda":
-        raise ValueError("qlora needs a CUDA GPU (bitsandbytes has no CPU training path)")
+    if method in METHOD_SPECS and METHOD_SPECS[method].needs_cuda and device != "cuda":
+        raise ValueError(f"{method} needs a CUDA GPU (bitsandbytes has no CPU training path)")
     if method == "feature-extraction":
         return _feature_extraction(shape, batch_size, seq_len)
-    if method == "prefix":
+    if method in METHOD_SPECS and not METHOD_SPECS[method].gradient_checkpointing:
         gradient_checkpointing = False  # kubetune.core.peft_methods.training_flags_for turns it off
     b = 4 if dtype == "fp32" else 2
     gpus = max(1, gpus)

@@ -35,6 +35,7 @@ import warnings
 from typing import Any, Iterator
 
 from kubetune.errors import StageError
+from kubetune.tracking.server import already_exists, has_error_code, tracking_uri
 
 LOCK_SUFFIX = ".kubetune-lock-"
 TOKEN_TAG = "kubetune.lock_token"
@@ -75,8 +76,6 @@ def alias_lock(model_name: str, alias: str, timeout: float | None = None) -> Ite
     Raises:
         StageError: the lock was not free within ``timeout``.
     """
-    from kubetune.tracking import tracking_uri
-
     timeout = wait_s() if timeout is None else timeout
     uri = os.environ.get("MLFLOW_REGISTRY_URI") or tracking_uri()
     lock = _pg_lock if is_postgres(uri) else _model_lock
@@ -201,8 +200,6 @@ def _release(client: Any, name: str, token: str, held_s: float) -> None:
             try:
                 client.get_registered_model(name)
             except Exception as e:  # noqa: BLE001 - only 'does not exist' ends the loop
-                from kubetune.tracking import has_error_code
-
                 if has_error_code(e, "RESOURCE_DOES_NOT_EXIST"):
                     return
         time.sleep(0.05 * (i + 1))
@@ -212,8 +209,6 @@ def _release(client: Any, name: str, token: str, held_s: float) -> None:
 def _delete(client: Any, name: str, attempts: int = 20) -> bool:
     """Delete a registered model, retried (a busy SQLite writer); True once it is gone."""
     from mlflow.exceptions import MlflowException
-
-    from kubetune.tracking import has_error_code
 
     for i in range(attempts):
         try:
@@ -235,8 +230,6 @@ def _contended(e: Exception) -> bool:
     mlflow 3.17), and when the holder released the lock between the clash and that read, the
     read fails with "not found" (seen in CI on SQLite).
     """
-    from kubetune.tracking import already_exists, has_error_code
-
     return already_exists(e) or has_error_code(e, "RESOURCE_DOES_NOT_EXIST") or "locked" in str(e).lower()
 
 

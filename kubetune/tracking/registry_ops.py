@@ -3,7 +3,7 @@
 The promotion gates are one pure function (``check_gates``) used by the ``register`` stage and
 by ``kubetune promote``, so a version promoted by hand passes the same tests as one promoted by
 a pipeline (unless ``--force``, which is recorded on the version). Every MLflow call goes
-through ``kubetune.tracking`` (STYLE 13); this module only decides and formats.
+through ``kubetune.tracking`` (the one place kubetune's MLflow code lives); this module only decides and formats.
 
 Version tags written by ``register`` (the numbers behind every decision):
 
@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-LOWER_IS_BETTER = {"val_loss", "val_perplexity"}
+from kubetune.lib.report import EvalReport, better, lower_is_better
 
 
 @dataclass
@@ -48,10 +48,6 @@ class Decision:
                 **{f"gate.{k}": v for k, v in self.checks.items()}}
 
 
-def better(a: float, b: float, metric: str, margin: float) -> bool:
-    return a < b - margin if metric in LOWER_IS_BETTER else a > b + margin
-
-
 def _noise_margin(candidate: dict, champion: dict, metric: str) -> float | str:
     """The margin a difference of two scores must exceed to be more than noise, or why it is unknown.
 
@@ -67,9 +63,7 @@ def _noise_margin(candidate: dict, champion: dict, metric: str) -> float | str:
     return (h_cand ** 2 + h_champ ** 2) ** 0.5
 
 
-def check_gates(metric: str, candidate: dict, base: dict | None, champion: dict | None,
-                champion_version: str | None, forgetting: float | None, gates: Gates,
-                evaluated: bool = True, first_beats_base: bool = True, benchmarks: str | None = None) -> Decision:
+def check_gates(report: EvalReport, gates: Gates) -> Decision:
     """Decide whether a candidate earns `champion`; every check is named and explained.
 
     Checks, in order (the first failure is the reason):
@@ -77,17 +71,24 @@ def check_gates(metric: str, candidate: dict, base: dict | None, champion: dict 
                    forgetting measured when its gate is on (only when ``require_complete``);
       champion:    beats the champion on ``metric`` by ``min_improvement`` (passes when none);
                    with ``beyond_noise``, by more than the noise of both scores' intervals too;
-      base:        not worse than the base model on ``metric`` (for MoA: the best single
-                   proposer), and strictly better for a first version (no champion yet) when
-                   ``first_beats_base``, so a first run that made things worse, or changed
-                   nothing, never becomes champion;
+      base:        not worse than the base model on ``metric``, and strictly better for a first
+                   version (no champion yet), so a first run that made things worse, or changed
+                   nothing, never becomes champion; a Mixture-of-Agents (its base is its best
+                   single proposer, named in ``base_name``) trains nothing that could have failed
+                   to learn, so it must only not be worse;
       forgetting:  general-perplexity rise at most ``max_forgetting`` (off when negative);
       benchmarks:  evaluate's verdict on the lm-eval benchmarks (``kubetune.lib.benchmarks.gate``), when run.
 
+    Args:
+        report: The evaluation (``eval.json``, or a version's recorded ``eval.*`` tags).
+        gates: The gates in force.
     """
+    metric, candidate, base, champion = report.primary_metric, report.candidate, report.base, report.champion
+    champion_version, forgetting, benchmarks = report.champion_version, report.forgetting, report.benchmark_gate
+    first_beats_base = not report.base_name
     checks: dict[str, str] = {}
     missing = []
-    if not evaluated:
+    if not report.evaluated:
         missing.append("evaluation not marked evaluated")
     if metric not in candidate:
         missing.append(f"candidate has no {metric}")
@@ -168,11 +169,11 @@ def numbers_from_tags(tags: dict[str, str], prefix: str) -> dict[str, float]:
 # ---------------------------------------------------------------- model card
 
 
-def model_card(model_name: str, version: str, manifest: dict, report: dict, decision: Decision, gates: Gates,
+def model_card(model_name: str, version: str, manifest: dict, report: EvalReport, decision: Decision, gates: Gates,
                pipeline: str, pipeline_run_id: str, run_id: str | None) -> str:
     """The README of one model version: what it is, what it was trained on, how it scored."""
-    metric = report["primary_metric"]
-    cand, base, champ = report["candidate"], report.get("base") or {}, report.get("champion")
+    metric = report.primary_metric
+    cand, base, champ = report.candidate, report.base or {}, report.champion
     train = manifest.get("train") or {}
     keys = [k for k in ("exact_match", "field_accuracy", "rouge_l", "val_loss", "val_perplexity",
                         "general_perplexity") if k in cand] + sorted(k for k in cand if k.startswith("bench_"))
@@ -185,15 +186,14 @@ def model_card(model_name: str, version: str, manifest: dict, report: dict, deci
         v, c = (d or {}).get(k), cand.get(k)
         return "" if v is None or c is None else f"{c - v:+.4f}"
 
-    champ_label = f"champion v{report.get('champion_version')}" if report.get("champion_version") else "champion"
+    champ_label = f"champion v{report.champion_version}" if report.champion_version else "champion"
     rows = "\n".join(f"| {k}{' (primary)' if k == metric else ''} | {fmt(cand, k)} | {fmt(base, k)} | "
                      f"{delta(base, k)} | {fmt(champ, k)} | {delta(champ, k)} |" for k in keys)
     hyper = {k: train[k] for k in ("method", "max_steps", "learning_rate", "lora_rank", "lora_alpha",
                                    "batch_size", "grad_accum", "max_length", "seed") if k in train}
     hyper_lines = "\n".join(f"  - `{k}`: {v}" for k, v in hyper.items()) or "  - (not recorded)"
-    forgetting = report.get("forgetting")
-    counts = manifest.get("counts") or {}
-    size = counts.get("train") or report.get("train_examples")
+    forgetting = report.forgetting
+    size = (manifest.get("counts") or {}).get("train")
     checks = "\n".join(f"- {k}: {v}" for k, v in decision.checks.items())
     return f"""# {model_name} v{version}
 
@@ -210,12 +210,12 @@ and prefer the `champion` alias, which only moves through the promotion gates.
 
 - base model: `{manifest.get('base_model', '?')}`
 - method: `{manifest.get('method', '?')}`
-- data fingerprint: `{manifest.get('data_fingerprint') or report.get('data_fingerprint', '?')}`
-- data size: {size if size is not None else 'n/a'} training rows, {report.get('validation_examples', 'n/a')} validation examples
+- data fingerprint: `{manifest.get('data_fingerprint') or report.data_fingerprint or '?'}`
+- data size: {size if size is not None else 'n/a'} training rows, {report.validation_examples} validation examples
 - hyperparameters:
 {hyper_lines}
 
-## Evaluation (validation split, primary metric `{metric}`, {'higher' if metric not in LOWER_IS_BETTER else 'lower'} is better)
+## Evaluation (validation split, primary metric `{metric}`, {'lower' if lower_is_better(metric) else 'higher'} is better)
 
 | metric | this version | base | vs base | {champ_label} | vs champion |
 |---|---|---|---|---|---|
@@ -312,10 +312,13 @@ def promote(model_name: str, version: str, force: bool = False) -> Outcome:
         if holder and champ_tags.get("kubetune.eval_fingerprint") != tags.get("kubetune.eval_fingerprint"):
             return Outcome(False, f"refused: v{version} and champion v{holder_v} were evaluated on different "
                                   "validation data; their numbers do not compare (use --force)", version)
-        decision = check_gates(metric, numbers_from_tags(tags, "eval."), numbers_from_tags(tags, "base."),
-                               numbers_from_tags(champ_tags, "eval.") if holder else None, holder_v,
-                               float(tags["eval.forgetting"]) if "eval.forgetting" in tags else None,
-                               _gates_of(tags), evaluated="kubetune.decision" in tags)
+        recorded = EvalReport(primary_metric=metric, candidate=numbers_from_tags(tags, "eval."),
+                              base=numbers_from_tags(tags, "base."),
+                              champion=numbers_from_tags(champ_tags, "eval.") if holder else None,
+                              champion_version=holder_v,
+                              forgetting=float(tags["eval.forgetting"]) if "eval.forgetting" in tags else None,
+                              evaluated="kubetune.decision" in tags)
+        decision = check_gates(recorded, _gates_of(tags))
         if not decision.promote:
             return Outcome(False, f"refused: {decision.reason}", version)
     moved, why = tracking.move_alias(model_name, tracking.CHAMPION, version, expected_current=holder_v,

@@ -15,8 +15,8 @@ from kubetune import cli
 from kubetune.core.config import from_dict, parse_set
 from kubetune.errors import ConfigError, DataError, KubetuneError, StageError
 from kubetune.stages.evaluate import EvaluateConfig
-from kubetune.stages.ingest import (IngestConfig, _read_csv, _read_json, _read_jsonl, ingest, normalize,
-                                    read_records, validate)
+from kubetune.lib.dataset import _read_csv, _read_json, _read_jsonl, read_records
+from kubetune.stages.ingest import IngestConfig, ingest, normalize, validate
 from kubetune.stages.register import RegisterConfig
 from kubetune.stages.tokenize_data import TokenizeConfig, tokenize_data
 from kubetune.core.train import TrainConfig

@@ -98,7 +98,7 @@ def test_download_survives_a_restart_and_is_checksummed(moto, tmp_path, monkeypa
     path = storage.fetch("s3://art/d/data.jsonl", tmp_path / "cache")
     assert restarted.is_set() and moto["restarts"] == 1
     assert hashlib.sha256(path.read_bytes()).hexdigest() == digest
-    assert not list(path.parent.glob("*.part"))
+    assert not list(path.parent.glob("*.tmp"))
 
 
 def test_corrupt_object_is_refused_by_checksum(moto, tmp_path, monkeypatch):

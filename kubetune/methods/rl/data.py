@@ -4,9 +4,6 @@ splits, the SFT view of preference pairs (prompt -> chosen) and rollout prompts.
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
 from pathlib import Path
 
 
@@ -28,7 +25,7 @@ def grouped_by_prompt(train: list[dict], val: list[dict]) -> tuple[list[dict], l
 def load_pairs(dataset_dir: str | Path) -> tuple[dict, list[dict], list[dict]]:
     """(meta, train pairs, validation pairs) of an ingested preference dataset, prompt-grouped."""
     from kubetune.errors import DataError
-    from kubetune.stages.ingest import load_dataset_dir
+    from kubetune.lib.dataset import load_dataset_dir
 
     meta, train, val = load_dataset_dir(dataset_dir)
     if meta.get("shape") != "preference":
@@ -82,7 +79,7 @@ def chosen_as_instruction(dataset_dir: str | Path, output_dir: str | Path) -> di
     Returns:
         The written ``meta.json`` content.
     """
-    from kubetune.stages.ingest import fingerprint, write_jsonl
+    from kubetune.lib.dataset import fingerprint, write_dataset_dir
 
     meta, train, val = load_pairs(dataset_dir)
 
@@ -93,16 +90,7 @@ def chosen_as_instruction(dataset_dir: str | Path, output_dir: str | Path) -> di
     out = {"shape": "instruction", "fingerprint": fingerprint(train_sft + val_sft),
            "counts": {"train": len(train_sft), "validation": len(val_sft)},
            "source": f"{meta.get('source', '')} (prompt -> chosen)", "seed": meta.get("seed", 0)}
-    output_dir = Path(output_dir)
-    tmp = output_dir.with_name(output_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    write_jsonl(tmp / "train.jsonl", train_sft)
-    write_jsonl(tmp / "validation.jsonl", val_sft)
-    (tmp / "meta.json").write_text(json.dumps(out, indent=2))
-    if output_dir.exists():
-        shutil.rmtree(output_dir)
-    os.replace(tmp, output_dir)
+    write_dataset_dir(output_dir, out, train_sft, val_sft)
     return out
 
 
@@ -110,7 +98,7 @@ def load_prompts(uri: str, cache_dir: str | Path) -> list[str]:
     """User prompts from a JSONL of ``{"prompt": ...}`` rows (any data URI ``ingest`` takes)."""
     from kubetune.lib import storage
     from kubetune.errors import DataError
-    from kubetune.stages.ingest import read_jsonl
+    from kubetune.lib.dataset import read_jsonl
 
     rows = read_jsonl(storage.fetch(uri, cache_dir))
     prompts = [r["prompt"] for r in rows if isinstance(r, dict) and isinstance(r.get("prompt"), str)

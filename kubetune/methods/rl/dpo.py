@@ -13,50 +13,13 @@ from __future__ import annotations
 
 import json
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from kubetune.methods.rl.reward import _on_cpu, _to_trl_rows
-
-
-@dataclass
-class DPOConfig:
-    """Settings of the `dpo` stage."""
-
-    use_peft: bool = True
-    """Train LoRA adapters (reference = adapter disabled) instead of the full model."""
-    lora_r: int = 16
-    """LoRA rank."""
-    lora_alpha: int = 32
-    """LoRA scaling numerator."""
-    lora_target_modules: str | list[str] = "all-linear"
-    """Modules that get adapters."""
-    beta: float = 0.1
-    """β of the DPO loss: larger keeps the policy closer to the reference (TRL: 0.1)."""
-    learning_rate: float = 5e-6
-    """AdamW learning rate; ~5e-6 full, ~5e-5 LoRA for a ~100M model."""
-    epochs: float = 1.0
-    """Passes over the training pairs."""
-    max_steps: int = -1
-    """Stop after this many optimizer steps (-1: run the epochs)."""
-    batch_size: int = 8
-    """Pairs per optimizer step."""
-    sft_weight: float = 0.0
-    """Weight of a negative log-likelihood term on the chosen response added to the DPO loss
-    (RPO, Pang et al. 2024; TRL's ``loss_type=["sigmoid", "sft"]``); 0 = plain DPO."""
-    max_length: int = 512
-    """Sequences are truncated to this many tokens."""
-    seed: int = 0
-    """Seed of data order (and adapter init)."""
-
-    def __post_init__(self):
-        for name in ("beta", "learning_rate", "epochs", "batch_size", "max_length"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"DPOConfig.{name} must be > 0, got {getattr(self, name)}")
-        if self.sft_weight < 0:
-            raise ValueError(f"DPOConfig.sft_weight must be >= 0, got {self.sft_weight}")
+from kubetune.methods.rl.settings import DPOConfig
 
 
 def train_dpo(
@@ -124,7 +87,7 @@ def train_dpo(
             per_device_eval_batch_size=cfg.batch_size,
             num_train_epochs=cfg.epochs,
             max_steps=cfg.max_steps,
-            learning_rate=cfg.learning_rate,
+            learning_rate=cfg.lr(),
             max_length=cfg.max_length,
             seed=cfg.seed,
             logging_steps=5,

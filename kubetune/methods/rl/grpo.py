@@ -34,11 +34,13 @@ import torch
 from kubetune.methods.rl import ppo_core as core
 from kubetune.methods.rl.ppo import _position_ids, _response_mask, endless_batches, eos_ids, save_policy
 from kubetune.methods.rl.rewards import RewardSet
+from kubetune.methods.rl.settings import PolicySampling
 
 
 @dataclass
-class GRPOConfig:
-    """Settings of the GRPO trainer. Defaults follow TRL's ``GRPOConfig`` where one exists."""
+class GRPOConfig(PolicySampling):
+    """Settings of the GRPO trainer. Defaults follow TRL's ``GRPOConfig`` where one exists; the
+    sampling and adapter fields are PPO's (``PolicySampling``), three with GRPO's own defaults."""
 
     steps: int = 20
     """Optimizer updates (each: one rollout of prompts_per_step x num_generations completions)."""
@@ -56,6 +58,8 @@ class GRPOConfig:
     """Completion length cap in tokens."""
     temperature: float = 1.0
     """Sampling temperature; log-probs are computed at the same temperature (TRL: 1.0)."""
+    max_prompt_length: int = 512
+    """Prompts are left-truncated to this many tokens."""
     beta: float = 0.04
     """β, weight of the per-token k3 KL to the reference (DeepSeekMath: 0.04; TRL now defaults to 0)."""
     epsilon: float = 0.2
@@ -67,26 +71,12 @@ class GRPOConfig:
     loss_type: str = "grpo"
     """"grpo": mean over each completion's tokens, then over completions (the paper);
     "dapo": mean over all tokens of the rollout (TRL's default; long completions weigh more)."""
-    max_grad_norm: float = 1.0
-    """Gradient clipping."""
-    lora_r: int = 16
-    """LoRA rank."""
-    lora_alpha: int = 32
-    """LoRA scaling numerator."""
-    lora_target_modules: str | list[str] = "all-linear"
-    """Modules that get adapters."""
-    max_prompt_length: int = 512
-    """Prompts are left-truncated to this many tokens."""
     merged_generation: bool = True
     """Sample from a copy of the model with the adapter merged in (faster); False = the PEFT model."""
-    num_samples_to_log: int = 4
-    """Completions kept per logged step for the MLflow table."""
-    seed: int = 0
-    """Seed of prompt order, sampling and the adapter init."""
 
     def __post_init__(self):
-        for name in ("steps", "prompts_per_step", "num_generations", "mini_batch_size", "num_iterations",
-                     "max_new_tokens", "lora_r"):
+        self._check_sampling("GRPOConfig")
+        for name in ("steps", "prompts_per_step", "num_generations", "mini_batch_size", "num_iterations"):
             if getattr(self, name) < 1:
                 raise ValueError(f"GRPOConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.num_generations < 2:
@@ -95,8 +85,8 @@ class GRPOConfig:
             raise ValueError(f"GRPOConfig.advantage must be 'grpo' or 'rloo', got {self.advantage!r}")
         if self.loss_type not in ("grpo", "dapo"):
             raise ValueError(f"GRPOConfig.loss_type must be 'grpo' or 'dapo', got {self.loss_type!r}")
-        if self.temperature <= 0 or self.epsilon <= 0 or self.beta < 0:
-            raise ValueError("GRPOConfig: temperature and epsilon must be > 0, beta >= 0")
+        if self.epsilon <= 0 or self.beta < 0:
+            raise ValueError("GRPOConfig: epsilon must be > 0, beta >= 0")
 
 
 # ---------------------------------------------------------------------------------------

@@ -36,83 +36,10 @@ import torch
 from torch import nn
 
 from kubetune.methods.rl import ppo_core as core
+from kubetune.methods.rl.settings import PPOConfig
 
 RewardFn = Callable[[list[str], list[str]], Sequence[float]]
 """``reward_fn(prompts, responses) -> one score per response``."""
-
-
-@dataclass
-class PPOConfig:
-    """Settings of the `ppo` stage. Defaults follow TRL's PPO where one existed."""
-
-    steps: int = 20
-    """PPO updates; each is one rollout batch followed by ``ppo_epochs`` passes over it."""
-    batch_size: int = 8
-    """Prompts (and so responses) per rollout."""
-    mini_batch_size: int = 4
-    """Responses per optimizer step inside an update."""
-    ppo_epochs: int = 4
-    """Passes over each rollout batch (TRL: 4)."""
-    learning_rate: float = 5e-5
-    """AdamW learning rate of the adapter and value head."""
-    max_new_tokens: int = 64
-    """Response length cap (tokens)."""
-    temperature: float = 1.0
-    """Sampling temperature; log-probs are computed at the same temperature."""
-    kl_coef: float = 0.05
-    """β, the weight of the per-token KL penalty (its initial value when adaptive)."""
-    adaptive_kl: bool = False
-    """Adapt β toward ``target_kl`` (Ziegler et al. 2019) instead of keeping it fixed."""
-    target_kl: float = 6.0
-    """Target KL per response (nats) of the adaptive controller (TRL: 6)."""
-    kl_horizon: int = 10000
-    """Horizon (samples) of the adaptive controller (TRL: 10000)."""
-    kl_estimator: str = "k1"
-    """Per-token KL estimator in the reward: "k1" (log-ratio) or "k3" (never negative)."""
-    gamma: float = 1.0
-    """Discount of GAE."""
-    lam: float = 0.95
-    """λ of GAE."""
-    cliprange: float = 0.2
-    """ε of the clipped policy loss."""
-    cliprange_value: float = 0.2
-    """ε of the clipped value loss."""
-    vf_coef: float = 0.1
-    """Weight of the value loss in the total loss (TRL: 0.1)."""
-    whiten_rewards: bool = False
-    """Scale-normalise the per-token rewards of each batch before GAE."""
-    missing_eos_penalty: float | None = None
-    """Subtracted from the score of responses that hit ``max_new_tokens`` without EOS."""
-    max_grad_norm: float = 1.0
-    """Gradient clipping."""
-    use_peft: bool = True
-    """LoRA policy with the adapter-disabled base as reference (False: full + deep copy)."""
-    lora_r: int = 16
-    """LoRA rank."""
-    lora_alpha: int = 32
-    """LoRA scaling numerator."""
-    lora_target_modules: str | list[str] = "all-linear"
-    """Modules that get adapters; add "lm_head" to also adapt the output layer."""
-    max_prompt_length: int = 256
-    """Prompts are left-truncated to this many tokens."""
-    num_samples_to_log: int = 4
-    """Generations kept per logged update for the MLflow table."""
-    seed: int = 0
-    """Seed of prompt order, sampling and the value head."""
-
-    def __post_init__(self):
-        for name in ("steps", "batch_size", "mini_batch_size", "ppo_epochs", "max_new_tokens"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"PPOConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if self.batch_size % self.mini_batch_size:
-            raise ValueError(
-                f"PPOConfig.batch_size ({self.batch_size}) must be a multiple of "
-                f"mini_batch_size ({self.mini_batch_size})"
-            )
-        if self.kl_estimator not in ("k1", "k3"):
-            raise ValueError(f"PPOConfig.kl_estimator must be 'k1' or 'k3', got {self.kl_estimator!r}")
-        if self.temperature <= 0:
-            raise ValueError(f"PPOConfig.temperature must be > 0, got {self.temperature}")
 
 
 @dataclass

@@ -21,36 +21,7 @@ from typing import Any
 
 import torch
 
-
-@dataclass
-class RewardModelConfig:
-    """Settings of the `reward_model` stage."""
-
-    use_peft: bool = False
-    """Train LoRA adapters (+ the new score head) instead of the full backbone."""
-    lora_r: int = 16
-    """LoRA rank, when ``use_peft``."""
-    lora_alpha: int = 32
-    """LoRA scaling numerator (update scaled by alpha / r), when ``use_peft``."""
-    lora_target_modules: str | list[str] = "all-linear"
-    """Modules that get adapters, when ``use_peft``."""
-    learning_rate: float = 5e-5
-    """AdamW learning rate; 5e-5 for full fine-tuning of a ~100M model, ~1e-4 for LoRA."""
-    epochs: float = 1.0
-    """Passes over the training pairs."""
-    max_steps: int = -1
-    """Stop after this many optimizer steps (-1: run the epochs)."""
-    batch_size: int = 8
-    """Pairs per optimizer step (each pair is two sequences)."""
-    max_length: int = 512
-    """Pairs whose chosen or rejected sequence is longer than this (tokens) are dropped."""
-    seed: int = 0
-    """Seed for the head initialisation and data order."""
-
-    def __post_init__(self):
-        for name in ("learning_rate", "epochs", "batch_size", "max_length"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"RewardModelConfig.{name} must be > 0, got {getattr(self, name)}")
+from kubetune.methods.rl.settings import RewardModelConfig
 
 
 @dataclass
@@ -69,12 +40,6 @@ class RewardModelResult:
     metrics: dict[str, float]
     margins: list[float]
     figure: Any = field(repr=False)
-
-
-def read_jsonl(path: str | Path) -> list[dict]:
-    """Rows of a JSONL file."""
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def _conversation(tokenizer, prompt: str, response: str) -> list[dict] | str:
@@ -252,7 +217,7 @@ def train_reward_model(
             per_device_train_batch_size=cfg.batch_size,
             num_train_epochs=cfg.epochs,
             max_steps=cfg.max_steps,
-            learning_rate=cfg.learning_rate,
+            learning_rate=cfg.lr(),
             max_length=cfg.max_length,
             seed=cfg.seed,
             logging_steps=5,

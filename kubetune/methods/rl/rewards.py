@@ -30,20 +30,20 @@ from kubetune.errors import ConfigError, StageError
 
 RewardFn = Callable[[list[str], list[str], list["str | None"]], Sequence[float]]
 
-# The check that parses JSON answers is evaluate's, so training and evaluation agree on "equal".
+# The check that parses JSON answers is evaluation's (kubetune.lib.text_metrics), so training and evaluation agree on "equal".
 _JSON_OBJECT = r"\{.*\}"
 
 
 def exact_match(prompts: list[str], completions: list[str], references: list[str | None]) -> list[float]:
     """1.0 where the completion equals the reference (as parsed JSON when the reference is JSON)."""
-    from kubetune.stages.evaluate import exact_match as same
+    from kubetune.lib.text_metrics import exact_match as same
 
     return [float(same(c, r)) for c, r in zip(completions, references)]
 
 
 def json_fields(prompts: list[str], completions: list[str], references: list[str | None]) -> list[float]:
     """Share of the reference JSON object's fields that the completion (parsed as JSON) gets right."""
-    from kubetune.stages.evaluate import field_accuracy
+    from kubetune.lib.text_metrics import field_accuracy
 
     out = []
     for c, r in zip(completions, references):

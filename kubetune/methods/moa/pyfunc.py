@@ -26,24 +26,25 @@ from typing import Any
 
 import mlflow.pyfunc
 
-from kubetune.methods import moa
+from kubetune.methods.moa.mixture import MODES, mixture_answer
+from kubetune.methods.moa.proposers import Proposer, proposer_from_spec, resolve_model_uri
 
 # The models-from-code script MLflow stores with the model and runs at load time.
 _MODEL_CODE = """\
 import mlflow
-from kubetune.methods.moa_pyfunc import MoAModel
+from kubetune.methods.moa.pyfunc import MoAModel
 
 mlflow.models.set_model(MoAModel())
 """
 
 
-def _build(spec: Mapping[str, Any] | None, artifacts: Mapping[str, str]) -> moa.Proposer | None:
+def _build(spec: Mapping[str, Any] | None, artifacts: Mapping[str, str]) -> Proposer | None:
     if spec is None:
         return None
     spec = dict(spec)
     if "artifact" in spec:
         spec["path"] = artifacts[spec.pop("artifact")]
-    return moa.proposer_from_spec(spec)
+    return proposer_from_spec(spec)
 
 
 class MoAModel(mlflow.pyfunc.PythonModel):
@@ -90,7 +91,7 @@ class MoAModel(mlflow.pyfunc.PythonModel):
             prompts = list(model_input)
         rows = []
         for prompt in prompts:
-            out = moa.mixture_answer(
+            out = mixture_answer(
                 self.proposers,
                 prompt,
                 mode=self.mode,
@@ -151,8 +152,8 @@ def _mixture(
     max_new_tokens: int | None,
 ) -> tuple[dict[str, Any], dict[str, str]]:
     """The ``model_config`` and ``artifacts`` of a mixture (shared by log and save)."""
-    if mode not in moa.MODES:
-        raise ValueError(f"mode must be one of {moa.MODES}, got {mode!r}")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if mode == "weighted" and not weights:
         raise ValueError("mode 'weighted' needs weights (see moa.fit_weights)")
     if mode == "synthesis" and aggregator is None:
@@ -162,14 +163,14 @@ def _mixture(
 
     def pack(spec: Mapping[str, Any], key: str) -> dict[str, Any]:
         spec = copy.deepcopy(dict(spec))
-        spec.setdefault("name", moa.proposer_from_spec(spec).name)
+        spec.setdefault("name", proposer_from_spec(spec).name)
         if spec.get("kind") == "local" and Path(spec["path"]).exists():
             artifacts[key] = str(Path(spec.pop("path")).resolve())
             spec["artifact"] = key
         # A local spec whose path is no folder is a model reference (the packaged
         # SmolLM2, a hub id): it stays a reference, resolved where the model is loaded.
         elif spec.get("kind") == "registry":
-            spec["uri"] = moa.resolve_model_uri(spec["uri"])
+            spec["uri"] = resolve_model_uri(spec["uri"])
         return spec
 
     config = {
