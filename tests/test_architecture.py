@@ -7,6 +7,8 @@
   a thin wrapper over one stage) and the stages themselves.
 - ``kubetune/lib`` is the bottom layer: it imports nothing of kubetune but ``kubetune.errors``
   and itself, so anything may use it without pulling in training, tracking or a stage.
+- Every stage has a test file that runs it: ``tests/test_<stage>.py``, or the file ``STAGE_TESTS``
+  names, so a new stage without tests fails the suite.
 
 Imports are read with ``ast`` (every ``import`` statement, also those inside functions, which
 is where the heavy ones live), nothing is imported to run the check.
@@ -15,6 +17,7 @@ is where the heavy ones live), nothing is imported to run the check.
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -148,3 +151,110 @@ def test_each_way_of_breaking_a_rule_is_found(where, source, expected):
 def test_what_the_layers_allow_passes(where, source):
     probe = ROOT / where / "_probe.py" if where == "components" else ROOT / "kubetune" / where / "_probe.py"
     assert violations({probe: source}) == []
+
+
+# --------------------------------------------------------------------------------------
+# Every stage has tests: tests/test_<stage>.py, or the file named below, and that file runs it.
+# --------------------------------------------------------------------------------------
+
+TESTS = ROOT / "tests"
+# Stages tested in a file not named after them (the stages of one method or pipeline share a
+# file, as their tests share fixtures and one kfp.local run), each with the file that runs it.
+STAGE_TESTS = {
+    # The two training stages share the training core; test_train.py runs both on the tiny model.
+    "train_full": "test_train.py",
+    "train_peft": "test_train.py",
+    # Mixture of Agents: one kfp.local run of the `moa` pipeline proposes, aggregates, evaluates.
+    "propose": "test_moa_pipeline.py",
+    "aggregate_moa": "test_moa_pipeline.py",
+    "evaluate_moa": "test_moa_pipeline.py",
+    # RLHF and DPO: the stages with MLflow, and the `rlhf` and `dpo` pipelines through kfp.local.
+    "preference_sft_data": "test_rlhf_pipelines.py",
+    "reward_model": "test_rlhf_pipelines.py",
+    "ppo": "test_rlhf_pipelines.py",
+    "dpo": "test_rlhf_pipelines.py",
+    "evaluate_policy": "test_rlhf_pipelines.py",
+    # Feature extraction: embed, fit the head, score it, as stages and as the pipeline.
+    "embed": "test_feature_extraction.py",
+    "train_head": "test_feature_extraction.py",
+    "evaluate_head": "test_feature_extraction.py",
+}
+
+
+def stage_functions(folder: Path = ROOT / "kubetune" / "stages") -> list[str]:
+    """The stages: each module of ``folder`` that defines a top-level function named after itself."""
+    return sorted(p.stem for p in folder.glob("*.py") if any(
+        isinstance(n, ast.FunctionDef) and n.name == p.stem for n in ast.parse(p.read_text()).body))
+
+
+def pipeline_stages(folder: Path = ROOT / "pipelines") -> dict[str, set[str]]:
+    """Pipeline name -> the components (one per stage) its module wires, read from its source."""
+    out = {}
+    for path in folder.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        name = next((n.value.value for n in tree.body if isinstance(n, ast.Assign)
+                     and getattr(n.targets[0], "id", None) == "NAME" and isinstance(n.value, ast.Constant)), None)
+        if name:
+            out[name] = {a.name for n in tree.body if isinstance(n, ast.ImportFrom)
+                         and n.module == "kubetune.components" for a in n.names}
+    return out
+
+
+def runs_stage(source: str, stage: str, pipelines: dict[str, set[str]]) -> bool:
+    """Whether a test file's source runs ``stage``: it calls it (``stage(``), reads its kfp.local
+    task by name (``"stage-name"``), or runs through kfp.local a pipeline that wires it."""
+    if re.search(rf"\b{stage}\(", source) or re.search(rf"""["']{stage.replace("_", "-")}["']""", source):
+        return True
+    return any(stage in pipelines.get(p, ()) for p in re.findall(r"""run_local\(\s*["']([\w-]+)["']""", source))
+
+
+def untested_stages(stages: list[str], mapping: dict[str, str], tests: dict[str, str],
+                    pipelines: dict[str, set[str]]) -> list[str]:
+    """Each stage without a test file that runs it, and each mapping entry that is no longer true.
+
+    Args:
+        stages: The stage names (``stage_functions()``).
+        mapping: Stage -> the test file covering it, for stages without ``test_<stage>.py``.
+        tests: Test file name -> its source.
+        pipelines: ``pipeline_stages()``.
+
+    Returns:
+        One line per problem, naming the stage and the file.
+    """
+    found = []
+    for stage in stages:
+        own = f"test_{stage}.py"
+        if own in tests and stage in mapping:
+            found.append(f"{stage}: has {own}; drop its STAGE_TESTS entry ({mapping[stage]})")
+        file = own if own in tests else mapping.get(stage)
+        if file is None:
+            found.append(f"{stage}: no tests/{own} and no STAGE_TESTS entry")
+        elif file not in tests:
+            found.append(f"{stage}: STAGE_TESTS names tests/{file}, which does not exist")
+        elif not runs_stage(tests[file], stage, pipelines):
+            found.append(f"{stage}: tests/{file} never runs it")
+    found += [f"{stage}: STAGE_TESTS entry for a stage that does not exist" for stage in mapping if stage not in stages]
+    return found
+
+
+def test_every_stage_has_a_test_file_that_runs_it():
+    tests = {p.name: p.read_text() for p in TESTS.glob("test_*.py")}
+    found = untested_stages(stage_functions(), STAGE_TESTS, tests, pipeline_stages())
+    assert not found, "stages without tests:\n" + "\n".join(found)
+
+
+def test_a_stage_without_tests_is_found():
+    """The checker itself: a new stage, a mapping to a file that never runs it, a stale entry."""
+    pipelines = {"p": {"wired"}}
+    tests = {"test_a.py": "a(cfg)", "test_b.py": "b_config = 1", "test_p.py": 'run_local("p", {})',
+             "test_t.py": 'runs["task-name"]'}
+    assert untested_stages(["a", "wired", "task_name"], {"wired": "test_p.py", "task_name": "test_t.py"},
+                           tests, pipelines) == []
+    assert untested_stages(["new"], {}, tests, pipelines) == ["new: no tests/test_new.py and no STAGE_TESTS entry"]
+    assert untested_stages(["b"], {}, tests, pipelines) == ["b: tests/test_b.py never runs it"]
+    assert untested_stages(["c"], {"c": "test_p.py"}, tests, pipelines) == ["c: tests/test_p.py never runs it"]
+    assert untested_stages(["c"], {"c": "test_gone.py"}, tests, pipelines) == [
+        "c: STAGE_TESTS names tests/test_gone.py, which does not exist"]
+    assert untested_stages(["a"], {"a": "test_p.py", "gone": "test_p.py"}, tests, pipelines) == [
+        "a: has test_a.py; drop its STAGE_TESTS entry (test_p.py)",
+        "gone: STAGE_TESTS entry for a stage that does not exist"]

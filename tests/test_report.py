@@ -15,7 +15,6 @@ import pytest
 from kubetune import tracking
 from kubetune.errors import StageError
 from kubetune.lib.report import EvalReport, better, lower_is_better
-from kubetune.stages.register import RegisterConfig, register
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -137,21 +136,6 @@ def test_load_refuses_a_missing_or_unparsable_file(tmp_path):
     (tmp_path / "eval.json").write_text("[1, 2]")
     with pytest.raises(StageError, match="must be a JSON object, got list"):
         EvalReport.load(tmp_path / "eval.json")
-
-
-def test_register_refuses_with_the_reports_message_and_registers_nothing(tmp_path, mlflow_uri):
-    model = tmp_path / "model"
-    model.mkdir()
-    (model / "kubetune_method.json").write_text("{}")
-    data = _report().to_dict()
-    data["candidate"] = {"val_loss": 1.0}
-    (tmp_path / "eval.json").write_text(json.dumps(data))
-    with pytest.raises(StageError) as e:
-        register(RegisterConfig(model_name="refused"), model, tmp_path / "eval.json")
-    assert str(e.value).startswith("register: evaluation report ") and str(e.value).endswith("; refusing to register")
-    assert "'candidate' has no primary metric 'exact_match'" in str(e.value)
-    tracking.configure()
-    assert tracking.list_versions("refused") == []
 
 
 def test_details_may_not_shadow_the_reports_own_keys():

@@ -1,4 +1,5 @@
-"""The training core through train_peft / train_full: what trains, what stays, what is logged."""
+"""The training core through train_peft / train_full: what trains, what stays, what is logged.
+Several processes under torchrun are tests/test_launch.py's."""
 
 from __future__ import annotations
 
@@ -102,39 +103,6 @@ def test_only_complete_checkpoints_are_resumed(tmp_path):
             (d / COMPLETE_MARKER).write_text(str(step))
     assert last_complete_checkpoint(tmp_path).name == "checkpoint-10"
     assert last_complete_checkpoint(tmp_path / "missing") is None
-
-
-def test_several_processes_run_under_torchrun(tiny_llama, tiny_tickets, tmp_path, monkeypatch):
-    """With 2 processes per pod the stage re-runs itself under torchrun (gloo/DDP on CPU):
-    rank 0 saves a model that differs from the base, and the result comes back to the caller."""
-    _, tok_dir = tiny_tickets
-    monkeypatch.setenv("KUBETUNE_NPROC_PER_NODE", "2")
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    cfg = TrainConfig(base_model=str(tiny_llama), method="lora", max_steps=3, learning_rate=3e-3, batch_size=1,
-                      lora_rank=4)
-    result = train_peft(cfg, tok_dir, tmp_path / "model", tmp_path / "ws")
-    assert result.metrics["steps"] == 3 and result.metrics["train_loss_first"] > 0
-    assert (tmp_path / "model" / "adapter_model.safetensors").exists()
-    assert (tmp_path / "ws" / "jobs").exists()
-
-
-def test_two_processes_follow_the_one_process_loss_curve(tiny_llama, tiny_tickets, tmp_path, monkeypatch):
-    """Same global batch (1 x 4 rows vs 2 x 2 rows), same rows in the same order: data-parallel
-    training must reproduce the single-process loss step by step (fp32 on CPU: to ~1e-4)."""
-    from kubetune.stages.train_full import train_full
-
-    _, tok_dir = tiny_tickets
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    curves = {}
-    for procs, batch in ((1, 4), (2, 2)):
-        monkeypatch.setenv("KUBETUNE_NPROC_PER_NODE", str(procs))
-        cfg = TrainConfig(base_model=str(tiny_llama), method="full", max_steps=4, learning_rate=3e-3,
-                          batch_size=batch, save_steps=1000)
-        curves[procs] = train_full(cfg, tok_dir, tmp_path / f"m{procs}", tmp_path / f"w{procs}").losses
-    assert len(curves[1]) == len(curves[2]) == 4
-    assert curves[1][-1] < curves[1][0]
-    for one, two in zip(curves[1], curves[2]):
-        assert abs(one - two) / one < 1e-3, (curves[1], curves[2])
 
 
 def test_epochs_set_the_steps_and_early_stopping_keeps_the_best_evaluation(tiny_llama, tiny_tickets, tmp_path):

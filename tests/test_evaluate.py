@@ -1,9 +1,12 @@
-"""evaluate reuses the base model's scores only when the evaluation would be identical."""
+"""The evaluate stage: it reuses the base model's and the champion's scores only when the evaluation
+would be identical, and scores benchmarks for candidate and base into the report, MLflow and the card."""
 
 import os
+from pathlib import Path
 
 import datasets
 
+from kubetune.lib import benchmarks
 from kubetune.stages import evaluate as ev
 from kubetune.lib.dataset import load_dataset_dir
 
@@ -94,3 +97,34 @@ def test_champion_scores_are_reused_only_for_the_same_validation_settings_and_co
     assert champion_scored_again()  # other code
     monkeypatch.setattr(run_keys, "code_hash", code_hash)
     assert run_keys.eval_key("val-a", {"x": 1}) != run_keys.eval_key("val-b", {"x": 1})  # other validation rows
+
+
+def test_evaluate_scores_benchmarks_for_candidate_and_base_and_writes_the_card(tiny_llama, tiny_tickets, mlflow_uri,
+                                                                              tmp_path, monkeypatch):
+    import mlflow
+    from test_llm_pyfunc import _trained
+
+    from kubetune.lib.eval_card import render
+    from kubetune.stages.evaluate import EvaluateConfig, evaluate
+    from kubetune.tracking import RunContext
+
+    monkeypatch.setenv("KUBETUNE_HOME", str(tmp_path / "home"))
+    ds, tok = tiny_tickets
+    folder = _trained("lora", Path(tiny_llama), tmp_path / "trained")
+    cfg = EvaluateConfig(base_model=str(tiny_llama), max_examples=4, max_new_tokens=4, batch_size=4,
+                         benchmarks=["kubetune_arithmetic"], benchmark_limit=8, max_benchmark_drop=0.02)
+    ctx = RunContext("tiny-bench", "run-1", "peft")
+    report = evaluate(cfg, folder, ds, tok, tmp_path / "eval.json", ctx=ctx).report
+    for who in ("candidate", "base"):
+        assert 0.0 <= getattr(report, who)["bench_kubetune_arithmetic"] <= 1.0
+    assert report.benchmark_gate == benchmarks.gate(report.candidate, report.base, None, 0.02)
+    from kubetune.tracking import experiment_name
+
+    (run,) = mlflow.search_runs(experiment_names=[experiment_name("tiny-bench")],
+                                filter_string="tags.mlflow.runName = 'evaluate'", output_format="list")
+    assert run.data.metrics["candidate_bench_kubetune_arithmetic"] == report.candidate["bench_kubetune_arithmetic"]
+    card = render(report)
+    assert "| bench_kubetune_arithmetic |" in card and "- benchmarks: " + report.benchmark_gate in card
+    assert "## Samples (candidate)" in card and "champion (none yet)" in card
+    logged = mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/evaluation_card.md")
+    assert logged == card

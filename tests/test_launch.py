@@ -1,18 +1,26 @@
-"""Multi-node launcher: the job manifests field by field, and the client side against a real
-HTTP server on 127.0.0.1 that stands in for the Kubernetes API (no mocks of the client)."""
+"""The distributed launcher (kubetune/launcher): the multi-node job manifests field by field, the
+client side against a real HTTP server on 127.0.0.1 that stands in for the Kubernetes API (no
+mocks of the client), one process per GPU under torchrun, FSDP, and the training stages run in
+several processes on CPU. The rendered TrainJob against the vendored CRD schema is
+tests/test_launch_schema.py's."""
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import sys
+import textwrap
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
 import pytest
+import torch
 import yaml
 
-from kubetune.ops.kube import load_profile
+from kubetune.core.train import TrainConfig
 from kubetune.launcher.trainjob import (
     TrainJobFailed,
     build_manifest,
@@ -21,7 +29,11 @@ from kubetune.launcher.trainjob import (
     main,
     run_job,
 )
+from kubetune.ops import kube
+from kubetune.ops.kube import load_profile
+from kubetune.stages.train_peft import train_peft
 
+REPO = Path(__file__).resolve().parent.parent
 CFG = "/workspace/runs/r1/train.json"
 
 
@@ -354,3 +366,231 @@ def test_nodes_parameter_reaches_the_training_step(name, tmp_path):
     assert Profile.from_dict(json.loads(env[PROFILE_ENV])) == load_profile("h200x2")
     k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"][f"exec-{step}"]
     assert {"name": SERVICE_ACCOUNT_ENV, "fieldPath": "spec.serviceAccountName"} in k8s["fieldPathAsEnv"]
+
+
+# --------------------------------------------------------------------------------------
+# The launcher: one process per GPU under torchrun.
+# --------------------------------------------------------------------------------------
+
+ENTRY = '''
+import json, os, sys
+
+def main(config_path):
+    cfg = json.load(open(config_path))
+    rank = os.environ.get("RANK", "inproc")
+    with open(os.path.join(cfg["out"], f"rank-{rank}.json"), "w") as f:
+        json.dump({"world": os.environ.get("WORLD_SIZE"), "local_rank": os.environ.get("LOCAL_RANK"),
+                   "argv": sys.argv[1:]}, f)
+    if cfg.get("fail_rank") == rank:
+        raise SystemExit(3)
+    return "ran " + rank
+
+if __name__ == "__main__":
+    main(sys.argv[sys.argv.index("--config") + 1])
+'''
+
+
+@pytest.fixture
+def entry_module(tmp_path, monkeypatch):
+    pkg = tmp_path / "mods"
+    pkg.mkdir()
+    (pkg / "fake_entry.py").write_text(textwrap.dedent(ENTRY))
+    monkeypatch.syspath_prepend(str(pkg))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(pkg), os.environ.get("PYTHONPATH", "")]))
+    for var in ("LOCAL_RANK", "WORLD_SIZE", "RANK", kube.NPROC_ENV):
+        monkeypatch.delenv(var, raising=False)
+    out = tmp_path / "out"
+    out.mkdir()
+    return out
+
+
+def _config(out, tmp_path, **extra):
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps({"out": str(out), **extra}))
+    return str(cfg)
+
+
+def test_one_gpu_runs_in_process(entry_module, tmp_path, monkeypatch):
+    from kubetune.launcher.launch import run_training
+
+    monkeypatch.setenv(kube.NPROC_ENV, "1")
+    result = run_training(_config(entry_module, tmp_path), module="fake_entry")
+    assert result == "ran inproc"
+    assert [p.name for p in entry_module.iterdir()] == ["rank-inproc.json"]
+
+
+def test_two_gpus_reexecute_under_torchrun(entry_module, tmp_path, monkeypatch):
+    from kubetune.launcher.launch import run_training
+
+    monkeypatch.setenv(kube.NPROC_ENV, "2")  # what request_gpus(task, 2) exports
+    cfg = _config(entry_module, tmp_path)
+    assert run_training(cfg, module="fake_entry") is None
+    ranks = {p.name: json.loads(p.read_text()) for p in entry_module.iterdir()}
+    assert set(ranks) == {"rank-0.json", "rank-1.json"}
+    assert {r["local_rank"] for r in ranks.values()} == {"0", "1"}
+    assert all(r["world"] == "2" and r["argv"] == ["--config", cfg] for r in ranks.values())
+
+
+def test_a_failing_worker_fails_the_launch(entry_module, tmp_path):
+    import subprocess
+
+    from kubetune.launcher.launch import run_training
+
+    with pytest.raises(subprocess.CalledProcessError):
+        run_training(_config(entry_module, tmp_path, fail_rank="1"), nproc=2, module="fake_entry")
+
+
+def test_inside_torchrun_the_entry_point_runs_in_process(entry_module, tmp_path, monkeypatch):
+    from kubetune.launcher.launch import run_training
+
+    # A worker must not start torchrun again (that would fork N*N processes).
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert run_training(_config(entry_module, tmp_path), nproc=8, module="fake_entry") == "ran inproc"
+
+
+def test_torchrun_command_is_the_shared_entry_point():
+    from kubetune.launcher.launch import torchrun_command
+
+    cmd = torchrun_command("/workspace/cfg.json", 4)
+    assert cmd[:3] == [sys.executable, "-m", "torch.distributed.run"]
+    assert "--nproc_per_node=4" in cmd and "--standalone" in cmd
+    assert cmd[-4:] == ["-m", "kubetune.launcher.train_entry", "--config", "/workspace/cfg.json"]
+
+
+def test_fsdp_arguments_are_accepted_by_training_arguments(tmp_path):
+    from transformers import TrainingArguments
+
+    from kubetune.launcher.launch import fsdp_training_args
+
+    assert fsdp_training_args(1) == {}
+    args = TrainingArguments(output_dir=str(tmp_path), **fsdp_training_args(2))
+    assert args.fsdp_config["version"] == 2
+    # Sharded, resumable checkpoints: one file per rank, reloaded by resume_from_checkpoint.
+    assert args.fsdp_plugin_args["state_dict_type"] == "SHARDED_STATE_DICT"
+
+
+def test_fsdp_keeps_the_single_gpu_precision_regime(tiny_llama):
+    """bf16-mixed (fp32 master weights): bf16 compute, fp32 gradient reduction; bf16 weights: untouched.
+
+    accelerate's own FSDP2 policy (param, reduce and output all bf16, after upcasting bf16
+    weights to fp32) made 2 GPUs train differently from one; docs/kubernetes.md has the numbers.
+    """
+    from types import SimpleNamespace
+
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    from kubetune.launcher.launch import fsdp_precision, weights_dtype
+    from kubetune.core.train import TrainConfig, _use_bf16, load_for_training
+
+    def fake_trainer(model, bf16):
+        plugin = SimpleNamespace(mixed_precision_policy=MixedPrecisionPolicy(
+            param_dtype=torch.bfloat16, reduce_dtype=torch.bfloat16, output_dtype=torch.bfloat16))
+        return SimpleNamespace(model=model, args=SimpleNamespace(bf16=bf16),
+                               accelerator=SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin)))
+
+    mixed = TrainConfig(base_model=str(tiny_llama), method="full", precision="bf16-mixed")
+    model = load_for_training(mixed, "cpu")
+    assert weights_dtype(model) == torch.float32 and _use_bf16(mixed, "cpu")
+    trainer = fake_trainer(model, bf16=True)
+    fsdp_precision(trainer)
+    policy = trainer.accelerator.state.fsdp_plugin.mixed_precision_policy
+    assert (policy.param_dtype, policy.reduce_dtype, policy.output_dtype) == (torch.bfloat16, torch.float32, None)
+
+    pure = load_for_training(TrainConfig(base_model=str(tiny_llama), method="full", precision="bf16"), "cpu")
+    assert weights_dtype(pure) == torch.bfloat16
+    trainer = fake_trainer(pure, bf16=False)  # the training core turns AMP off for bf16 weights under FSDP
+    before = trainer.accelerator.state.fsdp_plugin.mixed_precision_policy
+    fsdp_precision(trainer)
+    assert trainer.accelerator.state.fsdp_plugin.mixed_precision_policy is before
+
+
+# --------------------------------------------------------------------------------------
+# On the GPU machine only: FSDP really shards, checkpoints are sharded and resumable, and
+# the final model is saved whole. (On CPU, accelerate runs the same arguments as DDP.)
+# --------------------------------------------------------------------------------------
+
+FSDP_WORKER = '''
+import json, os, sys
+import torch
+from datasets import Dataset
+from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+from kubetune.launcher.launch import fsdp_training_args, save_full_model
+
+def main(config_path):
+    cfg = json.load(open(config_path))
+    model = AutoModelForCausalLM.from_pretrained(cfg["model"])
+    ids = torch.randint(5, 500, (64, 32), generator=torch.Generator().manual_seed(0)).tolist()
+    args = TrainingArguments(output_dir=cfg["out"], per_device_train_batch_size=4, max_steps=cfg["steps"],
+                             save_steps=4, logging_steps=1, report_to=[], learning_rate=1e-3,
+                             **fsdp_training_args())
+    trainer = Trainer(model=model, args=args, train_dataset=Dataset.from_dict({"input_ids": ids, "labels": ids}))
+    trainer.train(resume_from_checkpoint=cfg["resume"])
+    save_full_model(trainer, cfg["out"] + "/final")
+    if os.environ["RANK"] == "0":
+        json.dump({"fsdp": trainer.is_fsdp_enabled, "step": trainer.state.global_step},
+                  open(cfg["out"] + f"/result-{cfg['steps']}.json", "w"))
+
+if __name__ == "__main__":
+    main(sys.argv[sys.argv.index("--config") + 1])
+'''
+
+
+@pytest.mark.gpu
+def test_fsdp_on_two_gpus_shards_resumes_and_saves_whole(tiny_llama, tmp_path, monkeypatch):
+    import torch
+
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    from kubetune.launcher.launch import run_training
+
+    (tmp_path / "fsdp_worker.py").write_text(FSDP_WORKER)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), str(REPO), os.environ.get("PYTHONPATH", "")]))
+    out = tmp_path / "out"
+    for steps, resume in ((4, False), (8, True)):
+        cfg = tmp_path / f"cfg-{steps}.json"
+        cfg.write_text(json.dumps({"model": str(tiny_llama), "out": str(out), "steps": steps, "resume": resume}))
+        run_training(str(cfg), nproc=2, module="fsdp_worker")
+    first = json.loads((out / "result-4.json").read_text())
+    second = json.loads((out / "result-8.json").read_text())
+    assert first == {"fsdp": True, "step": 4} and second == {"fsdp": True, "step": 8}
+    # Sharded checkpoint (one directory of per-rank shards), then a whole model at the end.
+    assert any(p.name.startswith("pytorch_model_fsdp") for p in (out / "checkpoint-4").iterdir())
+    assert (out / "final" / "model.safetensors").exists()
+
+
+# --------------------------------------------------------------------------------------
+# Training stages under torchrun on CPU (gloo): several processes per pod.
+# --------------------------------------------------------------------------------------
+
+
+def test_several_processes_run_under_torchrun(tiny_llama, tiny_tickets, tmp_path, monkeypatch):
+    """With 2 processes per pod the stage re-runs itself under torchrun (gloo/DDP on CPU):
+    rank 0 saves a model that differs from the base, and the result comes back to the caller."""
+    _, tok_dir = tiny_tickets
+    monkeypatch.setenv("KUBETUNE_NPROC_PER_NODE", "2")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    cfg = TrainConfig(base_model=str(tiny_llama), method="lora", max_steps=3, learning_rate=3e-3, batch_size=1,
+                      lora_rank=4)
+    result = train_peft(cfg, tok_dir, tmp_path / "model", tmp_path / "ws")
+    assert result.metrics["steps"] == 3 and result.metrics["train_loss_first"] > 0
+    assert (tmp_path / "model" / "adapter_model.safetensors").exists()
+    assert (tmp_path / "ws" / "jobs").exists()
+
+
+def test_two_processes_follow_the_one_process_loss_curve(tiny_llama, tiny_tickets, tmp_path, monkeypatch):
+    """Same global batch (1 x 4 rows vs 2 x 2 rows), same rows in the same order: data-parallel
+    training must reproduce the single-process loss step by step (fp32 on CPU: to ~1e-4)."""
+    from kubetune.stages.train_full import train_full
+
+    _, tok_dir = tiny_tickets
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    curves = {}
+    for procs, batch in ((1, 4), (2, 2)):
+        monkeypatch.setenv("KUBETUNE_NPROC_PER_NODE", str(procs))
+        cfg = TrainConfig(base_model=str(tiny_llama), method="full", max_steps=4, learning_rate=3e-3,
+                          batch_size=batch, save_steps=1000)
+        curves[procs] = train_full(cfg, tok_dir, tmp_path / f"m{procs}", tmp_path / f"w{procs}").losses
+    assert len(curves[1]) == len(curves[2]) == 4
+    assert curves[1][-1] < curves[1][0]
+    for one, two in zip(curves[1], curves[2]):
+        assert abs(one - two) / one < 1e-3, (curves[1], curves[2])
