@@ -81,8 +81,12 @@ def main(argv: list[str]) -> None:
     t1 = time.time()
     result = grpo(cfg, sft, ds, out)
     t_grpo = time.time() - t1
-    sft_em = [int(exact_match(p, r)) for p, r in zip(answers(str(sft / "merged"), val), refs)]
-    grpo_em = [int(exact_match(p, r)) for p, r in zip(answers(str(out), val), refs)]
+    cached = work / "sft-answers.json"  # the SFT model's greedy answers do not change between GRPO runs
+    if not cached.exists():
+        cached.write_text(json.dumps(answers(str(sft / "merged"), val)))
+    sft_answers, grpo_answers = json.loads(cached.read_text()), answers(str(out), val)
+    sft_em = [int(exact_match(p, r)) for p, r in zip(sft_answers, refs)]
+    grpo_em = [int(exact_match(p, r)) for p, r in zip(grpo_answers, refs)]
     n = len(refs)
     report = {
         "n_heldout": n, "split": "grouped by output (validation_fraction 0.2)", "grpo_settings": overrides,
@@ -93,6 +97,9 @@ def main(argv: list[str]) -> None:
         "grpo_worse_on": sum(g < s for s, g in zip(sft_em, grpo_em)),
         "sft_s": round(t_sft, 1), "grpo_s": round(t_grpo, 1), "grpo_metrics": result.metrics,
         "reward_per_step": [round(h["reward"], 3) for h in result.history],
+        "zero_std_per_step": [round(h["zero_std_fraction"], 2) for h in result.history],
+        "samples": result.samples,
+        "answers": [{"reference": r, "sft": a, "grpo": b} for r, a, b in zip(refs, sft_answers, grpo_answers)],
     }
     print(json.dumps(report, indent=2))
     (work / f"report-{tag}.json").write_text(json.dumps(report, indent=2))
