@@ -8,12 +8,13 @@ with that advantage on every completion token, plus ``β·KL(π ‖ π_ref)`` pe
 estimator, as TRL's ``GRPOTrainer`` (``trl/trainer/grpo_trainer.py``, ``_compute_loss``).
 
 Why our own loop rather than TRL's ``GRPOTrainer``: measured side by side
-(bench/grpo_bench.py, docs/performance.md) it is as fast on a 1B model and faster on small ones,
-mainly because it samples from a separate copy of the model with the LoRA merged into its
-weights (one matmul per layer instead of PEFT's three, no adapter bookkeeping per generated
-token), refreshed from the adapter before every rollout, and computes logits only for
-completion positions. It also checks every reward score (the row whose reward raised or
-returned NaN is named), where TRL sums around NaN.
+(bench/grpo_bench.py, docs/performance.md) its step is several times faster on one GPU, mainly
+because it samples from a separate copy of the model with the LoRA merged into its weights (one
+matmul per layer instead of PEFT's three, no adapter bookkeeping per generated token), refreshed
+from the adapter before every rollout, decoding with a static KV cache whose decode step
+transformers compiles into a CUDA graph (eager decoding of a small model is bound by kernel
+launches), and computes logits only for completion positions. It also checks every reward score
+(the row whose reward raised or returned NaN is named), where TRL sums around NaN.
 
 The policy is a LoRA adapter on the starting (SFT) model; the reference is the same model
 with the adapter disabled, so no second trainable copy exists (as ``ppo``).
