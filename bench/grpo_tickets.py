@@ -53,6 +53,7 @@ def main(argv: list[str]) -> None:
     import torch
 
     from kubetune.core.config import from_dict
+    from kubetune.lib.stats import mean_interval
     from kubetune.stages.evaluate import exact_match
     from kubetune.stages.grpo import GRPOConfig, grpo
     from kubetune.stages.ingest import IngestConfig, ingest, load_dataset_dir
@@ -93,12 +94,12 @@ def main(argv: list[str]) -> None:
         "sft_exact_match": sum(sft_em) / n, "sft_wilson95": wilson(sum(sft_em), n),
         "grpo_exact_match": sum(grpo_em) / n, "grpo_wilson95": wilson(sum(grpo_em), n),
         "difference": (sum(grpo_em) - sum(sft_em)) / n, "difference_bootstrap95": paired_bootstrap(sft_em, grpo_em),
+        "difference_paired_t95": mean_interval([g - s for s, g in zip(sft_em, grpo_em)]),
         "grpo_better_on": sum(g > s for s, g in zip(sft_em, grpo_em)),
         "grpo_worse_on": sum(g < s for s, g in zip(sft_em, grpo_em)),
         "sft_s": round(t_sft, 1), "grpo_s": round(t_grpo, 1), "grpo_metrics": result.metrics,
         "reward_per_step": [round(h["reward"], 3) for h in result.history],
         "zero_std_per_step": [round(h["zero_std_fraction"], 2) for h in result.history],
-        "samples": result.samples,
         "answers": [{"reference": r, "sft": a, "grpo": b} for r, a, b in zip(refs, sft_answers, grpo_answers)],
     }
     print(json.dumps(report, indent=2))
