@@ -5,11 +5,13 @@ same ticket prompts, same reward (a cheap length score, so scoring is not what i
 work per step: ``prompts`` prompts x ``G`` completions of exactly ``new_tokens`` tokens (random
 weights never sample EOS), LoRA r=16 on all linear layers, β=0.04 (reference log-probs with the
 adapter disabled), one optimizer step per rollout in micro-batches of 16, no gradient
-checkpointing, bf16 on GPU / fp32 on CPU. Reported per trainer: the median step time split
+checkpointing, bf16 on GPU / fp32 on CPU. Ours decodes with the compiled static-cache decoder on
+GPU (``ours_eager``: without it). Reported per trainer: the median step time split
 into generate / log-probs (reference; and old policy if any) / train, generated tokens/s and
 trained (prompt + completion) tokens/s.
 
     python bench/grpo_bench.py --shape llama-1b --tokenizer DIR --out bench/results/x.json
+    python bench/grpo_bench.py --shape llama-1b --tokenizer DIR --only ours,ours_eager,trl --profile DIR
     python bench/grpo_bench.py --shape tiny --steps 3          # CPU
 """
 
