@@ -5,7 +5,8 @@ value held out is never a training target), tokenize, LoRA SFT as the `grpo` pip
 default (merged), then GRPO from it with the stage's settings; both models answer every
 held-out ticket greedily and are scored by exact match of the JSON record (the judge, not the
 training reward). Prints and writes per-model exact match with Wilson 95% intervals and the
-paired difference with a bootstrap 95% interval.
+paired difference with 95% intervals (Student t over tickets, kubetune.lib.stats; and a bootstrap),
+and every held-out answer of both models.
 
     .venv/bin/python bench/grpo_tickets.py WORKDIR [key=value GRPO settings ...]
 """
