@@ -5,11 +5,13 @@ same ticket prompts, same reward (a cheap length score, so scoring is not what i
 work per step: ``prompts`` prompts x ``G`` completions of exactly ``new_tokens`` tokens (random
 weights never sample EOS), LoRA r=16 on all linear layers, β=0.04 (reference log-probs with the
 adapter disabled), one optimizer step per rollout in micro-batches of 16, no gradient
-checkpointing, bf16 on GPU / fp32 on CPU. Reported per trainer: the median step time split
+checkpointing, bf16 on GPU / fp32 on CPU. Ours decodes with the compiled static-cache decoder on
+GPU (``ours_eager``: without it). Reported per trainer: the median step time split
 into generate / log-probs (reference; and old policy if any) / train, generated tokens/s and
 trained (prompt + completion) tokens/s.
 
     python bench/grpo_bench.py --shape llama-1b --tokenizer DIR --out bench/results/x.json
+    python bench/grpo_bench.py --shape llama-1b --tokenizer DIR --only ours,ours_eager,trl --profile DIR
     python bench/grpo_bench.py --shape tiny --steps 3          # CPU
 """
 
@@ -68,30 +70,55 @@ def length_reward(prompts, completions, references=None, **kw):
     return [len(t) / 100.0 for t in texts]
 
 
-def bench_ours(path: str, prompts, a) -> dict:
+def profiler():
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    return profile(activities=acts)
+
+
+def write_profile(prof, path: str) -> None:
+    """The profiled step's top operators by GPU time and by host time."""
+    av = prof.key_averages()
+    by_device = "device_time_total" if torch.cuda.is_available() else "cpu_time_total"
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(av.table(sort_by=by_device, row_limit=30) + "\n\n"
+                          + av.table(sort_by="self_cpu_time_total", row_limit=30))
+
+
+def bench_ours(path: str, prompts, a, compiled: bool = True, tag: str = "ours") -> dict:
     from kubetune.methods.rl.grpo import Example, GRPOConfig, GRPOTrainer
     from kubetune.methods.rl.rewards import RewardSet, RewardTerm
 
     cfg = GRPOConfig(steps=a.steps, prompts_per_step=a.prompts, num_generations=a.G, mini_batch_size=16,
                      learning_rate=1e-5, max_new_tokens=a.new_tokens, beta=0.04, loss_type="grpo",
-                     merged_generation=not a.no_merge)
+                     merged_generation=not a.no_merge, compiled_generation=compiled)
     rewards = RewardSet([RewardTerm("length", 1.0, length_reward, False)])
     trainer = GRPOTrainer(path, rewards, cfg)
     examples = [Example(m, None, f"prompt {i}") for i, m in enumerate(prompts)]
-    steps = []
+    steps, warm = [], []
     for s in range(a.warmup + a.steps):
         batch = examples[(s * a.prompts) % len(examples):][: a.prompts]
+        prof = profiler() if a.profile and s == a.warmup + a.steps - 1 else None
+        if prof is not None:
+            prof.__enter__()
         sync()
         t0 = time.perf_counter()
         stats, _ = trainer.step(batch)
         sync()
+        dt = time.perf_counter() - t0
+        if prof is not None:
+            prof.__exit__(None, None, None)
+            write_profile(prof, f"{a.profile}/{a._shape}-{tag}.txt")
         if s >= a.warmup:
-            steps.append({"step_s": time.perf_counter() - t0, "generate_s": stats["generate_s"],
+            steps.append({"step_s": dt, "generate_s": stats["generate_s"],
                           "logprob_s": stats["logprob_s"], "train_s": stats["train_s"],
                           "generated_tokens": stats["generated_tokens"], "trained_tokens": stats["trained_tokens"]})
+        else:
+            warm.append(round(dt, 2))
     peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
     del trainer
-    return summarize(steps, peak)
+    return {**summarize(steps, peak), "warmup_step_s": warm}
 
 
 def bench_trl(path: str, prompts, a) -> dict:
@@ -143,7 +170,12 @@ def bench_trl(path: str, prompts, a) -> dict:
         steps = []
 
         class StepTimer(TrainerCallback):
-            def on_step_begin(self, *_, **__):
+            prof = None
+
+            def on_step_begin(self, args, state, control, **kw):
+                if a.profile and state.global_step == a.warmup + a.steps - 1:
+                    self.prof = profiler()
+                    self.prof.__enter__()
                 sync()
                 self.t0 = time.perf_counter()
                 times.update(generate_s=0.0, score_s=0.0)
@@ -156,6 +188,10 @@ def bench_trl(path: str, prompts, a) -> dict:
                               "logprob_s": times["score_s"] - times["generate_s"],
                               "train_s": total - times["score_s"], "generated_tokens": tokens["generated"],
                               "trained_tokens": tokens["trained"]})
+                if self.prof is not None:
+                    self.prof.__exit__(None, None, None)
+                    write_profile(self.prof, f"{a.profile}/{a._shape}-trl.txt")
+                    self.prof = None
 
         trainer.add_callback(StepTimer())
         trainer.train()
@@ -191,7 +227,9 @@ def main():
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--no-merge", action="store_true", help="ours: sample from the PEFT model (no merged copy)")
-    p.add_argument("--only", default="ours,trl")
+    p.add_argument("--only", default="ours,trl",
+                   help="comma-separated: ours, ours_eager (no compiled decoding), trl; run in this order")
+    p.add_argument("--profile", default="", help="folder: write a torch.profiler table of each trainer's last step")
     p.add_argument("--out", default="")
     a = p.parse_args()
     tokenizer = a.tokenizer
@@ -201,7 +239,16 @@ def main():
         tokenizer = models.resolve(models.DEFAULT_BASE_MODEL)
     prompts = ticket_prompts(a.prompts * (a.warmup + a.steps))
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu x{torch.get_num_threads()}"
-    results = {"device": device, "torch": torch.__version__, "settings": vars(a), "runs": []}
+    import peft
+    import transformers
+
+    try:
+        import trl
+        trl_version = trl.__version__
+    except ImportError:
+        trl_version = None
+    results = {"device": device, "torch": torch.__version__, "transformers": transformers.__version__,
+               "peft": peft.__version__, "trl": trl_version, "settings": dict(vars(a)), "runs": []}
     with tempfile.TemporaryDirectory() as root:
         for shape in a.shape.split(","):
             path = make_model(shape, tokenizer, Path(root))
@@ -210,13 +257,18 @@ def main():
                 torch.cuda.empty_cache() if torch.cuda.is_available() else None
                 if torch.cuda.is_available():
                     torch.cuda.reset_peak_memory_stats()
+                a._shape = shape
                 try:
-                    row[who] = (bench_ours if who == "ours" else bench_trl)(path, prompts, a)
+                    if who == "trl":
+                        row[who] = bench_trl(path, prompts, a)
+                    else:
+                        row[who] = bench_ours(path, prompts, a, compiled=who == "ours", tag=who)
                 except Exception as e:  # noqa: BLE001 - one failed side is a row, not a lost run
                     row[who] = {"error": f"{type(e).__name__}: {e}"}
                 print(shape, who, json.dumps(row[who]), flush=True)
-            if "step_s" in row.get("ours", {}) and "step_s" in row.get("trl", {}):
-                row["speedup_step"] = round(row["trl"]["step_s"] / row["ours"]["step_s"], 2)
+            for who in ("ours", "ours_eager"):
+                if "step_s" in row.get(who, {}) and "step_s" in row.get("trl", {}):
+                    row[f"speedup_step_{who}"] = round(row["trl"]["step_s"] / row[who]["step_s"], 2)
             results["runs"].append(row)
             if a.out:  # after every shape, so a run stopped at its time limit keeps what it measured
                 Path(a.out).parent.mkdir(parents=True, exist_ok=True)

@@ -5,7 +5,8 @@ value held out is never a training target), tokenize, LoRA SFT as the `grpo` pip
 default (merged), then GRPO from it with the stage's settings; both models answer every
 held-out ticket greedily and are scored by exact match of the JSON record (the judge, not the
 training reward). Prints and writes per-model exact match with Wilson 95% intervals and the
-paired difference with a bootstrap 95% interval.
+paired difference with 95% intervals (Student t over tickets, kubetune.lib.stats; and a bootstrap),
+and every held-out answer of both models.
 
     .venv/bin/python bench/grpo_tickets.py WORKDIR [key=value GRPO settings ...]
 """
@@ -53,6 +54,7 @@ def main(argv: list[str]) -> None:
     import torch
 
     from kubetune.core.config import from_dict
+    from kubetune.lib.stats import mean_interval
     from kubetune.lib.text_metrics import exact_match
     from kubetune.stages.grpo import GRPOConfig, grpo
     from kubetune.lib.dataset import load_dataset_dir
@@ -82,18 +84,25 @@ def main(argv: list[str]) -> None:
     t1 = time.time()
     result = grpo(cfg, sft, ds, out)
     t_grpo = time.time() - t1
-    sft_em = [int(exact_match(p, r)) for p, r in zip(answers(str(sft / "merged"), val), refs)]
-    grpo_em = [int(exact_match(p, r)) for p, r in zip(answers(str(out), val), refs)]
+    cached = work / "sft-answers.json"  # the SFT model's greedy answers do not change between GRPO runs
+    if not cached.exists():
+        cached.write_text(json.dumps(answers(str(sft / "merged"), val)))
+    sft_answers, grpo_answers = json.loads(cached.read_text()), answers(str(out), val)
+    sft_em = [int(exact_match(p, r)) for p, r in zip(sft_answers, refs)]
+    grpo_em = [int(exact_match(p, r)) for p, r in zip(grpo_answers, refs)]
     n = len(refs)
     report = {
         "n_heldout": n, "split": "grouped by output (validation_fraction 0.2)", "grpo_settings": overrides,
         "sft_exact_match": sum(sft_em) / n, "sft_wilson95": wilson(sum(sft_em), n),
         "grpo_exact_match": sum(grpo_em) / n, "grpo_wilson95": wilson(sum(grpo_em), n),
         "difference": (sum(grpo_em) - sum(sft_em)) / n, "difference_bootstrap95": paired_bootstrap(sft_em, grpo_em),
+        "difference_paired_t95": mean_interval([g - s for s, g in zip(sft_em, grpo_em)]),
         "grpo_better_on": sum(g > s for s, g in zip(sft_em, grpo_em)),
         "grpo_worse_on": sum(g < s for s, g in zip(sft_em, grpo_em)),
         "sft_s": round(t_sft, 1), "grpo_s": round(t_grpo, 1), "grpo_metrics": result.metrics,
         "reward_per_step": [round(h["reward"], 3) for h in result.history],
+        "zero_std_per_step": [round(h["zero_std_fraction"], 2) for h in result.history],
+        "answers": [{"reference": r, "sft": a, "grpo": b} for r, a, b in zip(refs, sft_answers, grpo_answers)],
     }
     print(json.dumps(report, indent=2))
     (work / f"report-{tag}.json").write_text(json.dumps(report, indent=2))

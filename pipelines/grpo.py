@@ -31,20 +31,21 @@ def build(profile: "kube.Profile | None" = None):
     def grpo_pipeline(
         base_model: str = DEFAULT_BASE_MODEL,
         data_uri: str = MAIN_JOB.data_uri,
-        # The peft main job's SFT (30 steps x 2 rows of 256 tokens at 1e-3); 0 = GRPO from base_model.
+        # A short SFT first (30 steps x 2 rows of 256 tokens at 1e-3), so GRPO starts from a policy that
+        # answers in the task format; 0 = GRPO from base_model.
         sft_max_steps: int = 30,
-        # Sized for 2 CPU cores: a step samples 2 prompts x 4 answers and runs ~1.1k tokens
-        # (prompt ~95 + answer ~40, x 8) through a reference pass and a training pass, ~4x a
-        # SFT step's tokens. 5e-5, not more: at 2e-4 the few updates moved a field's class prior
-        # and held-out exact match fell (docs/compare.md).
-        steps: int = 8,
+        # A step samples 8 prompts x 4 answers: with fewer prompts a step (2) each update pulls
+        # every answer toward the few field values those prompts rewarded, and held-out exact
+        # match fell; 8 prompts over 12 steps raised it (docs/compare.md). 5e-5, not more: at
+        # 2e-4 the updates moved a field's class prior.
+        steps: int = 12,
         learning_rate: float = 5e-5,
         rewards: str = "json_fields:1.0,format:0.2",
         max_length: int = MAIN_JOB.max_length,
         model_name: str = "tickets-grpo",
         max_forgetting: float = -1.0,
         sft_settings: dict = {"merge": True, "batch_size": 2, "learning_rate": 1e-3},
-        grpo_settings: dict = {"prompts_per_step": 2, "num_generations": 4},
+        grpo_settings: dict = {"prompts_per_step": 8, "num_generations": 4},
         eval_settings: dict = MAIN_JOB.eval_settings(),
         register_settings: dict = {},
         force: bool = False,

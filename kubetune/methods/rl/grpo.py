@@ -8,12 +8,13 @@ with that advantage on every completion token, plus ``β·KL(π ‖ π_ref)`` pe
 estimator, as TRL's ``GRPOTrainer`` (``trl/trainer/grpo_trainer.py``, ``_compute_loss``).
 
 Why our own loop rather than TRL's ``GRPOTrainer``: measured side by side
-(bench/grpo_bench.py, docs/performance.md) it is as fast on a 1B model and faster on small ones,
-mainly because it samples from a separate copy of the model with the LoRA merged into its
-weights (one matmul per layer instead of PEFT's three, no adapter bookkeeping per generated
-token), refreshed from the adapter before every rollout, and computes logits only for
-completion positions. It also checks every reward score (the row whose reward raised or
-returned NaN is named), where TRL sums around NaN.
+(bench/grpo_bench.py, docs/performance.md) its step is several times faster on one GPU, mainly
+because it samples from a separate copy of the model with the LoRA merged into its weights (one
+matmul per layer instead of PEFT's three, no adapter bookkeeping per generated token), refreshed
+from the adapter before every rollout, decoding with a static KV cache whose decode step
+transformers compiles into a CUDA graph (eager decoding of a small model is bound by kernel
+launches), and computes logits only for completion positions. It also checks every reward score
+(the row whose reward raised or returned NaN is named), where TRL sums around NaN.
 
 The policy is a LoRA adapter on the starting (SFT) model; the reference is the same model
 with the adapter disabled, so no second trainable copy exists (as ``ppo``).
@@ -73,10 +74,18 @@ class GRPOConfig(PolicySampling):
     "dapo": mean over all tokens of the rollout (TRL's default; long completions weigh more)."""
     merged_generation: bool = True
     """Sample from a copy of the model with the adapter merged in (faster); False = the PEFT model."""
+    compiled_generation: bool = True
+    """On CUDA, sample from the merged copy with a static KV cache, its decode step compiled into a
+    CUDA graph (transformers' generate compiles it for a static cache); ignored on CPU or without
+    ``merged_generation``. Eager decoding of a small model is bound by kernel launches, not the GPU."""
+    prompt_pad_multiple: int = 64
+    """With ``compiled_generation``, prompts are left-padded to a multiple of this many tokens, so
+    rollouts share a few cache shapes and the compiled decode step is not rebuilt for each."""
 
     def __post_init__(self):
         self._check_sampling("GRPOConfig")
-        for name in ("steps", "prompts_per_step", "num_generations", "mini_batch_size", "num_iterations"):
+        for name in ("steps", "prompts_per_step", "num_generations", "mini_batch_size", "num_iterations",
+                     "prompt_pad_multiple"):
             if getattr(self, name) < 1:
                 raise ValueError(f"GRPOConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.num_generations < 2:
@@ -249,9 +258,10 @@ class GRPOTrainer:
                           target_modules=cfg.lora_target_modules)
         self.lm = get_peft_model(lm, lora, autocast_adapter_dtype=True).to(self.device).eval()
         self.params = [p for p in self.lm.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.learning_rate)
+        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.learning_rate, fused=self.device.type == "cuda")
         self.eos_ids = eos_ids(self.tokenizer, lm)
         self._lora_layers = self._map_lora_layers() if self.gen_lm is not None else []
+        self.compiled_generation = cfg.compiled_generation and self.gen_lm is not None and self.device.type == "cuda"
 
     def _map_lora_layers(self):
         """(LoRA layer of the policy, the same Linear of the generation copy) pairs."""
@@ -300,7 +310,10 @@ class GRPOTrainer:
                              position_ids=_position_ids(attention_mask), use_cache=False,
                              logits_to_keep=T + 1).logits
         # Position t predicts token t+1: the completion's T tokens come from the first T of the last T+1.
-        return selective_logprobs(logits[:, :-1] / self.cfg.temperature, query_responses[:, -T:])
+        logits = logits[:, :-1].float()
+        if self.cfg.temperature != 1.0:
+            logits = logits / self.cfg.temperature
+        return selective_logprobs(logits, query_responses[:, -T:])
 
     @torch.no_grad()
     def generate(self, examples: list[Example]):
@@ -309,12 +322,15 @@ class GRPOTrainer:
 
         cfg, tok = self.cfg, self.tokenizer
         texts = [tok.apply_chat_template(e.messages, tokenize=False, add_generation_prompt=True) for e in examples]
+        static = self.compiled_generation
         enc = tok(texts, return_tensors="pt", padding=True, truncation=True, max_length=cfg.max_prompt_length,
-                  add_special_tokens=False).to(self.device)
+                  add_special_tokens=False, pad_to_multiple_of=cfg.prompt_pad_multiple if static else None,
+                  ).to(self.device)
         generation_config = GenerationConfig(
             do_sample=True, temperature=cfg.temperature, top_k=0, top_p=1.0, max_new_tokens=cfg.max_new_tokens,
             pad_token_id=tok.pad_token_id, eos_token_id=sorted(self.eos_ids),
             num_return_sequences=cfg.num_generations,
+            **({"cache_implementation": "static"} if static else {}),
         )
         if self.gen_lm is not None:
             self._refresh_generation_weights()
@@ -369,10 +385,12 @@ class GRPOTrainer:
         self._sync()
         t2 = time.perf_counter()
 
-        losses, kls, clipfracs = [], [], []
+        # Statistics stay on the device until the end: a .item() per micro-batch would make the
+        # host wait for the GPU before it can queue the next forward.
+        zero = torch.zeros((), device=self.device)
+        loss_sum, kl_sum, clip_sum = zero.clone(), zero.clone(), zero.clone()
         for _ in range(cfg.num_iterations):
             self.optimizer.zero_grad(set_to_none=True)
-            loss_sum = 0.0
             for k, b in enumerate(batches):
                 lp = self.logprobs(ids[b], attn[b], T)
                 lp_old = old[k] if old is not None else lp.detach()
@@ -380,27 +398,27 @@ class GRPOTrainer:
                                               cfg.beta)
                 loss = aggregate_loss(tok_loss, fmask[b], cfg.loss_type, n_sequences=N, n_tokens=n_tokens)
                 loss.backward()
-                loss_sum += loss.item()
                 with torch.no_grad():
-                    ratio = torch.exp(lp - lp_old)
+                    loss_sum += loss.detach()
+                    ratio = torch.exp(lp.detach() - lp_old)
                     a = advantages[b][:, None]
                     clipped = ((ratio < 1 - cfg.epsilon) & (a < 0)) | ((ratio > 1 + cfg.epsilon) & (a > 0))
-                    kls.append(((kl * fmask[b]).sum().item(), fmask[b].sum().item()))
-                    clipfracs.append(((clipped.float() * fmask[b]).sum().item(), fmask[b].sum().item()))
+                    kl_sum += (kl.detach() * fmask[b]).sum()
+                    clip_sum += (clipped.float() * fmask[b]).sum()
             torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
             self.optimizer.step()
-            losses.append(loss_sum)
         self._sync()
         t3 = time.perf_counter()
+        n_updated = fmask.sum().item() * cfg.num_iterations
 
         std = rewards.view(-1, G).std(1)
         stats = {
             "reward": rewards.mean().item(),
             "reward_std": rewards.std().item(),
             **{f"reward/{name}": sum(v) / len(v) for name, v in per.items()},
-            "kl": sum(s for s, _ in kls) / max(sum(n for _, n in kls), 1.0),
-            "clipfrac": sum(s for s, _ in clipfracs) / max(sum(n for _, n in clipfracs), 1.0),
-            "loss": sum(losses) / len(losses),
+            "kl": kl_sum.item() / max(n_updated, 1.0),
+            "clipfrac": clip_sum.item() / max(n_updated, 1.0),
+            "loss": loss_sum.item() / cfg.num_iterations,
             "completion_length": fmask.sum(1).mean().item(),
             "eos_fraction": has_eos.float().mean().item(),
             "zero_std_fraction": (std < 1e-6).float().mean().item(),
