@@ -52,7 +52,8 @@ def build(profile: "kube.Profile | None" = None):
     def rl_tuning(policy: dsl.Input[dsl.Model], rewards: dsl.Input[dsl.Model], preferences: dsl.Input[dsl.Dataset],
                   base_model: str, steps: int, learning_rate: float, judge_max_steps: int, model_name: str,
                   pipeline: str, run_id: str, ppo_settings: dict, judge_settings: dict, eval_settings: dict) -> Tuned:
-        tuned = ppo(policy=policy, reward_model=rewards, steps=steps, learning_rate=learning_rate,
+        tuned = ppo(policy=policy, reward_model=rewards, preferences=preferences, steps=steps,
+                    learning_rate=learning_rate,
                     settings=ppo_settings, model_name=model_name, pipeline=pipeline, run_id=run_id)
         # The judge is not registered: it exists to score this run's evaluation.
         judge = reward_model(dataset=preferences, base_model=base_model, max_steps=judge_max_steps,

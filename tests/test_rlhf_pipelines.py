@@ -46,6 +46,35 @@ def test_ingest_group_by_keeps_each_prompt_on_one_side(tmp_path):
         ingest(IngestConfig(data_uri="bundled://preferences", group_by="question"), tmp_path / "x")
 
 
+def test_rollouts_leave_out_the_topics_the_evaluation_holds_out(tmp_path):
+    """PPO's rollout prompts share goals with the held-out preference prompts (other phrasings of
+    the same topics); with the preference data given, those topics are not rolled out on."""
+    from kubetune.errors import DataError
+    from kubetune.lib.dataset import read_jsonl
+    from kubetune.lib.storage import BUNDLED_DIR
+    from kubetune.methods.rl.data import load_pairs, load_prompts
+    from kubetune.stages.ingest import IngestConfig, ingest
+
+    ingest(IngestConfig(data_uri="bundled://preferences"), tmp_path / "prefs")  # group_by=auto: topics
+    _, train, val = load_pairs(tmp_path / "prefs")
+    held_topics = {r["group"] for r in val}
+    assert held_topics and not held_topics & {r["group"] for r in train}
+    topic_of = {r["prompt"]: r["group"] for r in read_jsonl(BUNDLED_DIR / "rollout_prompts.jsonl")}
+
+    everything = load_prompts("bundled://rollout_prompts", tmp_path / "c")
+    assert {topic_of[p] for p in everything} & held_topics  # without the data, they overlap
+    kept = load_prompts("bundled://rollout_prompts", tmp_path / "c", val)
+    assert kept and not {topic_of[p] for p in kept} & held_topics
+    assert len(kept) == sum(1 for p in everything if topic_of[p] not in held_topics)
+    # A prompts file with no group still loses the held-out prompts themselves.
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n"
+                                              for p in [val[0]["prompt"], "Something else entirely?"]))
+    assert load_prompts(str(tmp_path / "p.jsonl"), tmp_path / "c", val) == ["Something else entirely?"]
+    (tmp_path / "q.jsonl").write_text(json.dumps({"prompt": val[0]["prompt"]}) + "\n")
+    with pytest.raises(DataError, match="held-out prompt or topic"):
+        load_prompts(str(tmp_path / "q.jsonl"), tmp_path / "c", val)
+
+
 def test_stage_loaders_repair_a_row_by_row_split(tmp_path):
     from kubetune.methods.rl.data import load_pairs
     from kubetune.stages.ingest import IngestConfig, ingest

@@ -272,8 +272,9 @@ def generate(pairs_per_prompt: int = 3, seed: int = 11) -> list[dict]:
 
 
 def rollout_prompts() -> list[dict]:
-    """Every goal under every rollout template: 20 × 4 = 80 prompts."""
-    return [{"prompt": t.format(goal=goal)} for t in ROLLOUT_TEMPLATES for goal in TOPICS]
+    """Every goal under every rollout template: 20 × 4 = 80 prompts, each with its goal as the
+    group, so PPO can leave out the topics the evaluation holds out."""
+    return [{"prompt": t.format(goal=goal), "group": goal} for t in ROLLOUT_TEMPLATES for goal in TOPICS]
 
 
 def main() -> None:

@@ -80,7 +80,7 @@ class PPOStageResult:
 
 
 def ppo(cfg: PPOConfig, policy: str | Path, reward_model_dir: str | Path, output_dir: str | Path,
-        ctx: RunContext | None = None) -> PPOStageResult:
+        ctx: RunContext | None = None, preferences_dir: str | Path | None = None) -> PPOStageResult:
     """Tune the SFT policy with PPO against the reward model.
 
     Args:
@@ -91,20 +91,25 @@ def ppo(cfg: PPOConfig, policy: str | Path, reward_model_dir: str | Path, output
         output_dir: Where the policy (LoRA merged: a plain causal LM), tokenizer, value head,
             ``ppo_history.json`` and ``kubetune_method.json`` are written.
         ctx: When given, logs to an MLflow child run named ``ppo``.
+        preferences_dir: The ingested preference data the policy will be judged on: rollout
+            prompts that repeat its held-out prompts or topics are left out.
 
     Returns:
         Summary metrics (reward first/last update, KL, seconds), per-update history, the folder.
     """
-    from kubetune.methods.rl.data import load_prompts, policy_folder
+    from kubetune.methods.rl.data import load_pairs, load_prompts, policy_folder
     from kubetune.methods.rl.ppo import train_ppo
 
     output_dir = Path(output_dir)
-    prompts = load_prompts(cfg.prompts_uri, output_dir.parent / ".prompts-cache")
+    held_out = load_pairs(preferences_dir)[2] if preferences_dir else []
+    prompts = load_prompts(cfg.prompts_uri, output_dir.parent / ".prompts-cache", held_out)
     policy_path = policy_folder(policy)
     sft_manifest = _manifest(Path(str(policy)))
     base_model = sft_manifest.get("base_model") or str(policy)
     tags = {"kubetune.method": "ppo", "kubetune.base_model": base_model}
     with maybe_stage(ctx, "ppo", params={**asdict(cfg), "policy": str(policy)}, tags=tags) as run:
+        if run is not None:
+            log_metrics({"rollout_prompts": len(prompts)})
         log = (lambda stats, update: log_metrics(stats, step=update)) if run is not None else None
         result = train_ppo(policy_path, prompts, reward_model_dir, cfg.trainer_settings(), output_dir, log_fn=log)
         manifest = {"method": "ppo", "settings": asdict(cfg), "base_model": base_model,

@@ -94,19 +94,36 @@ def chosen_as_instruction(dataset_dir: str | Path, output_dir: str | Path) -> di
     return out
 
 
-def load_prompts(uri: str, cache_dir: str | Path) -> list[str]:
-    """User prompts from a JSONL of ``{"prompt": ...}`` rows (any data URI ``ingest`` takes)."""
+def load_prompts(uri: str, cache_dir: str | Path, held_out: list[dict] = ()) -> list[str]:
+    """User prompts from a JSONL of ``{"prompt": ...}`` rows (any data URI ``ingest`` takes).
+
+    Args:
+        uri: The prompts' data URI; a row may carry a ``group`` (its topic) as preference rows do.
+        cache_dir: Where a remote file is fetched to.
+        held_out: The validation rows the policy is judged on. Rollout prompts that repeat one of
+            their prompts, or share one of their groups, are dropped: a policy trained on the
+            held-out topics would be judged on what it rehearsed.
+
+    Raises:
+        DataError: a row without a non-empty string prompt, or no prompt left after the drop.
+    """
     from kubetune.lib import storage
     from kubetune.errors import DataError
     from kubetune.lib.dataset import read_jsonl
 
     rows = read_jsonl(storage.fetch(uri, cache_dir))
-    prompts = [r["prompt"] for r in rows if isinstance(r, dict) and isinstance(r.get("prompt"), str)
-               and r["prompt"].strip()]
-    if len(prompts) != len(rows) or not prompts:
+    good = [r for r in rows if isinstance(r, dict) and isinstance(r.get("prompt"), str) and r["prompt"].strip()]
+    if len(good) != len(rows) or not good:
         raise DataError(f"{uri}: every row must be an object with a non-empty string 'prompt' "
-                        f"({len(prompts)} of {len(rows)} are)")
-    return prompts
+                        f"({len(good)} of {len(rows)} are)")
+    texts = {r["prompt"].strip() for r in held_out}
+    groups = {str(r["group"]) for r in held_out if r.get("group") not in (None, "")}
+    kept = [r["prompt"] for r in good
+            if r["prompt"].strip() not in texts and str(r.get("group", "")) not in groups]
+    if not kept:
+        raise DataError(f"{uri}: every rollout prompt repeats a held-out prompt or topic ('group'); "
+                        f"roll out on prompts about other topics")
+    return kept
 
 
 def policy_folder(ref: str | Path) -> str:
