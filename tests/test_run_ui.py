@@ -94,7 +94,7 @@ def test_run_help_lists_the_pipeline_parameters_with_defaults_and_help(capsys):
     out = capsys.readouterr().out
     rows = {line.split()[0]: line for line in out.splitlines() if line.startswith("  ")}
     assert set(rows) == set(parameters(get_pipeline("peft")))
-    assert rows["max_steps"].endswith("Optimizer steps. [30]")
+    assert rows["max_steps"].endswith("Optimizer steps (0 = from the data: TrainConfig.steps_for). [0]")
     assert rows["base_model"].endswith('Base model reference. ["smollm2-135m-instruct"]')
     assert "smoke-test" in rows["deploy"] and rows["deploy"].endswith("[False]")
     assert all(line.rstrip().endswith("]") and len(line.split()) > 2 for line in rows.values())

@@ -40,7 +40,7 @@ def test_settings_are_one_flat_mapping_and_fail_by_name():
     assert "train" not in cfg.moe_settings() and cfg.moe_settings()["num_experts"] == 8
 
     for values, key in [({"top_k": 1}, "'top_k'"), ({"num_experts": 1}, "'num_experts'"),
-                        ({"kind": "mixture"}, "'kind'"), ({"max_steps": 0}, "'max_steps'"),
+                        ({"kind": "mixture"}, "'kind'"), ({"max_steps": -1}, "'max_steps'"),
                         ({"router_aux_loss_coef": -1.0}, "'router_aux_loss_coef'"),
                         ({"num_expert": 4}, "unknown key(s) ['num_expert']"),
                         ({"method": "lora"}, "'method' is not a train_moe setting"),

@@ -141,7 +141,7 @@ CONFIG_ERRORS = [
     (TrainConfig, {"learning_rate": "fast"}, "'learning_rate' must be a number"),
     (TrainConfig, {"method": "magic"}, "'method' must be one of"),
     (TrainConfig, {"merge": "yes"}, "'merge' must be true or false"),
-    (TrainConfig, {"max_steps": 0}, "'max_steps' (0) or 'epochs' (0.0) must be > 0"),
+    (TrainConfig, {"max_steps": 0, "epochs": 0}, "'max_steps' (0) or 'epochs' (0.0) must be > 0"),
     (TrainConfig, {"batch_size": -4}, "'batch_size' must be >= 1"),
     (TrainConfig, {"learning_rate": 3.0}, "'learning_rate' must be in [0, 1]"),
     (TrainConfig, {"warmup_ratio": 1.0}, "'warmup_ratio' must be in [0, 1)"),

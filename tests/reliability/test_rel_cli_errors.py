@@ -130,7 +130,7 @@ def test_registry_commands_against_a_dead_server_fail_in_seconds(tmp_path):
 
 
 @pytest.mark.parametrize("setting,expected", [
-    ("max_steps=-1", "'max_steps' (-1) or 'epochs' (0.0) must be > 0"),
+    ("max_steps=-1", "'max_steps' (-1) or 'epochs' (1.0) must be > 0"),
     ("lora_rank=0", "'lora_rank' must be >= 1, got 0"),
     ("learning_rate=5", "'learning_rate' must be in [0, 1], got 5.0"),
     ("method=nonexistent", "'method' must be one of"),
@@ -175,7 +175,7 @@ def test_check_params_builds_every_stage_config_for_compile_and_submit():
              ("rlhf", {"ppo_settings": {"bogus": 1}}, "ppo_settings: unknown key(s) ['bogus']"),
              ("feature-extraction", {"embed_settings": {"bogus": 1}}, "embed_settings: unknown key(s)"),
              ("moa", {"eval_settings": {"bogus": 1}}, "eval_settings: unknown key(s) ['bogus']"),
-             ("instruction", {"method": "full", "max_steps": 0}, "'max_steps' (0) or 'epochs' (0.0) must be > 0")]
+             ("instruction", {"method": "full", "max_steps": -1}, "'max_steps' (-1) or 'epochs' (1.0) must be > 0")]
     for name, params, expected in cases:
         with pytest.raises(ConfigError) as err:
             check_params(PIPELINES[name], params, "parameters")

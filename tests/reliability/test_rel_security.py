@@ -134,7 +134,7 @@ def test_bundled_names_cannot_carry_a_path_past_the_roots(tmp_path, monkeypatch)
     write_jsonl(private / "private.jsonl", rows(6))
     allowed = tmp_path / "allowed"
     allowed.mkdir()
-    pkg_data = Path(storage.__file__).resolve().parent / "data"
+    pkg_data = storage.BUNDLED_DIR
     rel = os.path.relpath(private / "private", pkg_data)
     monkeypatch.setenv("KUBETUNE_DATA_ROOTS", str(allowed))
     for uri in (f"bundled://{private}/private", f"bundled://{rel}", "bundled://../data/tickets", "bundled://Tickets"):
