@@ -234,7 +234,7 @@ class GRPOTrainer:
 
     def __init__(self, policy_path: str | Path, rewards: RewardSet, cfg: GRPOConfig):
         from peft import LoraConfig, get_peft_model
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
 
         self.cfg = cfg
         self.rewards = rewards
@@ -245,11 +245,7 @@ class GRPOTrainer:
         torch.manual_seed(cfg.seed)
         self.rng = random.Random(cfg.seed)
 
-        self.tokenizer = AutoTokenizer.from_pretrained(policy_path)
-        if self.tokenizer.pad_token is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.tokenizer.padding_side = "left"  # generation continues from the right edge
-        self.tokenizer.truncation_side = "left"
+        self.tokenizer = core.rollout_tokenizer(policy_path)
 
         lm = AutoModelForCausalLM.from_pretrained(policy_path, dtype=self.dtype)
         self.gen_lm = copy.deepcopy(lm).eval().requires_grad_(False).to(self.device) if cfg.merged_generation else None

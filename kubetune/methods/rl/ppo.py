@@ -125,7 +125,7 @@ class PPOTrainer:
     """
 
     def __init__(self, policy_path: str | Path, reward_fn: RewardFn, cfg: PPOConfig):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
 
         self.cfg = cfg
         self.reward_fn = reward_fn
@@ -133,11 +133,7 @@ class PPOTrainer:
         torch.manual_seed(cfg.seed)
         self.rng = random.Random(cfg.seed)
 
-        self.tokenizer = AutoTokenizer.from_pretrained(policy_path)
-        if self.tokenizer.pad_token is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.tokenizer.padding_side = "left"  # generation continues from the right edge
-        self.tokenizer.truncation_side = "left"
+        self.tokenizer = core.rollout_tokenizer(policy_path)
 
         lm = AutoModelForCausalLM.from_pretrained(policy_path, dtype=torch.float32)
         self.ref_lm = None

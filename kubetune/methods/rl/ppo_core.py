@@ -19,6 +19,20 @@ from dataclasses import dataclass
 
 import torch
 
+
+def rollout_tokenizer(policy_path):
+    """The policy's tokenizer set up for sampling: padding and truncation on the left, since
+    generation continues from the right edge; EOS pads when the model has no pad token."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(policy_path)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"
+    tok.truncation_side = "left"
+    return tok
+
+
 # ---------------------------------------------------------------------------------------
 # Masked statistics
 
