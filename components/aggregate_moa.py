@@ -28,12 +28,13 @@ def aggregate_moa(answers: dsl.Input[List[dsl.Artifact]], dataset: dsl.Input[dsl
         The fitted weights.
     """
     from kubetune.core import defaults
-    from kubetune.core.config import from_dict
+    from kubetune.core.config import from_dict, with_named
     from kubetune.stages.aggregate_moa import MoAConfig
     from kubetune.stages.aggregate_moa import aggregate_moa as stage
     from kubetune.tracking import RunContext
 
-    cfg = from_dict(MoAConfig, {**settings, "mode": mode, "aggregator": aggregator, "tune_aggregator": tune_aggregator},
+    named = {"mode": mode, "aggregator": aggregator, "tune_aggregator": tune_aggregator}
+    cfg = from_dict(MoAConfig, with_named(settings, named, "aggregate_moa settings"),
                     "moa settings")
     workspace = defaults.workspace()
     result = stage(cfg, [a.path for a in answers], dataset.path, model.path, proposals.path, workspace,

@@ -20,14 +20,14 @@ def dpo(dataset: dsl.Input[dsl.Dataset], base_model: str, max_steps: int, learni
         model: Output folder: the tuned policy (merged), tokenizer, manifest.
         settings: Further DPOConfig settings by name (validated).
     """
-    from kubetune.core.config import from_dict
+    from kubetune.core.config import from_dict, with_named
 
     from kubetune.stages.dpo import DPOConfig
     from kubetune.stages.dpo import dpo as stage
     from kubetune.tracking import RunContext
 
-    cfg = from_dict(DPOConfig, {**settings, "base_model": base_model, "max_steps": max_steps,
-                                "learning_rate": learning_rate, "beta": beta}, "dpo settings")
+    named = {"base_model": base_model, "max_steps": max_steps, "learning_rate": learning_rate, "beta": beta}
+    cfg = from_dict(DPOConfig, with_named(settings, named, "dpo settings"), "dpo settings")
     result = stage(cfg, dataset.path, model.path, ctx=RunContext(model_name, run_id, pipeline))
     model.metadata.update(method="dpo", base_model=base_model, **result.metrics)
     return result.metrics

@@ -18,11 +18,12 @@ def embed(dataset: dsl.Input[dsl.Dataset], base_model: str, pooling: str, model_
         embeddings: Output folder: features.safetensors and meta.json.
         settings: Further EmbedConfig settings by name (validated).
     """
-    from kubetune.core.config import from_dict
+    from kubetune.core.config import from_dict, with_named
     from kubetune.stages.embed import EmbedConfig
     from kubetune.stages.embed import embed as stage
     from kubetune.tracking import RunContext
 
-    cfg = from_dict(EmbedConfig, {**settings, "base_model": base_model, "pooling": pooling}, "embed settings")
+    cfg = from_dict(EmbedConfig, with_named(settings, {"base_model": base_model, "pooling": pooling}, "embed settings"),
+                    "embed settings")
     result = stage(cfg, dataset.path, embeddings.path, ctx=RunContext(model_name, run_id, pipeline))
     embeddings.metadata.update(dim=result.meta["dim"], labels=result.meta["labels"], **result.meta["counts"])

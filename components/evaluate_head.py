@@ -20,12 +20,13 @@ def evaluate_head(model: dsl.Input[dsl.Model], embeddings: dsl.Input[dsl.Dataset
         report: eval.json with every number and the verdict.
         settings: Further EvaluateHeadConfig settings by name (validated).
     """
-    from kubetune.core.config import from_dict
+    from kubetune.core.config import from_dict, with_named
     from kubetune.stages.evaluate_head import EvaluateHeadConfig
     from kubetune.stages.evaluate_head import evaluate_head as stage
     from kubetune.tracking import RunContext
 
-    cfg = from_dict(EvaluateHeadConfig, {**settings, "model_name": model_name}, "evaluate_head settings")
+    cfg = from_dict(EvaluateHeadConfig, with_named(settings, {"model_name": model_name}, "evaluate_head settings"),
+                    "evaluate_head settings")
     result = stage(cfg, model.path, embeddings.path, dataset.path, report.path,
                    ctx=RunContext(model_name, run_id, pipeline))
     for k, v in result.report.metrics().items():

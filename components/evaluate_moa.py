@@ -19,12 +19,12 @@ def evaluate_moa(model: dsl.Input[dsl.Model], proposals: dsl.Input[dsl.Artifact]
         report: eval.json with every row and the verdict.
         settings: Further EvaluateMoAConfig settings by name (validated).
     """
-    from kubetune.core.config import from_dict
+    from kubetune.core.config import from_dict, with_named
     from kubetune.stages.evaluate_moa import EvaluateMoAConfig
     from kubetune.stages.evaluate_moa import evaluate_moa as stage
     from kubetune.tracking import RunContext
 
-    cfg = from_dict(EvaluateMoAConfig, {**settings, "model_name": model_name},
+    cfg = from_dict(EvaluateMoAConfig, with_named(settings, {"model_name": model_name}, "evaluate_moa settings"),
                     "evaluate_moa settings")
     result = stage(cfg, model.path, proposals.path, report.path, ctx=RunContext(model_name, run_id, pipeline))
     for row in result.report.details["rows"]:

@@ -24,13 +24,14 @@ def evaluate_policy(model: dsl.Input[dsl.Model], reward_model: dsl.Input[dsl.Mod
         reference: The SFT policy the candidate started from (RLHF), if any.
         train_reward_model: The reward model the policy optimised (RLHF), if any: reported, never deciding.
     """
-    from kubetune.core.config import from_dict
+    from kubetune.core.config import from_dict, with_named
 
     from kubetune.stages.evaluate_policy import EvaluatePolicyConfig
     from kubetune.stages.evaluate_policy import evaluate_policy as stage
     from kubetune.tracking import RunContext
 
-    cfg = from_dict(EvaluatePolicyConfig, {**settings, "model_name": model_name}, "evaluate_policy settings")
+    cfg = from_dict(EvaluatePolicyConfig, with_named(settings, {"model_name": model_name}, "evaluate_policy settings"),
+                    "evaluate_policy settings")
     result = stage(cfg, model.path, reference.path if reference is not None else base_model, reward_model.path,
                    dataset.path, report.path, ctx=RunContext(model_name, run_id, pipeline),
                    train_reward_model_dir=train_reward_model.path if train_reward_model is not None else None)

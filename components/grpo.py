@@ -22,13 +22,14 @@ def grpo(dataset: dsl.Input[dsl.Dataset], base_model: str, steps: int, learning_
         settings: Further GRPOConfig settings by name (validated).
         policy: The SFT policy to start from (a training stage's output; its merged/ model is used).
     """
-    from kubetune.core.config import from_dict
+    from kubetune.core.config import from_dict, with_named
 
     from kubetune.stages.grpo import GRPOConfig
     from kubetune.stages.grpo import grpo as stage
     from kubetune.tracking import RunContext
 
-    cfg = from_dict(GRPOConfig, {**settings, "steps": steps, "learning_rate": learning_rate, "rewards": rewards},
+    named = {"steps": steps, "learning_rate": learning_rate, "rewards": rewards}
+    cfg = from_dict(GRPOConfig, with_named(settings, named, "grpo settings"),
                     "grpo settings")
     start = policy.path if policy is not None else base_model
     result = stage(cfg, start, dataset.path, model.path, ctx=RunContext(model_name, run_id, pipeline))

@@ -21,13 +21,14 @@ def ppo(policy: dsl.Input[dsl.Model], reward_model: dsl.Input[dsl.Model], prefer
         model: Output folder: the tuned policy (merged), tokenizer, value head, manifest.
         settings: Further PPOConfig settings by name (validated).
     """
-    from kubetune.core.config import from_dict
+    from kubetune.core.config import from_dict, with_named
 
     from kubetune.stages.ppo import PPOConfig
     from kubetune.stages.ppo import ppo as stage
     from kubetune.tracking import RunContext
 
-    cfg = from_dict(PPOConfig, {**settings, "steps": steps, "learning_rate": learning_rate}, "ppo settings")
+    named = {"steps": steps, "learning_rate": learning_rate}
+    cfg = from_dict(PPOConfig, with_named(settings, named, "ppo settings"), "ppo settings")
     result = stage(cfg, policy.path, reward_model.path, model.path, ctx=RunContext(model_name, run_id, pipeline),
                    preferences_dir=preferences.path)
     model.metadata.update(method="ppo", **result.metrics)

@@ -22,15 +22,14 @@ def reward_model(dataset: dsl.Input[dsl.Dataset], base_model: str, max_steps: in
         settings: Further RewardModelConfig settings by name (validated).
         pairs: Training pairs: all, or the prompt-disjoint half 'policy' (optimised) or 'judge' (evaluates).
     """
-    from kubetune.core.config import from_dict
+    from kubetune.core.config import from_dict, with_named
 
     from kubetune.stages.reward_model import RewardModelConfig
     from kubetune.stages.reward_model import reward_model as stage
     from kubetune.tracking import RunContext
 
-    cfg = from_dict(RewardModelConfig, {**settings, "base_model": base_model, "max_steps": max_steps,
-                                        "model_name": reward_model_name, "pairs": pairs},
-                    "reward_model settings")
+    named = {"base_model": base_model, "max_steps": max_steps, "model_name": reward_model_name, "pairs": pairs}
+    cfg = from_dict(RewardModelConfig, with_named(settings, named, "reward_model settings"), "reward_model settings")
     result = stage(cfg, dataset.path, model.path, report.path, ctx=RunContext(model_name, run_id, pipeline))
     model.metadata.update(method="reward_model", base_model=base_model, **result.metrics)
     return result.metrics

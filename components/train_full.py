@@ -24,13 +24,13 @@ def train_full(tokenized: dsl.Input[dsl.Dataset], base_model: str, max_steps: in
     import os
 
     from kubetune.core import defaults
-    from kubetune.core.config import from_dict
+    from kubetune.core.config import from_dict, with_named
     from kubetune.stages.train_full import train_full as stage
     from kubetune.tracking import RunContext
     from kubetune.core.train import TrainConfig
 
-    cfg = from_dict(TrainConfig, {**settings, "base_model": base_model, "max_steps": max_steps,
-                                  "learning_rate": learning_rate}, "train_full settings")
+    named = {"base_model": base_model, "max_steps": max_steps, "learning_rate": learning_rate}
+    cfg = from_dict(TrainConfig, with_named(settings, named, "train_full settings"), "train_full settings")
     workspace = defaults.workspace()
     os.environ["KUBETUNE_NODES"] = str(nodes)
     result = stage(cfg, tokenized.path, model.path, workspace, ctx=RunContext(model_name, run_id, pipeline))

@@ -17,12 +17,12 @@ def train_head(embeddings: dsl.Input[dsl.Dataset], head: str, model_name: str, p
         model: Output folder: MLflow pyfunc model (raw text -> label) and manifest.
         settings: Further TrainHeadConfig settings by name (validated).
     """
-    from kubetune.core.config import from_dict
+    from kubetune.core.config import from_dict, with_named
     from kubetune.stages.train_head import TrainHeadConfig
     from kubetune.stages.train_head import train_head as stage
     from kubetune.tracking import RunContext
 
-    cfg = from_dict(TrainHeadConfig, {**settings, "head": head}, "train_head settings")
+    cfg = from_dict(TrainHeadConfig, with_named(settings, {"head": head}, "train_head settings"), "train_head settings")
     result = stage(cfg, embeddings.path, model.path, ctx=RunContext(model_name, run_id, pipeline))
     model.metadata.update(method="feature-extraction", head=head, **result.metrics)
     return result.metrics

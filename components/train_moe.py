@@ -23,13 +23,15 @@ def train_moe(tokenized: dsl.Input[dsl.Dataset], base_model: str, num_experts: i
         model: Output folder: the whole MoE model (safetensors), tokenizer, manifest, utilisation.
         settings: Further MoEConfig and TrainConfig settings by name (validated).
     """
+    from kubetune.core.config import with_named
     from kubetune.core import defaults
     from kubetune.stages.train_moe import moe_config_from_dict
     from kubetune.stages.train_moe import train_moe as stage
     from kubetune.tracking import RunContext
 
-    cfg = moe_config_from_dict({**settings, "base_model": base_model, "num_experts": num_experts, "top_k": top_k,
-                                "kind": kind, "max_steps": max_steps, "learning_rate": learning_rate})
+    named = {"base_model": base_model, "num_experts": num_experts, "top_k": top_k, "kind": kind,
+             "max_steps": max_steps, "learning_rate": learning_rate}
+    cfg = moe_config_from_dict(with_named(settings, named, "train_moe settings"))
     workspace = defaults.workspace()
     result = stage(cfg, tokenized.path, model.path, workspace, ctx=RunContext(model_name, run_id, pipeline))
     model.metadata.update(method="moe", kind=kind, base_model=base_model, **result.metrics)

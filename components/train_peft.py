@@ -26,13 +26,14 @@ def train_peft(tokenized: dsl.Input[dsl.Dataset], base_model: str, method: str, 
     import os
 
     from kubetune.core import defaults
-    from kubetune.core.config import from_dict
+    from kubetune.core.config import from_dict, with_named
     from kubetune.stages.train_peft import train_peft as stage
     from kubetune.tracking import RunContext
     from kubetune.core.train import TrainConfig
 
-    cfg = from_dict(TrainConfig, {**settings, "base_model": base_model, "method": method, "max_steps": max_steps,
-                                  "learning_rate": learning_rate, "lora_rank": lora_rank}, "train_peft settings")
+    named = {"base_model": base_model, "method": method, "max_steps": max_steps, "learning_rate": learning_rate,
+             "lora_rank": lora_rank}
+    cfg = from_dict(TrainConfig, with_named(settings, named, "train_peft settings"), "train_peft settings")
     workspace = defaults.workspace()
     os.environ["KUBETUNE_NODES"] = str(nodes)
     result = stage(cfg, tokenized.path, model.path, workspace, ctx=RunContext(model_name, run_id, pipeline))

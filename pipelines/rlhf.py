@@ -70,6 +70,7 @@ def build(profile: "kube.Profile | None" = None):
         base_model: str = DEFAULT_BASE_MODEL,
         data_uri: str = "bundled://preferences",
         sft_max_steps: int = 10,
+        sft_learning_rate: float = 0.0,  # 0 = LoRA's default (2e-4)
         reward_max_steps: int = 24,
         ppo_steps: int = 10,
         learning_rate: float = 1e-4,
@@ -89,8 +90,8 @@ def build(profile: "kube.Profile | None" = None):
         lineage = dict(model_name=model_name, pipeline=NAME, run_id=run_id)
 
         prefs = ingest(data_uri=data_uri, force=force, training=run_settings(
-            base_model=base_model, sft_max_steps=sft_max_steps, reward_max_steps=reward_max_steps, ppo_steps=ppo_steps,
-            learning_rate=learning_rate, max_length=max_length, sft_settings=sft_settings,
+            base_model=base_model, sft_max_steps=sft_max_steps, sft_learning_rate=sft_learning_rate,
+            reward_max_steps=reward_max_steps, ppo_steps=ppo_steps, learning_rate=learning_rate, max_length=max_length, sft_settings=sft_settings,
             reward_settings=reward_settings, ppo_settings=ppo_settings), **lineage).set_display_name("ingest")
         with unless_unchanged(prefs, **lineage) as run:
             sft_data = preference_sft_data(preferences=prefs.outputs["dataset"])
@@ -98,8 +99,8 @@ def build(profile: "kube.Profile | None" = None):
                                    model_policy=sft_settings)
             # merge=True (in sft_settings) writes merged/: PPO needs the SFT policy as a whole model.
             sft = train_peft(tokenized=tokens.outputs["tokenized"], base_model=base_model, method="lora",
-                             max_steps=sft_max_steps, learning_rate=0.0, lora_rank=16, settings=sft_settings,
-                             **lineage).set_display_name("instruction-sft")
+                             max_steps=sft_max_steps, learning_rate=sft_learning_rate, lora_rank=16,
+                             settings=sft_settings, **lineage).set_display_name("instruction-sft")
             rewards = reward_modeling(preferences=prefs.outputs["dataset"], base_model=base_model,
                                     max_steps=reward_max_steps, reward_model_name=reward_model_name,
                                     settings=reward_settings, **lineage)

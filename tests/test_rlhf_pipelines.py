@@ -210,7 +210,7 @@ def test_rlhf_pipeline_runs_and_registers_policy_and_reward_model(tiny_llama, tm
     summary = run_local("rlhf", {
         "base_model": str(tiny_llama), "model_name": "tiny-rlhf", "reward_model_name": "tiny-rlhf-reward",
         "sft_max_steps": 3, "reward_max_steps": 5, "ppo_steps": 2, "learning_rate": 5e-3,
-        "sft_settings": {"merge": True, "learning_rate": 3e-3},
+        "sft_learning_rate": 3e-3, "sft_settings": {"merge": True},
         "reward_settings": REWARD, "ppo_settings": PPO,
         # The programmatic judge decides; no tiny model writes three bullet lines in 6 tokens, so
         # the candidate ties its SFT base at 0 whatever PPO did, and a tie earns nothing.

@@ -84,6 +84,22 @@ def _check_type(key: str, value: Any, annotation: Any, source: str) -> Any:
     return value
 
 
+def with_named(settings: dict[str, Any] | None, named: dict[str, Any], source: str) -> dict[str, Any]:
+    """A component's settings merged with the values it takes as named parameters.
+
+    The named value would silently win over a different copy in the settings (a pipeline that fixes
+    ``learning_rate=0.0`` for a step ignored ``{"learning_rate": 1e-3}`` in its settings), so such a
+    key is refused by name; an equal copy is harmless and kept.
+    """
+    settings = dict(settings or {})
+    clash = sorted(k for k in settings if k in named and settings[k] != named[k])
+    if clash:
+        given = ", ".join(f"{k}={named[k]!r}" for k in clash)
+        raise ConfigError(f"{source}: {clash} are this step's own parameters ({given}); the copy in the "
+                          f"settings would be ignored: set the parameter instead")
+    return {**settings, **named}
+
+
 def from_dict(cls: type[T], values: dict[str, Any] | None, source: str = "config") -> T:
     """Build ``cls`` from a mapping, rejecting unknown keys and wrong types by name."""
     values = dict(values or {})

@@ -38,9 +38,15 @@ def _from_settings(cls: type) -> Callable[[dict, str, dict, str, dict], Any]:
             raise ConfigError(f"{origin}: {shadowed} for step {task} come from the pipeline parameter(s) "
                               f"{[params[k] for k in shadowed]}; set them there, not in {origin}")
         hints = typing.get_type_hints(cls)
-        explicit = {k: v for k, v in inputs.items() if k in names}
+        explicit = {k: _check_type(k, v, hints[k], "parameters") for k, v in inputs.items() if k in names}
+        # The same for a value the pipeline fixes for the step (lora_rank=16 in an SFT step): the
+        # component would overrule a different copy in the settings.
+        fixed = sorted(k for k in set(settings) & set(explicit) if settings[k] != explicit[k])
+        if fixed:
+            raise ConfigError(f"{origin}: {fixed} for step {task} are fixed by the pipeline "
+                              f"({', '.join(f'{k}={explicit[k]!r}' for k in fixed)}) and would be ignored")
         values = {k: _check_type(k, v, hints[k], origin) for k, v in settings.items()}
-        values.update({k: _check_type(k, v, hints[k], "parameters") for k, v in explicit.items()})
+        values.update(explicit)
         try:
             return cls(**values)
         except ConfigError as e:

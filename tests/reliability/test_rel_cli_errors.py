@@ -175,7 +175,13 @@ def test_check_params_builds_every_stage_config_for_compile_and_submit():
              ("rlhf", {"ppo_settings": {"bogus": 1}}, "ppo_settings: unknown key(s) ['bogus']"),
              ("feature-extraction", {"embed_settings": {"bogus": 1}}, "embed_settings: unknown key(s)"),
              ("moa", {"eval_settings": {"bogus": 1}}, "eval_settings: unknown key(s) ['bogus']"),
-             ("instruction", {"method": "full", "max_steps": -1}, "'max_steps' (-1) or 'epochs' (1.0) must be > 0")]
+             ("instruction", {"method": "full", "max_steps": -1}, "'max_steps' (-1) or 'epochs' (1.0) must be > 0"),
+             # A value the pipeline fixes for a step would silently win over the settings' copy.
+             ("rlhf", {"sft_settings": {"merge": True, "lora_rank": 8}},
+              "sft_settings: ['lora_rank'] for step train-peft are fixed by the pipeline (lora_rank=16)"),
+             ("grpo", {"sft_settings": {"merge": True, "learning_rate": 1e-3}},
+              "sft_settings: ['learning_rate'] for step train-peft come from the pipeline parameter(s) "
+              "['sft_learning_rate']")]
     for name, params, expected in cases:
         with pytest.raises(ConfigError) as err:
             check_params(PIPELINES[name], params, "parameters")
