@@ -31,9 +31,13 @@ def build(profile: "kube.Profile | None" = None):
     def grpo_pipeline(
         base_model: str = DEFAULT_BASE_MODEL,
         data_uri: str = MAIN_JOB.data_uri,
-        # A short SFT first (30 steps x 2 rows of 256 tokens at 1e-3), so GRPO starts from a policy that
-        # answers in the task format; 0 = GRPO from base_model.
-        sft_max_steps: int = 30,
+        # A short SFT first (40 steps x 2 rows of 256 tokens at 1e-3), so GRPO starts from a policy that
+        # answers in the task format and gets most fields right: from 30 steps (exact match ~0.3) GRPO's
+        # updates went either way across seeds, from 40 (~0.7) they raised it in 7 of 9 seeds
+        # (docs/compare.md). 0 = GRPO from base_model.
+        sft_max_steps: int = 40,
+        # LoRA's 1e-3 of the main job (tens of steps, not thousands); 0 = LoRA's default 2e-4.
+        sft_learning_rate: float = MAIN_JOB.learning_rate,
         # A step samples 8 prompts x 4 answers: with fewer prompts a step (2) each update pulls
         # every answer toward the few field values those prompts rewarded, and held-out exact
         # match fell; 8 prompts over 12 steps raised it (docs/compare.md). 5e-5, not more: at
@@ -44,7 +48,7 @@ def build(profile: "kube.Profile | None" = None):
         max_length: int = MAIN_JOB.max_length,
         model_name: str = "tickets-grpo",
         max_forgetting: float = -1.0,
-        sft_settings: dict = {"merge": True, "batch_size": 2, "learning_rate": 1e-3},
+        sft_settings: dict = {"merge": True, "batch_size": MAIN_JOB.batch_size},
         grpo_settings: dict = {"prompts_per_step": 8, "num_generations": 4},
         eval_settings: dict = MAIN_JOB.eval_settings(),
         register_settings: dict = {},
@@ -55,8 +59,9 @@ def build(profile: "kube.Profile | None" = None):
         lineage = dict(model_name=model_name, pipeline=NAME, run_id=run_id)
 
         data = ingest(data_uri=data_uri, force=force, training=run_settings(
-            base_model=base_model, sft_max_steps=sft_max_steps, steps=steps, learning_rate=learning_rate,
-            rewards=rewards, max_length=max_length, sft_settings=sft_settings, grpo_settings=grpo_settings),
+            base_model=base_model, sft_max_steps=sft_max_steps, sft_learning_rate=sft_learning_rate, steps=steps,
+            learning_rate=learning_rate, rewards=rewards, max_length=max_length, sft_settings=sft_settings,
+            grpo_settings=grpo_settings),
             **lineage).set_display_name("ingest")
 
         def tune(tokens, policy=None):
@@ -80,8 +85,8 @@ def build(profile: "kube.Profile | None" = None):
             tokens_sft = tokenize_data(dataset=data.outputs["dataset"], base_model=base_model, max_length=max_length)
             # merge=True (in sft_settings) writes merged/: GRPO starts from the SFT policy as a whole model.
             sft = train_peft(tokenized=tokens_sft.outputs["tokenized"], base_model=base_model, method="lora",
-                             max_steps=sft_max_steps, learning_rate=0.0, lora_rank=16, settings=sft_settings,
-                             **lineage).set_display_name("instruction-sft")
+                             max_steps=sft_max_steps, learning_rate=sft_learning_rate, lora_rank=16,
+                             settings=sft_settings, **lineage).set_display_name("instruction-sft")
             tuned_sft, scored_sft, registered_sft, served_sft = tune(tokens_sft, sft)
         with dsl.Else(name="from-base"):
             tokens_base = tokenize_data(dataset=data.outputs["dataset"], base_model=base_model,

@@ -168,6 +168,23 @@ def test_merged_generation_copy_is_the_policy(tiny_llama):
         assert not torch.allclose(base(input_ids=ids).logits, want, atol=1e-4)
 
 
+def test_precision_sets_the_weights_dtype_and_reaches_the_trainer(tiny_llama):
+    """fp32 is the CPU's arithmetic (what a GPU sweep uses to stand for a CPU run); bf16 halves the weights."""
+    from kubetune.methods.rl import rewards as R
+    from kubetune.methods.rl.grpo import GRPOConfig, GRPOTrainer
+    from kubetune.stages.grpo import GRPOConfig as StageConfig
+
+    reward = R.build("format:1", format_pattern=r"[^ ]*")
+    small = dict(steps=1, prompts_per_step=1, num_generations=2, max_new_tokens=2)
+    assert GRPOTrainer(tiny_llama, reward, GRPOConfig(**small)).dtype == torch.float32  # auto on CPU
+    bf16 = GRPOTrainer(tiny_llama, reward, GRPOConfig(precision="bf16", **small))
+    assert bf16.dtype == torch.bfloat16
+    assert bf16.lm.get_base_model().model.embed_tokens.weight.dtype == torch.bfloat16
+    assert StageConfig(precision="fp32").trainer_settings().precision == "fp32"
+    with pytest.raises(ValueError, match="precision"):
+        GRPOConfig(precision="fp16")
+
+
 def test_stage_refuses_prompts_without_references_and_writes_nothing(tiny_llama, tmp_path):
     from kubetune.stages.grpo import GRPOConfig, grpo
     from kubetune.stages.ingest import IngestConfig, ingest
@@ -207,7 +224,7 @@ def test_grpo_pipeline_runs_from_sft_and_registers(tiny_llama, tmp_path, mlflow_
 
     summary = run_local("grpo", {
         "base_model": str(tiny_llama), "model_name": "tiny-grpo", "sft_max_steps": 2, "steps": 2,
-        "learning_rate": 1e-2, "sft_settings": {"merge": True, "learning_rate": 3e-3, "batch_size": 2},
+        "learning_rate": 1e-2, "sft_learning_rate": 3e-3, "sft_settings": {"merge": True, "batch_size": 2},
         "grpo_settings": {"prompts_per_step": 2, "num_generations": 4, "max_new_tokens": 6, "max_prompts": 16},
         "eval_settings": {"max_examples": 6, "max_new_tokens": 6, "forgetting": False},
     }, workdir=tmp_path)

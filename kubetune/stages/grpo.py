@@ -56,6 +56,8 @@ class GRPOConfig:
     target_modules: str = setting("all-linear", "Layers that get LoRA: 'all-linear' or 'q_proj,v_proj'.")
     max_prompts: int = setting(0, "Use at most this many training prompts (0 = all).")
     seed: int = setting(0, "Seed of prompt order, sampling and the adapter init.")
+    precision: Literal["auto", "fp32", "bf16"] = setting(
+        "auto", "auto = bf16 weights under autocast on a GPU, fp32 on CPU; fp32 = the CPU's arithmetic on a GPU too.")
 
     def __post_init__(self):
         from kubetune.methods.rl.rewards import check_spec
@@ -90,7 +92,7 @@ class GRPOConfig:
                         max_new_tokens=self.max_new_tokens, temperature=self.temperature, beta=self.beta,
                         epsilon=self.epsilon, advantage=self.advantage, scale_rewards=self.scale_rewards,
                         loss_type=self.loss_type, lora_r=self.lora_rank, lora_alpha=2 * self.lora_rank,
-                        lora_target_modules=targets, seed=self.seed)
+                        lora_target_modules=targets, seed=self.seed, precision=self.precision)
 
 
 @dataclass

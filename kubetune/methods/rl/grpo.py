@@ -81,6 +81,9 @@ class GRPOConfig(PolicySampling):
     prompt_pad_multiple: int = 64
     """With ``compiled_generation``, prompts are left-padded to a multiple of this many tokens, so
     rollouts share a few cache shapes and the compiled decode step is not rebuilt for each."""
+    precision: str = "auto"
+    """"auto": bf16 base weights under bf16 autocast on CUDA, fp32 on CPU; "fp32": fp32 everywhere
+    (a GPU run then does the CPU's arithmetic); "bf16": bf16 also on CPU."""
 
     def __post_init__(self):
         self._check_sampling("GRPOConfig")
@@ -92,6 +95,8 @@ class GRPOConfig(PolicySampling):
             raise ValueError("GRPOConfig.num_generations must be >= 2: a group of one has no relative advantage")
         if self.advantage not in ("grpo", "rloo"):
             raise ValueError(f"GRPOConfig.advantage must be 'grpo' or 'rloo', got {self.advantage!r}")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"GRPOConfig.precision must be 'auto', 'fp32' or 'bf16', got {self.precision!r}")
         if self.loss_type not in ("grpo", "dapo"):
             raise ValueError(f"GRPOConfig.loss_type must be 'grpo' or 'dapo', got {self.loss_type!r}")
         if self.epsilon <= 0 or self.beta < 0:
@@ -241,7 +246,8 @@ class GRPOTrainer:
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         # GPU: bf16 base weights with fp32 adapters under autocast (TRL's bf16=True does the same);
         # CPU: fp32 throughout (bf16 matmuls are slower there).
-        self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and self.device.type == "cuda")
+        self.dtype = torch.bfloat16 if bf16 else torch.float32
         torch.manual_seed(cfg.seed)
         self.rng = random.Random(cfg.seed)
 
@@ -284,7 +290,8 @@ class GRPOTrainer:
             target.weight.copy_(layer.base_layer.weight + delta.to(layer.base_layer.weight.dtype))
 
     def _autocast(self):
-        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
+        return torch.autocast("cuda", dtype=torch.bfloat16,
+                              enabled=self.device.type == "cuda" and self.dtype == torch.bfloat16)
 
     def _sync(self):
         if self.device.type == "cuda":
