@@ -128,3 +128,37 @@ def test_evaluate_scores_benchmarks_for_candidate_and_base_and_writes_the_card(t
     assert "## Samples (candidate)" in card and "champion (none yet)" in card
     logged = mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/evaluation_card.md")
     assert logged == card
+
+
+def test_candidate_and_base_are_compared_example_by_example(tiny_llama, tiny_tickets, tmp_path, monkeypatch):
+    """The paired difference counts each validation example once for both models: right on 0, 1, 2
+    (candidate) against right on 2, 3 (base) is +0.25, better on 2, worse on 1."""
+    from test_llm_pyfunc import _trained
+
+    from kubetune.lib.dataset import reference_answer
+    from kubetune.ops.runner import format_summary
+    from kubetune.stages.evaluate import EvaluateConfig, evaluate
+
+    monkeypatch.setenv("KUBETUNE_HOME", str(tmp_path / "home"))
+    ds, tok = tiny_tickets
+    meta, _, val_records = load_dataset_dir(ds)
+    refs = [reference_answer(r, meta["shape"]) for r in val_records[:4]]
+    right = iter([{0, 1, 2}, {2, 3}])  # candidate first, then the base model
+
+    def answers(model, tok, prompts, max_new_tokens, batch_size):
+        ok = next(right)
+        return [refs[i] if i in ok else "wrong" for i in range(len(prompts))]
+
+    monkeypatch.setattr(ev, "generate", answers)
+    folder = _trained("lora", Path(tiny_llama), tmp_path / "trained")
+    cfg = EvaluateConfig(base_model=str(tiny_llama), max_examples=4, max_new_tokens=4, batch_size=4,
+                         forgetting=False)
+    cand = evaluate(cfg, folder, ds, tok, tmp_path / "eval.json").report.candidate
+    assert (cand["exact_match"], cand["exact_match_vs_base"]) == (0.75, 0.25)
+    assert (cand["exact_match_better"], cand["exact_match_worse"]) == (2, 1)
+    assert cand["exact_match_vs_base_ci_low"] < 0.25 < cand["exact_match_vs_base_ci_high"]
+    assert cand["per_example"]["exact_match"] == [1.0, 1.0, 1.0, 0.0]
+    text = format_summary({"pipeline": "grpo", "primary_metric": "exact_match", "base": 0.5, "candidate": 0.75,
+                           "n": 4, "vs_base": [0.25, -0.55, 1.05, 2, 1], "aliases": []})
+    assert "tuned - base, example by example: +0.2500 [95% interval -0.550 to +1.050]; better on 2, worse on 1 of 4" \
+        in text

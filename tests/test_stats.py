@@ -97,3 +97,15 @@ def test_run_summary_prints_n_and_the_intervals():
                            "forgetting_ci": [0.021, 0.06], "aliases": []})
     assert "tuned 0.5000 [95% interval 0.361-0.639, n=48]" in text
     assert "+4.0% [95% interval +2.1% to +6.0%]" in text
+
+
+def test_paired_difference_by_hand():
+    from kubetune.lib.stats import paired_difference
+
+    # differences 1, 0, 0, 1: mean 0.5, sd sqrt(1/3), t(0.975, 3) = 3.182446 -> half-width 0.918693
+    got = paired_difference("exact_match", [1, 1, 0, 1], [0, 1, 0, 0])
+    assert got["exact_match_vs_base"] == 0.5 and (got["exact_match_better"], got["exact_match_worse"]) == (2, 0)
+    assert abs(got["exact_match_vs_base_ci_low"] - (0.5 - 0.918693)) < 1e-5
+    assert abs(got["exact_match_vs_base_ci_high"] - (0.5 + 0.918693)) < 1e-5
+    with pytest.raises(ValueError, match="same examples"):
+        paired_difference("exact_match", [1, 0], [1])

@@ -59,6 +59,26 @@ def with_interval(name: str, per_example: list[float], proportion: bool = False)
     return {name: value, f"{name}_ci_low": low, f"{name}_ci_high": high}
 
 
+def paired_difference(name: str, new: list[float], old: list[float]) -> dict[str, float]:
+    """Two models scored on the same examples: the mean of ``new - old`` with its 95% interval.
+
+    Pairing removes what the examples share (an easy ticket is easy for both), so the interval is
+    much narrower than two separate intervals' overlap suggests, and it is the one that says
+    whether the candidate beat the model it started from.
+
+    Returns:
+        ``{name}_vs_base``, ``..._ci_low``, ``..._ci_high`` (Student t over the per-example
+        differences), ``{name}_better`` and ``{name}_worse`` (examples that went up or down).
+    """
+    if len(new) != len(old) or not new:
+        raise ValueError(f"paired_difference: {len(new)} and {len(old)} scores; need the same examples, at least one")
+    diffs = [a - b for a, b in zip(new, old)]
+    low, high = mean_interval(diffs)
+    return {f"{name}_vs_base": sum(diffs) / len(diffs), f"{name}_vs_base_ci_low": low,
+            f"{name}_vs_base_ci_high": high, f"{name}_better": float(sum(d > 0 for d in diffs)),
+            f"{name}_worse": float(sum(d < 0 for d in diffs))}
+
+
 def relative_change_interval(new_sums: list[float], old_sums: list[float], counts: list[int],
                              confidence: float = CONFIDENCE, resamples: int = 2000,
                              seed: int = 0) -> tuple[float, float]:

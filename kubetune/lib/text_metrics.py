@@ -60,6 +60,12 @@ def rouge_l(pred: str, ref: str) -> float:
     return 2 * p * r / (p + r)
 
 
+def per_example(preds: list[str], refs: list[str]) -> dict[str, list[float]]:
+    """Each example's exact match (0/1) and ROUGE-L, for comparing two models example by example."""
+    return {"exact_match": [float(exact_match(p, r)) for p, r in zip(preds, refs)],
+            "rouge_l": [rouge_l(p, r) for p, r in zip(preds, refs)]}
+
+
 def task_metrics(preds: list[str], refs: list[str]) -> dict[str, float]:
     """Each task metric with its 95% interval (``<metric>_ci_low/high``) and the number of examples ``n``."""
     from kubetune.lib.stats import with_interval

@@ -192,6 +192,10 @@ def format_summary(s: dict) -> str:
         + (f" [95% interval {ci[0]:.3f}-{ci[1]:.3f}, n={n:.0f}]" if ci and n else "")
         + (f" (champion before: {fmt(s.get('champion_before'))})" if s.get("champion_before") is not None else ""),
     ]
+    if s.get("vs_base"):
+        d, low, high, better, worse = s["vs_base"]
+        lines.append(f"  tuned - base, example by example: {d:+.4f} [95% interval {low:+.3f} to {high:+.3f}]; "
+                     f"better on {better:.0f}, worse on {worse:.0f}" + (f" of {n:.0f}" if n else ""))
     if s.get("forgetting") is not None:
         lines.append(f"  forgetting (general-text perplexity vs base): {s['forgetting']:+.1%}"
                      + (f" [95% interval {fci[0]:+.1%} to {fci[1]:+.1%}]" if fci else ""))

@@ -23,7 +23,7 @@ from kubetune.core.models import DEFAULT_BASE_MODEL
 from kubetune.core.scoring import general_text, generate, line_losses, load_model_artifact, validation_loss
 from kubetune.errors import ConfigError, StageError
 from kubetune.lib.report import EvalReport, numbers
-from kubetune.lib.text_metrics import task_metrics
+from kubetune.lib.text_metrics import per_example, task_metrics
 from kubetune.tracking import RunContext, maybe_stage, set_tags
 
 
@@ -67,6 +67,7 @@ def score_model(model, tok, val_records, val_rows, shape, cfg: EvaluateConfig, g
         preds = generate(model, tok, [prompt_messages(r, shape) for r in records], cfg.max_new_tokens,
                          cfg.batch_size)
         out.update(task_metrics(preds, refs))
+        out["per_example"] = per_example(preds, refs)
         out["samples"] = [{"prompt": prompt_messages(r, shape)[-1]["content"], "reference": ref, "prediction": p}
                           for r, ref, p in list(zip(records, refs, preds))[:8]]
     if cfg.forgetting and general:
@@ -197,6 +198,11 @@ def evaluate(cfg: EvaluateConfig, model_dir: str | Path, dataset_dir: str | Path
                                                shape, cfg, general)
         if metric not in candidate:
             raise StageError(f"evaluate: primary metric '{metric}' could not be computed for this data")
+        mine, theirs = candidate.get("per_example", {}).get(metric), base.get("per_example", {}).get(metric)
+        if mine and theirs and len(mine) == len(theirs):
+            from kubetune.lib.stats import paired_difference
+
+            candidate.update(paired_difference(metric, mine, theirs))
         forgetting, forgetting_ci = None, None
         if "general_perplexity" in candidate:
             forgetting = candidate["general_perplexity"] / base["general_perplexity"] - 1.0

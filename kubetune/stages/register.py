@@ -192,6 +192,7 @@ def register(cfg: RegisterConfig, model_dir: str | Path, report_path: str | Path
             "base": (report.base or {}).get(metric), "champion_before": champion.get(metric),
             "forgetting": report.forgetting, "tracking_uri": tracking.tracking_uri(),
             "n": report.candidate.get("n"), "candidate_ci": _interval(report.candidate, metric),
+            "vs_base": _paired(report.candidate, metric),
             "forgetting_ci": None if report.forgetting_ci_low is None or report.forgetting_ci_high is None
             else [report.forgetting_ci_low, report.forgetting_ci_high],
             "run_id": run_id, "gates": decision.checks,
@@ -202,6 +203,13 @@ def register(cfg: RegisterConfig, model_dir: str | Path, report_path: str | Path
 def _interval(scores: dict, name: str) -> list[float] | None:
     low, high = scores.get(f"{name}_ci_low"), scores.get(f"{name}_ci_high")
     return None if low is None or high is None else [low, high]
+
+
+def _paired(scores: dict, name: str) -> list[float] | None:
+    """[difference, ci_low, ci_high, better, worse] of the candidate vs its base, example by example."""
+    keys = (f"{name}_vs_base", f"{name}_vs_base_ci_low", f"{name}_vs_base_ci_high", f"{name}_better",
+            f"{name}_worse")
+    return [scores[k] for k in keys] if all(k in scores for k in keys) else None
 
 
 def _holder(model_name: str, alias: str) -> str | None:
