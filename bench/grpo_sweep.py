@@ -22,20 +22,13 @@ import tempfile
 import time
 from pathlib import Path
 
-# The `grpo` pipeline's defaults (pipelines/grpo.py), restated because the pipeline passes them
-# as KFP parameters rather than through one importable object.
+from grpo_tickets import answers  # the evaluate stage's greedy answers (bench/ is the script's folder)
+
+# The `grpo` pipeline's defaults (pipelines/grpo.py), restated because the pipeline module needs
+# kfp, which a GPU machine running this need not have; tests/test_defaults.py fails when they drift.
 PIPELINE_GRPO = {"steps": 12, "learning_rate": 5e-5, "rewards": "json_fields:1.0,format:0.2",
                  "prompts_per_step": 8, "num_generations": 4}
-
-
-def answers(model_dir: str, records: list[dict]) -> list[str]:
-    from kubetune.core import models
-    from kubetune.core.scoring import generate
-    from kubetune.lib.dataset import prompt_messages
-
-    tok = models.load_tokenizer(model_dir)
-    model = models.load_causal_lm(model_dir, device=models.pick_device()).eval()
-    return generate(model, tok, [prompt_messages(r, "instruction") for r in records], 40, 48)
+PIPELINE_SFT = {"learning_rate": 1e-3, "batch_size": 2, "lora_rank": 16, "merge": True}
 
 
 def judge(preds: list[str], refs: list[str]) -> dict:
@@ -71,6 +64,7 @@ def main() -> None:
     from kubetune.core.config import from_dict
     from kubetune.core.train import TrainConfig
     from kubetune.lib.dataset import load_dataset_dir
+    from kubetune.lib.stats import paired_difference
     from kubetune.stages.grpo import GRPOConfig, grpo
     from kubetune.stages.ingest import IngestConfig, ingest
     from kubetune.stages.tokenize_data import TokenizeConfig, tokenize_data
@@ -91,9 +85,8 @@ def main() -> None:
             sft = work / f"sft{sft_steps}-seed{seed}"
             t0 = time.time()
             if not (sft / "merged" / "config.json").exists():
-                train_peft(TrainConfig(base_model=args.base, method="lora", max_steps=sft_steps, learning_rate=1e-3,
-                                       batch_size=2, lora_rank=16, merge=True, seed=seed, precision=args.precision),
-                           tokd, sft, work / "workspace")
+                train_peft(TrainConfig(base_model=args.base, method="lora", max_steps=sft_steps, seed=seed,
+                                       precision=args.precision, **PIPELINE_SFT), tokd, sft, work / "workspace")
             t_sft = time.time() - t0
             start = judge(answers(str(sft / "merged"), val), refs)
             for overrides in configs:
@@ -105,11 +98,11 @@ def main() -> None:
                 result = grpo(cfg, sft, ds, gdir)
                 t_grpo = time.time() - t1
                 end = judge(answers(str(gdir), val), refs)
-                diff = [b - a for a, b in zip(start["em"], end["em"])]
+                paired = paired_difference("em", end["em"], start["em"])
                 row = {"sft_steps": sft_steps, "seed": seed, "overrides": overrides, "n": len(refs),
                        "sft_em": start["exact_match"], "grpo_em": end["exact_match"],
                        "sft_fields": start["field_accuracy"], "grpo_fields": end["field_accuracy"],
-                       "better": sum(d > 0 for d in diff), "worse": sum(d < 0 for d in diff),
+                       "better": int(paired["em_better"]), "worse": int(paired["em_worse"]),
                        "sft_em_list": start["em"], "grpo_em_list": end["em"],
                        "reward_per_step": [round(h["reward"], 3) for h in result.history],
                        "kl_last": result.metrics["kl_last"], "sft_s": round(t_sft, 1), "grpo_s": round(t_grpo, 1)}

@@ -269,3 +269,24 @@ def test_kfp_doubles_become_ints_in_every_stage_config():
                 assert type(value) is int and value == f.default, (cls.__name__, f.name, value)
                 checked += 1
     assert checked > 30
+
+
+def test_grpo_sweep_restates_the_grpo_pipelines_defaults():
+    """bench/grpo_sweep.py copies the pipeline's GRPO and SFT defaults (it runs where kfp is not)."""
+    import importlib.util
+    import sys
+
+    from kubetune.pipelines import grpo
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        spec = importlib.util.spec_from_file_location("grpo_sweep", ROOT / "bench" / "grpo_sweep.py")
+        sweep = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sweep)
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    d = _signature_defaults(grpo)
+    assert sweep.PIPELINE_GRPO == {"steps": d["steps"], "learning_rate": d["learning_rate"],
+                                   "rewards": d["rewards"], **d["grpo_settings"]}
+    # lora_rank=16 is the pipeline's constant for its SFT step
+    assert sweep.PIPELINE_SFT == {"learning_rate": d["sft_learning_rate"], "lora_rank": 16, **d["sft_settings"]}

@@ -66,13 +66,17 @@ def per_example(preds: list[str], refs: list[str]) -> dict[str, list[float]]:
             "rouge_l": [rouge_l(p, r) for p, r in zip(preds, refs)]}
 
 
-def task_metrics(preds: list[str], refs: list[str]) -> dict[str, float]:
-    """Each task metric with its 95% interval (``<metric>_ci_low/high``) and the number of examples ``n``."""
+def task_metrics(preds: list[str], refs: list[str], scores: dict[str, list[float]] | None = None) -> dict[str, float]:
+    """Each task metric with its 95% interval (``<metric>_ci_low/high``) and the number of examples ``n``.
+
+    Args:
+        scores: ``per_example(preds, refs)`` when the caller keeps it too (it is not computed twice).
+    """
     from kubetune.lib.stats import with_interval
 
-    out = {"n": len(refs),
-           **with_interval("exact_match", [float(exact_match(p, r)) for p, r in zip(preds, refs)], proportion=True),
-           **with_interval("rouge_l", [rouge_l(p, r) for p, r in zip(preds, refs)])}
+    scores = scores or per_example(preds, refs)
+    out = {"n": len(refs), **with_interval("exact_match", scores["exact_match"], proportion=True),
+           **with_interval("rouge_l", scores["rouge_l"])}
     fields = [field_accuracy(p, r) for p, r in zip(preds, refs)]
     if all(f is not None for f in fields):
         out.update(with_interval("field_accuracy", fields))

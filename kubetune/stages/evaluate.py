@@ -66,8 +66,8 @@ def score_model(model, tok, val_records, val_rows, shape, cfg: EvaluateConfig, g
     if records and all(r is not None for r in refs) and shape in ("instruction", "chat"):
         preds = generate(model, tok, [prompt_messages(r, shape) for r in records], cfg.max_new_tokens,
                          cfg.batch_size)
-        out.update(task_metrics(preds, refs))
         out["per_example"] = per_example(preds, refs)
+        out.update(task_metrics(preds, refs, out["per_example"]))
         out["samples"] = [{"prompt": prompt_messages(r, shape)[-1]["content"], "reference": ref, "prediction": p}
                           for r, ref, p in list(zip(records, refs, preds))[:8]]
     if cfg.forgetting and general:
